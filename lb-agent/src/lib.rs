@@ -1,0 +1,3 @@
+//! lb-agent: loads and pins the datapath, and keeps its maps equal to this node's desired
+//! state derived from Kubernetes objects.
+pub mod dataplane;

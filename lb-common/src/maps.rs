@@ -1,0 +1,48 @@
+//! Map names and default capacities, one constant each. The agent may raise a capacity at
+//! load time (`EbpfLoader::map_max_entries`); the names carry a layout version (`_V1`), so an
+//! upgraded agent with a new layout never misreads an old pin.
+
+/// Frontends and their backend slots: [`crate::Frontend4Key`] -> [`crate::Service4Value`].
+pub const LB4_SERVICES: &str = "LB4_SERVICES_V1";
+/// Default entries of [`LB4_SERVICES`]: master entries plus one per backend slot.
+pub const LB4_SERVICES_MAX: u32 = 65_536;
+
+/// Backends by id: `u32` -> [`crate::Backend4`].
+pub const LB4_BACKENDS: &str = "LB4_BACKENDS_V1";
+pub const LB4_BACKENDS_MAX: u32 = 65_536;
+
+/// Connection tracking, LRU: [`crate::Ct4Key`] -> [`crate::Ct4Value`].
+pub const LB4_CT: &str = "LB4_CT_V1";
+pub const LB4_CT_MAX: u32 = 262_144;
+
+/// The node's own IPv4 addresses (network order) -> flags (0). NodePort and wildcard
+/// hostPort frontends (address 0) match only packets addressed to one of these.
+pub const LB4_NODE_ADDRS: &str = "LB4_NODE_ADDRS_V1";
+pub const LB4_NODE_ADDRS_MAX: u32 = 256;
+
+/// Per-CPU verdict counters indexed by [`crate::Reason`]: `u32` -> [`crate::Counter`].
+pub const LB_STATS: &str = "LB_STATS_V1";
+pub const LB_STATS_MAX: u32 = 64;
+
+/// Per-CPU per-frontend counters indexed by `Service4Value::svc_id`: `u32` -> [`crate::Counter`].
+pub const LB_SVC_STATS: &str = "LB_SVC_STATS_V1";
+pub const LB_SVC_STATS_MAX: u32 = 65_536;
+
+/// One-entry array holding [`crate::LbConfig`].
+pub const LB_CONFIG: &str = "LB_CONFIG_V1";
+pub const LB_CONFIG_MAX: u32 = 1;
+
+/// Every map the agent pins, for sweeps and `status`.
+pub const ALL_MAPS: [&str; 7] = [
+    LB4_SERVICES,
+    LB4_BACKENDS,
+    LB4_CT,
+    LB4_NODE_ADDRS,
+    LB_STATS,
+    LB_SVC_STATS,
+    LB_CONFIG,
+];
+
+/// Program names, as the kernel objects name them (`#[xdp]`/`#[classifier]` fn names).
+pub const PROG_XDP_INGRESS: &str = "lb_xdp_ingress";
+pub const PROG_TC_EGRESS: &str = "lb_tc_egress";

@@ -1,0 +1,107 @@
+//! Frontend (service) and backend entries of the load-balancing maps.
+//!
+//! A frontend is one `(address, port, protocol)` the datapath answers on. Its backends are
+//! stored Cilium-style in the same map: slot 0 is the master entry holding the backend count,
+//! slots `1..=count` each point at a backend id in the backends map. The agent writes
+//! backends, then slots, then the master entry, so the datapath never sees a count that
+//! points at a missing slot; removals go the other way.
+use bytemuck::{Pod, Zeroable};
+
+/// Key of `LB4_SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Frontend4Key {
+    /// Frontend address, network order. `0` means "any address the node owns" (NodePort,
+    /// and a hostPort without hostIP).
+    pub addr: u32,
+    /// Frontend port, network order.
+    pub port: u16,
+    /// 0 for the master entry, `1..=count` for backend slots. Host order.
+    pub slot: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Reserved for a lookup scope (external/internal traffic policy split); 0 today.
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+
+impl Frontend4Key {
+    pub const fn new(addr_be: u32, port_be: u16, proto: u8, slot: u16) -> Self {
+        Self {
+            addr: addr_be,
+            port: port_be,
+            slot,
+            proto,
+            scope: 0,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The same frontend's key for another slot.
+    pub const fn with_slot(self, slot: u16) -> Self {
+        Self { slot, ..self }
+    }
+}
+
+/// Frontend kinds, stored in [`Service4Value::flags`]. Kinds share one lookup, so new ones
+/// (ClusterIP, LoadBalancer, externalIPs) need no new map.
+pub mod flags {
+    pub const NODEPORT: u16 = 1 << 0;
+    pub const HOSTPORT: u16 = 1 << 1;
+    pub const CLUSTERIP: u16 = 1 << 2;
+    pub const LOADBALANCER: u16 = 1 << 3;
+    pub const EXTERNAL_IP: u16 = 1 << 4;
+    /// externalTrafficPolicy: Local (only local backends are installed; keep the client IP).
+    pub const EXT_LOCAL: u16 = 1 << 5;
+}
+
+/// Value of `LB4_SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Service4Value {
+    /// Slot entries: the backend id this slot points at. Master entry: 0.
+    pub backend_id: u32,
+    /// Master entry: number of backend slots that take new flows. 0 = no backend.
+    pub count: u16,
+    /// Master entry: [`flags`] bits.
+    pub flags: u16,
+    /// Master entry: index into `LB_SVC_STATS` (per-frontend counters).
+    pub svc_id: u32,
+    /// Reserved (session affinity timeout, maglev table id, ...); 0 today.
+    pub reserved: u32,
+}
+
+/// Backend flags, stored in [`Backend4::flags`].
+pub mod backend_flags {
+    /// The backend runs on another node (multi-node forwarding, later).
+    pub const REMOTE: u8 = 1 << 0;
+    /// The endpoint is terminating (serving as a fallback only).
+    pub const TERMINATING: u8 = 1 << 1;
+}
+
+/// Value of `LB4_BACKENDS` (key: backend id, `u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Backend4 {
+    /// Backend (pod) address, network order.
+    pub addr: u32,
+    /// Backend port, network order.
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// [`backend_flags`] bits.
+    pub flags: u8,
+    /// Address of the node hosting a remote backend, network order; 0 = this node.
+    pub node_addr: u32,
+}
+
+/// The single entry of `LB_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LbConfig {
+    /// Seed mixed into the flow hash that picks a backend slot.
+    pub hash_seed: u32,
+    /// Reserved feature flags; 0 today.
+    pub flags: u32,
+    pub reserved: u64,
+}

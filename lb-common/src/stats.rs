@@ -1,0 +1,117 @@
+//! Verdict reasons, counted per CPU in `LB_STATS`, and the counter type shared with userspace.
+use bytemuck::{Pod, Zeroable};
+
+/// Packets and bytes. Value of `LB_STATS` and `LB_SVC_STATS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Why the datapath passed, forwarded or dropped a packet. Index into `LB_STATS`.
+///
+/// Policies (documented here, enforced in `lb-ebpf`):
+/// * IPv4 fragments and packets with IP options are passed to the kernel stack untouched
+///   (the stack reassembles or rejects them; a load balancer that guessed ports from a
+///   first fragment would split flows).
+/// * A frontend with no usable backend drops new flows (`DropNoBackend`).
+/// * Malformed headers are dropped: the kernel would drop them too, and they must never be
+///   rewritten or create conntrack state.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// XDP: not IPv4 (ARP, IPv6, ...), passed.
+    XdpPassNonIpv4 = 0,
+    /// XDP: IPv4 but matched no frontend (or not TCP/UDP), passed.
+    XdpPassNotService = 1,
+    /// XDP: IPv4 fragment, passed.
+    XdpPassFragment = 2,
+    /// XDP: IPv4 header with options, passed.
+    XdpPassIpOptions = 3,
+    /// XDP: DNAT of a new flow (conntrack entry created), passed to the stack.
+    XdpFwdNewFlow = 4,
+    /// XDP: DNAT of a tracked flow, passed to the stack.
+    XdpFwdTracked = 5,
+    /// XDP: frontend without a usable backend, dropped.
+    XdpDropNoBackend = 6,
+    /// XDP: frame shorter than an Ethernet header, dropped.
+    XdpDropMalformedL2 = 7,
+    /// XDP: bad IPv4 header (truncated, version, IHL, tot_len), dropped.
+    XdpDropMalformedL3 = 8,
+    /// XDP: bad TCP/UDP header (truncated, data offset, length), dropped.
+    XdpDropMalformedL4 = 9,
+    /// XDP: conntrack insert failed, dropped.
+    XdpDropCtInsert = 10,
+    /// XDP: a backend slot points at a missing backend (agent mid-update), dropped.
+    XdpDropBackendMissing = 11,
+    /// TC egress: reply reverse-NATed to the frontend address.
+    TcRevNat = 16,
+    /// TC egress: no conntrack entry, passed untouched.
+    TcPassNotTracked = 17,
+    /// TC egress: not IPv4 TCP/UDP, passed untouched.
+    TcPassOther = 18,
+    /// TC egress: header we cannot parse, passed untouched (egress is the stack's own traffic).
+    TcPassMalformed = 19,
+    /// TC egress: a checksum/store helper failed, dropped.
+    TcDropRewrite = 20,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 17] = [
+        Reason::XdpPassNonIpv4,
+        Reason::XdpPassNotService,
+        Reason::XdpPassFragment,
+        Reason::XdpPassIpOptions,
+        Reason::XdpFwdNewFlow,
+        Reason::XdpFwdTracked,
+        Reason::XdpDropNoBackend,
+        Reason::XdpDropMalformedL2,
+        Reason::XdpDropMalformedL3,
+        Reason::XdpDropMalformedL4,
+        Reason::XdpDropCtInsert,
+        Reason::XdpDropBackendMissing,
+        Reason::TcRevNat,
+        Reason::TcPassNotTracked,
+        Reason::TcPassOther,
+        Reason::TcPassMalformed,
+        Reason::TcDropRewrite,
+    ];
+
+    /// A stable snake_case name for tables and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::XdpPassNonIpv4 => "xdp_pass_non_ipv4",
+            Reason::XdpPassNotService => "xdp_pass_not_service",
+            Reason::XdpPassFragment => "xdp_pass_fragment",
+            Reason::XdpPassIpOptions => "xdp_pass_ip_options",
+            Reason::XdpFwdNewFlow => "xdp_fwd_new_flow",
+            Reason::XdpFwdTracked => "xdp_fwd_tracked",
+            Reason::XdpDropNoBackend => "xdp_drop_no_backend",
+            Reason::XdpDropMalformedL2 => "xdp_drop_malformed_l2",
+            Reason::XdpDropMalformedL3 => "xdp_drop_malformed_l3",
+            Reason::XdpDropMalformedL4 => "xdp_drop_malformed_l4",
+            Reason::XdpDropCtInsert => "xdp_drop_ct_insert",
+            Reason::XdpDropBackendMissing => "xdp_drop_backend_missing",
+            Reason::TcRevNat => "tc_revnat",
+            Reason::TcPassNotTracked => "tc_pass_not_tracked",
+            Reason::TcPassOther => "tc_pass_other",
+            Reason::TcPassMalformed => "tc_pass_malformed",
+            Reason::TcDropRewrite => "tc_drop_rewrite",
+        }
+    }
+
+    /// Whether this reason is a drop (as opposed to pass or forward).
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::XdpDropNoBackend
+                | Reason::XdpDropMalformedL2
+                | Reason::XdpDropMalformedL3
+                | Reason::XdpDropMalformedL4
+                | Reason::XdpDropCtInsert
+                | Reason::XdpDropBackendMissing
+                | Reason::TcDropRewrite
+        )
+    }
+}

@@ -1,0 +1,2 @@
+//! Empty library target, so `lb-agent` can name `lb-ebpf` as a build-dependency (aya-template).
+#![no_std]
