@@ -130,7 +130,11 @@ impl Dataplane for MemDataplane {
     fn put_backend(&mut self, id: u32, value: Backend4) -> Result<()> {
         if let Some(cap) = self.backends_capacity {
             if !self.backends.contains_key(&id) && self.backends.len() as u32 >= cap {
-                return Err(full(lb_common::maps::LB4_BACKENDS, cap, format!("backend {id}")));
+                return Err(full(
+                    lb_common::maps::LB4_BACKENDS,
+                    cap,
+                    format!("backend {id}"),
+                ));
             }
         }
         self.backends.insert(id, value);
@@ -156,9 +160,288 @@ impl Dataplane for MemDataplane {
         Ok(())
     }
     fn stats(&self) -> Result<Vec<(Reason, Counter)>> {
-        Ok(Reason::ALL.iter().map(|r| (*r, Counter::default())).collect())
+        Ok(Reason::ALL
+            .iter()
+            .map(|r| (*r, Counter::default()))
+            .collect())
     }
     fn svc_stats(&self, _svc_id: u32) -> Result<Counter> {
         Ok(Counter::default())
     }
+}
+
+/// The real dataplane: typed views of the pinned BPF maps.
+pub struct BpfDataplane {
+    services: aya::maps::HashMap<aya::maps::MapData, Frontend4Key, Service4Value>,
+    backends: aya::maps::HashMap<aya::maps::MapData, u32, Backend4>,
+    node_addrs: aya::maps::HashMap<aya::maps::MapData, u32, u32>,
+    ct: aya::maps::HashMap<aya::maps::MapData, lb_common::Ct4Key, lb_common::Ct4Value>,
+    stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
+    svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
+    caps: crate::loader::Capacities,
+}
+
+fn aya_io(e: aya::maps::MapError) -> std::io::Error {
+    match e {
+        aya::maps::MapError::SyscallError(s) => s.io_error,
+        aya::maps::MapError::KeyNotFound => std::io::Error::from(std::io::ErrorKind::NotFound),
+        other => std::io::Error::other(other),
+    }
+}
+
+fn ipv4_be(addr: Ipv4Addr) -> u32 {
+    u32::from(addr).to_be()
+}
+
+impl BpfDataplane {
+    /// Open the maps pinned under `pins` (by a running or earlier agent).
+    pub fn open(pins: &crate::loader::PinLayout) -> Result<Self, crate::loader::LoadError> {
+        use crate::loader::{open_pinned_map, LoadError};
+        use lb_common::maps as m;
+        fn typed<T>(
+            name: &'static str,
+            r: std::result::Result<T, aya::maps::MapError>,
+        ) -> std::result::Result<T, LoadError> {
+            r.map_err(|source| LoadError::Map { name, source })
+        }
+        let open = |name| -> std::result::Result<aya::maps::Map, LoadError> {
+            let data = open_pinned_map(pins, name)?;
+            typed(name, aya::maps::Map::from_map_data(data))
+        };
+        let services = typed(m::LB4_SERVICES, open(m::LB4_SERVICES)?.try_into())?;
+        let backends = typed(m::LB4_BACKENDS, open(m::LB4_BACKENDS)?.try_into())?;
+        let node_addrs = typed(m::LB4_NODE_ADDRS, open(m::LB4_NODE_ADDRS)?.try_into())?;
+        let ct = match open(m::LB4_CT)? {
+            aya::maps::Map::LruHashMap(d) => typed(
+                m::LB4_CT,
+                aya::maps::HashMap::try_from(aya::maps::Map::HashMap(d)),
+            )?,
+            other => typed(m::LB4_CT, aya::maps::HashMap::try_from(other))?,
+        };
+        let stats = typed(m::LB_STATS, open(m::LB_STATS)?.try_into())?;
+        let svc_stats = typed(m::LB_SVC_STATS, open(m::LB_SVC_STATS)?.try_into())?;
+        let caps = crate::loader::Capacities {
+            services: services_cap(pins, m::LB4_SERVICES),
+            backends: services_cap(pins, m::LB4_BACKENDS),
+            ct: services_cap(pins, m::LB4_CT),
+            svc_stats: services_cap(pins, m::LB_SVC_STATS),
+        };
+        Ok(Self {
+            services,
+            backends,
+            node_addrs,
+            ct,
+            stats,
+            svc_stats,
+            caps,
+        })
+    }
+
+    /// The capacities the pinned maps were created with.
+    pub fn capacities(&self) -> crate::loader::Capacities {
+        self.caps
+    }
+
+    /// All conntrack entries (for tests and `status`).
+    pub fn conntrack(&self) -> Result<Vec<(lb_common::Ct4Key, lb_common::Ct4Value)>> {
+        self.ct
+            .iter()
+            .map(|r| {
+                r.map_err(|e| map_err(lb_common::maps::LB4_CT, 0, "iterate", String::new(), e))
+            })
+            .collect()
+    }
+
+    /// Remove every conntrack entry (tests).
+    pub fn clear_conntrack(&mut self) -> Result<()> {
+        let keys: Vec<_> = self.conntrack()?.into_iter().map(|(k, _)| k).collect();
+        for k in keys {
+            let _ = self.ct.remove(&k);
+        }
+        Ok(())
+    }
+}
+
+fn services_cap(pins: &crate::loader::PinLayout, name: &'static str) -> u32 {
+    crate::loader::open_pinned_map(pins, name)
+        .ok()
+        .and_then(|d| d.info().ok())
+        .map_or(0, |i| i.max_entries())
+}
+
+fn map_err(
+    map: &'static str,
+    capacity: u32,
+    op: &'static str,
+    entry: String,
+    e: aya::maps::MapError,
+) -> DataplaneError {
+    DataplaneError::from_io(map, capacity, op, entry, aya_io(e))
+}
+
+fn ignore_missing(
+    r: std::result::Result<(), aya::maps::MapError>,
+) -> std::result::Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(s))
+            if s.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+impl Dataplane for BpfDataplane {
+    fn services(&self) -> Result<Vec<(Frontend4Key, Service4Value)>> {
+        self.services
+            .iter()
+            .map(|r| {
+                r.map_err(|e| {
+                    map_err(
+                        lb_common::maps::LB4_SERVICES,
+                        0,
+                        "iterate",
+                        String::new(),
+                        e,
+                    )
+                })
+            })
+            .collect()
+    }
+    fn put_service(&mut self, key: Frontend4Key, value: Service4Value) -> Result<()> {
+        self.services.insert(key, value, 0).map_err(|e| {
+            map_err(
+                lb_common::maps::LB4_SERVICES,
+                self.caps.services,
+                "insert",
+                format!("{key:?}"),
+                e,
+            )
+        })
+    }
+    fn delete_service(&mut self, key: &Frontend4Key) -> Result<()> {
+        ignore_missing(self.services.remove(key)).map_err(|e| {
+            map_err(
+                lb_common::maps::LB4_SERVICES,
+                self.caps.services,
+                "delete",
+                format!("{key:?}"),
+                e,
+            )
+        })
+    }
+    fn backends(&self) -> Result<Vec<(u32, Backend4)>> {
+        self.backends
+            .iter()
+            .map(|r| {
+                r.map_err(|e| {
+                    map_err(
+                        lb_common::maps::LB4_BACKENDS,
+                        0,
+                        "iterate",
+                        String::new(),
+                        e,
+                    )
+                })
+            })
+            .collect()
+    }
+    fn put_backend(&mut self, id: u32, value: Backend4) -> Result<()> {
+        self.backends.insert(id, value, 0).map_err(|e| {
+            map_err(
+                lb_common::maps::LB4_BACKENDS,
+                self.caps.backends,
+                "insert",
+                format!("backend {id}"),
+                e,
+            )
+        })
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<()> {
+        ignore_missing(self.backends.remove(&id)).map_err(|e| {
+            map_err(
+                lb_common::maps::LB4_BACKENDS,
+                self.caps.backends,
+                "delete",
+                format!("backend {id}"),
+                e,
+            )
+        })
+    }
+    fn node_addrs(&self) -> Result<Vec<Ipv4Addr>> {
+        self.node_addrs
+            .keys()
+            .map(|r| {
+                r.map(|k| Ipv4Addr::from(u32::from_be(k))).map_err(|e| {
+                    map_err(
+                        lb_common::maps::LB4_NODE_ADDRS,
+                        0,
+                        "iterate",
+                        String::new(),
+                        e,
+                    )
+                })
+            })
+            .collect()
+    }
+    fn put_node_addr(&mut self, addr: Ipv4Addr) -> Result<()> {
+        self.node_addrs.insert(ipv4_be(addr), 0, 0).map_err(|e| {
+            map_err(
+                lb_common::maps::LB4_NODE_ADDRS,
+                lb_common::maps::LB4_NODE_ADDRS_MAX,
+                "insert",
+                addr.to_string(),
+                e,
+            )
+        })
+    }
+    fn delete_node_addr(&mut self, addr: Ipv4Addr) -> Result<()> {
+        ignore_missing(self.node_addrs.remove(&ipv4_be(addr))).map_err(|e| {
+            map_err(
+                lb_common::maps::LB4_NODE_ADDRS,
+                0,
+                "delete",
+                addr.to_string(),
+                e,
+            )
+        })
+    }
+    fn stats(&self) -> Result<Vec<(Reason, Counter)>> {
+        Reason::ALL
+            .iter()
+            .map(|r| {
+                let per_cpu = self.stats.get(&(*r as u32), 0).map_err(|e| {
+                    map_err(
+                        lb_common::maps::LB_STATS,
+                        0,
+                        "read",
+                        r.name().to_string(),
+                        e,
+                    )
+                })?;
+                Ok((*r, sum(per_cpu.iter())))
+            })
+            .collect()
+    }
+    fn svc_stats(&self, svc_id: u32) -> Result<Counter> {
+        let per_cpu = self.svc_stats.get(&svc_id, 0).map_err(|e| {
+            map_err(
+                lb_common::maps::LB_SVC_STATS,
+                0,
+                "read",
+                format!("svc {svc_id}"),
+                e,
+            )
+        })?;
+        Ok(sum(per_cpu.iter()))
+    }
+}
+
+fn sum<'a>(it: impl Iterator<Item = &'a Counter>) -> Counter {
+    it.fold(Counter::default(), |acc, c| Counter {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    })
 }

@@ -1,0 +1,518 @@
+//! Loads the embedded eBPF object, pins maps, programs and links under a bpffs directory,
+//! re-uses pins left by an earlier run, and attaches to / detaches from interfaces.
+//!
+//! Pin layout under `<dir>`: `maps/<MAP>` (names from `lb_common::maps`),
+//! `progs/<program>`, `links/xdp-<ifname>` and `links/tc-egress-<ifname>`. A pinned bpf_link
+//! keeps its program attached after the agent exits; a restarted agent swaps its freshly
+//! loaded program into the existing link atomically (`bpf_link_update`), so there is never
+//! a window without load balancing, and flows continue over the pinned conntrack map.
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, MapData, MapError},
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use lb_common::{maps, LbConfig};
+
+use crate::dataplane::BpfDataplane;
+
+/// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP=1`).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+/// Default pin directory.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/lb";
+
+/// bpffs magic number (`BPF_FS_MAGIC`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "lb-agent was built with AYA_BUILD_SKIP=1 and embeds no eBPF object; rebuild without it"
+    )]
+    NoObject,
+    #[error(
+        "{what}: operation not permitted. The datapath needs CAP_BPF, CAP_NET_ADMIN and \
+         CAP_PERFMON (run as root, or grant those capabilities)"
+    )]
+    NotPermitted { what: String },
+    #[error("interface {0:?} does not exist in this network namespace")]
+    NoSuchInterface(String),
+    #[error("{0} is not on a bpffs mount (mount -t bpf bpf /sys/fs/bpf)")]
+    NotBpffs(PathBuf),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Ebpf(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("pinned link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+}
+
+fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Turn permission failures anywhere in an error chain into [`LoadError::NotPermitted`].
+fn classify(what: impl Into<String>, err: LoadError) -> LoadError {
+    if is_eperm(&err) {
+        LoadError::NotPermitted { what: what.into() }
+    } else {
+        err
+    }
+}
+
+/// Map capacities; defaults from `lb_common::maps`. Raising them needs a fresh pin dir
+/// (a pinned map keeps the size it was created with).
+#[derive(Debug, Clone, Copy)]
+pub struct Capacities {
+    pub services: u32,
+    pub backends: u32,
+    pub ct: u32,
+    pub svc_stats: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            services: maps::LB4_SERVICES_MAX,
+            backends: maps::LB4_BACKENDS_MAX,
+            ct: maps::LB4_CT_MAX,
+            svc_stats: maps::LB_SVC_STATS_MAX,
+        }
+    }
+}
+
+/// Paths of the pins under a directory.
+#[derive(Debug, Clone)]
+pub struct PinLayout {
+    pub dir: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+    pub fn maps(&self) -> PathBuf {
+        self.dir.join("maps")
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+    pub fn progs(&self) -> PathBuf {
+        self.dir.join("progs")
+    }
+    pub fn links(&self) -> PathBuf {
+        self.dir.join("links")
+    }
+    pub fn xdp_link(&self, iface: &str) -> PathBuf {
+        self.links().join(format!("xdp-{iface}"))
+    }
+    pub fn tc_link(&self, iface: &str) -> PathBuf {
+        self.links().join(format!("tc-egress-{iface}"))
+    }
+}
+
+/// How the XDP program ended up attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    /// Native (driver) mode.
+    Native,
+    /// Generic (skb) mode: the driver has no native XDP.
+    Generic,
+    /// An existing pinned link was updated in place with the new program.
+    Replaced,
+}
+
+/// The loaded datapath: programs and pinned maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: PinLayout,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LoadError {
+    let what = what.into();
+    move |source| LoadError::Io { what, source }
+}
+
+fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
+    std::fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
+    // SAFETY: statfs on a valid NUL-terminated path into a zeroed struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let cpath = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|e| io_err(format!("path {}", dir.display()))(io::Error::other(e)))?;
+    // SAFETY: as above.
+    if unsafe { libc::statfs(cpath.as_ptr(), &mut st) } != 0 {
+        return Err(io_err(format!("statfs {}", dir.display()))(
+            io::Error::last_os_error(),
+        ));
+    }
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type is i64 on x86_64 but u32 elsewhere"
+    )]
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(LoadError::NotBpffs(dir.to_path_buf()));
+    }
+    // Root-only: the pins hold the node's load-balancing state.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err(format!("chmod {}", dir.display())))?;
+    Ok(())
+}
+
+fn not_found(e: &LinkError) -> bool {
+    matches!(e, LinkError::SyscallError(s) if s.io_error.kind() == io::ErrorKind::NotFound)
+}
+
+impl Datapath {
+    /// Load the programs and create or re-use the pinned maps under `dir`.
+    pub fn load(dir: &Path, caps: &Capacities) -> Result<Self, LoadError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        let pins = PinLayout::new(dir);
+        for d in [pins.dir.clone(), pins.maps(), pins.progs(), pins.links()] {
+            ensure_bpffs(&d)?;
+        }
+        let maps_dir = pins.maps();
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(maps::LB4_SERVICES, caps.services)
+            .map_max_entries(maps::LB4_BACKENDS, caps.backends)
+            .map_max_entries(maps::LB4_CT, caps.ct)
+            .map_max_entries(maps::LB_SVC_STATS, caps.svc_stats)
+            .load(EBPF_OBJECT)
+            .map_err(|e| classify("loading the eBPF object", e.into()))?;
+        let mut dp = Self { ebpf, pins };
+        dp.load_programs()?;
+        dp.init_config()?;
+        Ok(dp)
+    }
+
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
+    fn load_programs(&mut self) -> Result<(), LoadError> {
+        let progs = self.pins.progs();
+        let xdp = self.xdp_program()?;
+        xdp.load().map_err(|source| {
+            classify(
+                "loading XDP program",
+                prog_err(maps::PROG_XDP_INGRESS, source),
+            )
+        })?;
+        repin(&progs.join(maps::PROG_XDP_INGRESS), |p| xdp.pin(p))?;
+        let tc = self.tc_program()?;
+        tc.load().map_err(|source| {
+            classify("loading TC program", prog_err(maps::PROG_TC_EGRESS, source))
+        })?;
+        repin(&progs.join(maps::PROG_TC_EGRESS), |p| tc.pin(p))?;
+        Ok(())
+    }
+
+    /// Seed the flow hash once; a pinned config keeps its seed across restarts so flows
+    /// hash the same way.
+    fn init_config(&mut self) -> Result<(), LoadError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::LB_CONFIG)
+            .ok_or(LoadError::MissingMap(maps::LB_CONFIG))?;
+        let mut cfg: Array<&mut MapData, LbConfig> =
+            Array::try_from(map).map_err(|source| map_err(maps::LB_CONFIG, source))?;
+        let cur = cfg
+            .get(&0, 0)
+            .map_err(|source| map_err(maps::LB_CONFIG, source))?;
+        if cur.hash_seed == 0 {
+            let seed = random_u32().max(1);
+            cfg.set(
+                0,
+                LbConfig {
+                    hash_seed: seed,
+                    ..cur
+                },
+                0,
+            )
+            .map_err(|source| map_err(maps::LB_CONFIG, source))?;
+        }
+        Ok(())
+    }
+
+    /// The XDP program (for attaching, and for `test_run` in fixture tests).
+    pub fn xdp_program(&mut self) -> Result<&mut Xdp, LoadError> {
+        let prog = self
+            .ebpf
+            .program_mut(maps::PROG_XDP_INGRESS)
+            .ok_or(LoadError::MissingProgram(maps::PROG_XDP_INGRESS))?;
+        prog.try_into()
+            .map_err(|source| prog_err(maps::PROG_XDP_INGRESS, source))
+    }
+
+    /// The TC program (for attaching, and for `test_run` in fixture tests).
+    pub fn tc_program(&mut self) -> Result<&mut SchedClassifier, LoadError> {
+        let prog = self
+            .ebpf
+            .program_mut(maps::PROG_TC_EGRESS)
+            .ok_or(LoadError::MissingProgram(maps::PROG_TC_EGRESS))?;
+        prog.try_into()
+            .map_err(|source| prog_err(maps::PROG_TC_EGRESS, source))
+    }
+
+    /// Attach XDP ingress and TC egress to `iface` and pin both links. If links are already
+    /// pinned for `iface` (an earlier agent), the new programs replace the old ones inside
+    /// those links atomically.
+    pub fn attach(&mut self, iface: &str) -> Result<XdpAttachMode, LoadError> {
+        if nix_if_nametoindex(iface) == 0 {
+            return Err(LoadError::NoSuchInterface(iface.to_string()));
+        }
+        let xdp_pin = self.pins.xdp_link(iface);
+        let tc_pin = self.pins.tc_link(iface);
+        let mode = self.attach_xdp(iface, &xdp_pin)?;
+        self.attach_tc(iface, &tc_pin)?;
+        Ok(mode)
+    }
+
+    fn attach_xdp(&mut self, iface: &str, pin: &Path) -> Result<XdpAttachMode, LoadError> {
+        let what = format!("attaching XDP to {iface}");
+        let xdp = self.xdp_program()?;
+        let (id, mode) = match PinnedLink::from_pin(pin) {
+            Ok(old) => {
+                let link =
+                    XdpLink::try_from(FdLink::from(old)).map_err(|source| LoadError::Link {
+                        path: pin.to_path_buf(),
+                        source,
+                    })?;
+                let id = xdp
+                    .attach_to_link(link)
+                    .map_err(|source| classify(&what, prog_err(maps::PROG_XDP_INGRESS, source)))?;
+                (id, XdpAttachMode::Replaced)
+            }
+            Err(e) if not_found(&e) => match xdp.attach(iface, XdpMode::Driver) {
+                Ok(id) => (id, XdpAttachMode::Native),
+                Err(native_err) => {
+                    log::warn!("native XDP on {iface} failed ({native_err}); using generic mode");
+                    let id = xdp.attach(iface, XdpMode::Skb).map_err(|source| {
+                        classify(&what, prog_err(maps::PROG_XDP_INGRESS, source))
+                    })?;
+                    (id, XdpAttachMode::Generic)
+                }
+            },
+            Err(source) => {
+                return Err(LoadError::Link {
+                    path: pin.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let link = xdp
+            .take_link(id)
+            .map_err(|source| prog_err(maps::PROG_XDP_INGRESS, source))?;
+        let fd: FdLink = link.try_into().map_err(|source| LoadError::Link {
+            path: pin.to_path_buf(),
+            source,
+        })?;
+        repin_link(fd, pin)?;
+        Ok(mode)
+    }
+
+    fn attach_tc(&mut self, iface: &str, pin: &Path) -> Result<(), LoadError> {
+        let what = format!("attaching TC egress to {iface}");
+        let tc = self.tc_program()?;
+        let id = match PinnedLink::from_pin(pin) {
+            Ok(old) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|source| {
+                    LoadError::Link {
+                        path: pin.to_path_buf(),
+                        source,
+                    }
+                })?;
+                tc.attach_to_link(link)
+                    .map_err(|source| classify(&what, prog_err(maps::PROG_TC_EGRESS, source)))?
+            }
+            Err(e) if not_found(&e) => tc
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Egress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|source| classify(&what, prog_err(maps::PROG_TC_EGRESS, source)))?,
+            Err(source) => {
+                return Err(LoadError::Link {
+                    path: pin.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let link = tc
+            .take_link(id)
+            .map_err(|source| prog_err(maps::PROG_TC_EGRESS, source))?;
+        let fd: FdLink = link.try_into().map_err(|source| LoadError::Link {
+            path: pin.to_path_buf(),
+            source,
+        })?;
+        repin_link(fd, pin)
+    }
+
+    /// Typed access to the maps of this loaded datapath.
+    pub fn dataplane(&mut self) -> Result<BpfDataplane, LoadError> {
+        BpfDataplane::open(&self.pins)
+    }
+
+    /// The kernel verifier's processed-instruction count per program.
+    pub fn verified_insns(&mut self) -> Result<Vec<(&'static str, u32)>, LoadError> {
+        let xdp = self
+            .xdp_program()?
+            .info()
+            .map_err(|source| prog_err(maps::PROG_XDP_INGRESS, source))?
+            .verified_instruction_count()
+            .unwrap_or(0);
+        let tc = self
+            .tc_program()?
+            .info()
+            .map_err(|source| prog_err(maps::PROG_TC_EGRESS, source))?
+            .verified_instruction_count()
+            .unwrap_or(0);
+        Ok(vec![
+            (maps::PROG_XDP_INGRESS, xdp),
+            (maps::PROG_TC_EGRESS, tc),
+        ])
+    }
+}
+
+/// Detach from `iface`: removing the link pins releases the last reference to the links,
+/// which detaches the programs. Missing pins are not an error (already detached).
+pub fn detach(dir: &Path, iface: &str) -> Result<(), LoadError> {
+    let pins = PinLayout::new(dir);
+    for pin in [pins.xdp_link(iface), pins.tc_link(iface)] {
+        remove_pin(&pin)?;
+    }
+    Ok(())
+}
+
+/// Detach from every interface and remove every pin (maps included) under `dir`.
+pub fn teardown(dir: &Path) -> Result<(), LoadError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    std::fs::remove_dir_all(dir).map_err(io_err(format!("remove {}", dir.display())))
+}
+
+/// Interfaces with pinned links under `dir`.
+pub fn attached_interfaces(dir: &Path) -> Vec<String> {
+    let pins = PinLayout::new(dir);
+    let mut out: Vec<String> = std::fs::read_dir(pins.links())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("xdp-"))
+                .map(str::to_string)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn remove_pin(pin: &Path) -> Result<(), LoadError> {
+    match std::fs::remove_file(pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(format!("unpin {}", pin.display()))(e)),
+    }
+}
+
+fn repin(
+    path: &Path,
+    pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+) -> Result<(), LoadError> {
+    remove_pin(path)?;
+    pin(path).map_err(|e| io_err(format!("pin {}", path.display()))(io::Error::other(e)))
+}
+
+fn repin_link(fd: FdLink, pin: &Path) -> Result<(), LoadError> {
+    // The old pin (if any) refers to the same link object we just updated; replace it.
+    remove_pin(pin)?;
+    fd.pin(pin)
+        .map(|_| ())
+        .map_err(|e| io_err(format!("pin {}", pin.display()))(io::Error::other(e)))
+}
+
+fn prog_err(name: &'static str, source: ProgramError) -> LoadError {
+    LoadError::Program { name, source }
+}
+
+fn map_err(name: &'static str, source: MapError) -> LoadError {
+    LoadError::Map { name, source }
+}
+
+fn nix_if_nametoindex(iface: &str) -> u32 {
+    match std::ffi::CString::new(iface) {
+        // SAFETY: valid NUL-terminated string.
+        Ok(c) => unsafe { libc::if_nametoindex(c.as_ptr()) },
+        Err(_) => 0,
+    }
+}
+
+fn random_u32() -> u32 {
+    let mut buf = [0u8; 4];
+    // SAFETY: writes at most 4 bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == 4 {
+        u32::from_ne_bytes(buf)
+    } else {
+        // Fall back to the clock; the seed only needs to differ between nodes.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.subsec_nanos() ^ d.as_secs() as u32)
+    }
+}
+
+/// Open a pinned map of `dir` by name (used by [`BpfDataplane`] and `status`).
+pub fn open_pinned_map(pins: &PinLayout, name: &'static str) -> Result<MapData, LoadError> {
+    MapData::from_pin(pins.map(name))
+        .map_err(|source| classify(format!("opening pinned map {name}"), map_err(name, source)))
+}

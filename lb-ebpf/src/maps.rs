@@ -1,0 +1,29 @@
+//! The BPF maps, pinned by name so a restarted agent re-uses them (names from `lb_common::maps`).
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    maps::*, Backend4, Counter, Ct4Key, Ct4Value, Frontend4Key, LbConfig, Service4Value,
+};
+
+#[map(name = "LB4_SERVICES_V1")]
+pub static SERVICES: HashMap<Frontend4Key, Service4Value> = HashMap::pinned(LB4_SERVICES_MAX, 0);
+
+#[map(name = "LB4_BACKENDS_V1")]
+pub static BACKENDS: HashMap<u32, Backend4> = HashMap::pinned(LB4_BACKENDS_MAX, 0);
+
+#[map(name = "LB4_CT_V1")]
+pub static CT: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(LB4_CT_MAX, 0);
+
+#[map(name = "LB4_NODE_ADDRS_V1")]
+pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(LB4_NODE_ADDRS_MAX, 0);
+
+#[map(name = "LB_STATS_V1")]
+pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(LB_STATS_MAX, 0);
+
+#[map(name = "LB_SVC_STATS_V1")]
+pub static SVC_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(LB_SVC_STATS_MAX, 0);
+
+#[map(name = "LB_CONFIG_V1")]
+pub static CONFIG: Array<LbConfig> = Array::pinned(LB_CONFIG_MAX, 0);

@@ -1,0 +1,200 @@
+//! A loaded datapath (programs + pinned maps in a private pin dir) driven through
+//! `BPF_PROG_RUN`: program frontends, run frames through XDP or TC, read counters and
+//! conntrack. Shared by the packet-fixture tests and the per-packet benchmark.
+use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_agent::{
+    dataplane::{BpfDataplane, Dataplane},
+    loader::{Capacities, Datapath},
+};
+use lb_common::{service, Backend4, Counter, Frontend4Key, Reason, Service4Value};
+
+use crate::bpffs::PinDir;
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+
+/// Which program a frame goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prog {
+    Xdp,
+    Tc,
+}
+
+pub struct Harness {
+    pub datapath: Datapath,
+    pub maps: BpfDataplane,
+    next_backend: u32,
+    // Declared last: removed after the datapath's fds are closed.
+    _pins: PinDir,
+}
+
+/// A frontend to program: address (`None` = any node address), port, protocol, kind flags.
+pub struct FrontendSpec {
+    pub addr: Option<std::net::Ipv4Addr>,
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u16,
+    pub svc_id: u32,
+    pub backends: Vec<SocketAddrV4>,
+}
+
+impl FrontendSpec {
+    pub fn nodeport(port: u16, proto: u8, svc_id: u32, backends: &[SocketAddrV4]) -> Self {
+        Self {
+            addr: None,
+            port,
+            proto,
+            flags: service::flags::NODEPORT,
+            svc_id,
+            backends: backends.to_vec(),
+        }
+    }
+
+    pub fn hostport(
+        host_ip: Option<std::net::Ipv4Addr>,
+        port: u16,
+        proto: u8,
+        svc_id: u32,
+        backend: SocketAddrV4,
+    ) -> Self {
+        Self {
+            addr: host_ip,
+            port,
+            proto,
+            flags: service::flags::HOSTPORT,
+            svc_id,
+            backends: vec![backend],
+        }
+    }
+
+    pub fn key(&self) -> Frontend4Key {
+        let addr = self.addr.map_or(0, |a| u32::from(a).to_be());
+        Frontend4Key::new(addr, self.port.to_be(), self.proto, 0)
+    }
+}
+
+impl Harness {
+    /// Load the datapath into a fresh pin dir. Panics with the loader's message on failure
+    /// (missing privileges, no bpffs...).
+    pub fn new(what: &str, caps: &Capacities) -> Self {
+        crate::lab::require_root();
+        let pins = PinDir::new(what);
+        let mut datapath = Datapath::load(pins.path(), caps)
+            .unwrap_or_else(|e| panic!("loading the datapath into {}: {e}", pins.path().display()));
+        let maps = datapath
+            .dataplane()
+            .unwrap_or_else(|e| panic!("opening the pinned maps: {e}"));
+        Self {
+            datapath,
+            maps,
+            next_backend: 1,
+            _pins: pins,
+        }
+    }
+
+    pub fn add_node_addr(&mut self, addr: std::net::Ipv4Addr) {
+        self.maps.put_node_addr(addr).expect("put node addr");
+    }
+
+    /// Program a frontend in the agent's order: backends, slots, then the master entry.
+    /// Returns the backend ids, in `spec.backends` order.
+    pub fn add_frontend(&mut self, spec: &FrontendSpec) -> Vec<u32> {
+        let key = spec.key();
+        let mut ids = Vec::new();
+        for (i, b) in spec.backends.iter().enumerate() {
+            let id = self.next_backend;
+            self.next_backend += 1;
+            let backend = Backend4 {
+                addr: u32::from(*b.ip()).to_be(),
+                port: b.port().to_be(),
+                proto: spec.proto,
+                flags: 0,
+                node_addr: 0,
+            };
+            self.maps.put_backend(id, backend).expect("put backend");
+            let slot = Service4Value {
+                backend_id: id,
+                ..Default::default()
+            };
+            self.maps
+                .put_service(key.with_slot(i as u16 + 1), slot)
+                .expect("put slot");
+            ids.push(id);
+        }
+        let master = Service4Value {
+            backend_id: 0,
+            count: spec.backends.len() as u16,
+            flags: spec.flags,
+            svc_id: spec.svc_id,
+            reserved: 0,
+        };
+        self.maps.put_service(key, master).expect("put master");
+        ids
+    }
+
+    /// Run one frame through a program once. Returns (verdict, output frame).
+    pub fn run(&mut self, prog: Prog, frame: &[u8]) -> (u32, Vec<u8>) {
+        let (verdict, out, _) = self.run_repeat(prog, frame, 1);
+        (verdict, out)
+    }
+
+    /// Run one frame `repeat` times in the kernel (`BPF_PROG_RUN`); returns the verdict, the
+    /// output frame and the kernel's average time per run.
+    pub fn run_repeat(
+        &mut self,
+        prog: Prog,
+        frame: &[u8],
+        repeat: u32,
+    ) -> (u32, Vec<u8>, Duration) {
+        let mut out = vec![0u8; frame.len() + 512];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        };
+        let res = match prog {
+            Prog::Xdp => self
+                .datapath
+                .xdp_program()
+                .expect("xdp program")
+                .test_run(opts),
+            Prog::Tc => self
+                .datapath
+                .tc_program()
+                .expect("tc program")
+                .test_run(opts),
+        }
+        .unwrap_or_else(|e| panic!("BPF_PROG_RUN ({prog:?}, {} bytes): {e}", frame.len()));
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out, res.duration)
+    }
+
+    /// Verdict counters by reason (packets, bytes), summed over CPUs.
+    pub fn stats(&self) -> BTreeMap<Reason, Counter> {
+        self.maps.stats().expect("read stats").into_iter().collect()
+    }
+
+    pub fn ct_len(&self) -> usize {
+        self.maps.conntrack().expect("read conntrack").len()
+    }
+}
+
+/// Per-reason packet deltas between two stats snapshots (only non-zero ones).
+pub fn stat_deltas(
+    before: &BTreeMap<Reason, Counter>,
+    after: &BTreeMap<Reason, Counter>,
+) -> BTreeMap<Reason, (u64, u64)> {
+    after
+        .iter()
+        .filter_map(|(r, a)| {
+            let b = before.get(r).copied().unwrap_or_default();
+            let d = (a.packets - b.packets, a.bytes - b.bytes);
+            (d != (0, 0)).then_some((*r, d))
+        })
+        .collect()
+}
