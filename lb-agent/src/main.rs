@@ -1,1 +1,127 @@
-fn main(){}
+//! lb-agent: the per-node daemon (`run`), a look at the pinned maps (`status`), and a
+//! clean detach (`detach`).
+mod metrics;
+mod run;
+mod status;
+
+use std::{net::SocketAddr, ops::RangeInclusive, path::PathBuf};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use lb_agent::loader::DEFAULT_BPFFS_DIR;
+
+#[derive(Parser)]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "eBPF service load balancer for Kubernetes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load and attach the datapath, then keep its maps in sync with the cluster (or manifests).
+    Run(RunArgs),
+    /// Show frontends, backends, hostPorts and counters read from the pinned maps.
+    Status {
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+        bpffs: PathBuf,
+        /// Output format: table or json.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: status::Format,
+    },
+    /// Detach from interfaces and remove the pins (maps, programs, links).
+    Detach {
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+        bpffs: PathBuf,
+        /// Only detach from these interfaces (default: all, and remove every pin).
+        #[arg(long, value_delimiter = ',')]
+        iface: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["kubeconfig", "in_cluster", "manifests"])))]
+pub struct RunArgs {
+    /// This node's name (Pods' spec.nodeName, EndpointSlice nodeName, the Node object).
+    #[arg(long)]
+    node_name: String,
+    /// Uplink interfaces to attach to (XDP ingress + TC egress).
+    #[arg(long, value_delimiter = ',', required = true)]
+    iface: Vec<String>,
+    #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+    bpffs: PathBuf,
+    /// Watch a cluster through this kubeconfig.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Watch the cluster the agent runs in (ServiceAccount token).
+    #[arg(long)]
+    in_cluster: bool,
+    /// Read Service/EndpointSlice/Pod/Node objects from YAML files in this directory, and
+    /// re-read them when a file changes.
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// The cluster's NodePort range.
+    #[arg(long, default_value = "30000-32767", value_parser = parse_range)]
+    nodeport_range: RangeInclusive<u16>,
+    /// Conntrack map capacity (applies when the map is first created).
+    #[arg(long, default_value_t = lb_common::maps::LB4_CT_MAX)]
+    ct_size: u32,
+    /// Service map capacity: master entries plus one per backend slot (first creation only).
+    #[arg(long, default_value_t = lb_common::maps::LB4_SERVICES_MAX)]
+    services_size: u32,
+    /// Backend map capacity (first creation only).
+    #[arg(long, default_value_t = lb_common::maps::LB4_BACKENDS_MAX)]
+    backends_size: u32,
+}
+
+fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected FIRST-LAST, e.g. 30000-32767"))?;
+    let a: u16 = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
+    let b: u16 = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s:?}: need 1 <= FIRST <= LAST"));
+    }
+    Ok(a..=b)
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            rt.block_on(run::run(args))
+        }
+        Cmd::Status { bpffs, output } => status::print(&bpffs, output),
+        Cmd::Detach { bpffs, iface } => {
+            if !bpffs.exists() {
+                bail!("{} does not exist: nothing to detach", bpffs.display());
+            }
+            if iface.is_empty() {
+                lb_agent::loader::teardown(&bpffs)?;
+                println!("detached and removed all pins under {}", bpffs.display());
+            } else {
+                for i in &iface {
+                    lb_agent::loader::detach(&bpffs, i)?;
+                    println!("detached from {i}");
+                }
+            }
+            Ok(())
+        }
+    }
+}

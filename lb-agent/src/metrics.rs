@@ -1,0 +1,165 @@
+//! Prometheus text metrics: sync timing, map entries, failed updates, the datapath's
+//! per-reason counters and per-frontend packet/byte counters (read live from the pins).
+use std::{fmt::Write as _, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use lb_agent::{
+    dataplane::{BpfDataplane, Dataplane as _},
+    loader::PinLayout,
+    model::Desired,
+    sync::{SyncReport, Syncer},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    sync::Mutex,
+};
+
+/// What the sync loop records for the metrics endpoint.
+#[derive(Default)]
+pub struct Metrics {
+    pub syncs: u64,
+    pub sync_seconds_sum: f64,
+    pub last_sync_seconds: f64,
+    pub failed_updates: u64,
+    pub puts: u64,
+    pub deletes: u64,
+    pub entries: Vec<(&'static str, usize)>,
+    /// (svc_id, frontend, owner) of every synced frontend.
+    pub frontends: Vec<(u32, String, String)>,
+    pub problems: usize,
+}
+
+impl Metrics {
+    pub fn record_sync(&mut self, took: Duration, r: &SyncReport, d: &Desired, s: &Syncer) {
+        self.syncs += 1;
+        self.sync_seconds_sum += took.as_secs_f64();
+        self.last_sync_seconds = took.as_secs_f64();
+        self.failed_updates += r.failures.len() as u64;
+        self.puts += r.puts as u64;
+        self.deletes += r.deletes as u64;
+        self.problems = d.problems.len();
+        self.frontends = d
+            .frontends
+            .iter()
+            .filter_map(|(id, fe)| {
+                s.svc_id(id)
+                    .map(|sid| (sid, id.to_string(), fe.owner.clone()))
+            })
+            .collect();
+    }
+}
+
+/// Escape a Prometheus label value.
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub fn render(m: &Metrics, dp: Option<&BpfDataplane>) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# HELP lb_sync_duration_seconds Time to compute and apply the desired state."
+    );
+    let _ = writeln!(o, "# TYPE lb_sync_duration_seconds summary");
+    let _ = writeln!(o, "lb_sync_duration_seconds_sum {}", m.sync_seconds_sum);
+    let _ = writeln!(o, "lb_sync_duration_seconds_count {}", m.syncs);
+    let _ = writeln!(o, "# TYPE lb_last_sync_duration_seconds gauge");
+    let _ = writeln!(o, "lb_last_sync_duration_seconds {}", m.last_sync_seconds);
+    let _ = writeln!(
+        o,
+        "# HELP lb_sync_failed_updates_total Map updates that failed (retried with backoff)."
+    );
+    let _ = writeln!(o, "# TYPE lb_sync_failed_updates_total counter");
+    let _ = writeln!(o, "lb_sync_failed_updates_total {}", m.failed_updates);
+    let _ = writeln!(o, "# TYPE lb_sync_map_writes_total counter");
+    let _ = writeln!(o, "lb_sync_map_writes_total{{op=\"put\"}} {}", m.puts);
+    let _ = writeln!(o, "lb_sync_map_writes_total{{op=\"delete\"}} {}", m.deletes);
+    let _ = writeln!(o, "# TYPE lb_model_problems gauge");
+    let _ = writeln!(o, "lb_model_problems {}", m.problems);
+    let _ = writeln!(o, "# HELP lb_map_entries Entries per BPF map.");
+    let _ = writeln!(o, "# TYPE lb_map_entries gauge");
+    for (map, n) in &m.entries {
+        let _ = writeln!(o, "lb_map_entries{{map=\"{map}\"}} {n}");
+    }
+    let Some(dp) = dp else { return o };
+    if let Ok(stats) = dp.stats() {
+        let _ = writeln!(
+            o,
+            "# HELP lb_datapath_packets_total Datapath verdicts by reason."
+        );
+        let _ = writeln!(o, "# TYPE lb_datapath_packets_total counter");
+        for (r, c) in &stats {
+            let _ = writeln!(
+                o,
+                "lb_datapath_packets_total{{reason=\"{}\"}} {}",
+                r.name(),
+                c.packets
+            );
+        }
+        let _ = writeln!(o, "# TYPE lb_datapath_bytes_total counter");
+        for (r, c) in &stats {
+            let _ = writeln!(
+                o,
+                "lb_datapath_bytes_total{{reason=\"{}\"}} {}",
+                r.name(),
+                c.bytes
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP lb_service_packets_total Packets through a frontend (both directions)."
+    );
+    let _ = writeln!(o, "# TYPE lb_service_packets_total counter");
+    let mut bytes = String::new();
+    for (sid, fe, owner) in &m.frontends {
+        if let Ok(c) = dp.svc_stats(*sid) {
+            let labels = format!("frontend=\"{}\",service=\"{}\"", esc(fe), esc(owner));
+            let _ = writeln!(o, "lb_service_packets_total{{{labels}}} {}", c.packets);
+            let _ = writeln!(bytes, "lb_service_bytes_total{{{labels}}} {}", c.bytes);
+        }
+    }
+    let _ = writeln!(o, "# TYPE lb_service_bytes_total counter");
+    o.push_str(&bytes);
+    o
+}
+
+/// Serve `GET /metrics` on `addr` (plain HTTP/1.1, one response per connection).
+pub async fn serve(addr: SocketAddr, bpffs: PathBuf, m: Arc<Mutex<Metrics>>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr}"))?;
+    let pins = PinLayout::new(bpffs);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let m = m.clone();
+            let pins = pins.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let n =
+                    match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                        Ok(Ok(n)) => n,
+                        _ => return,
+                    };
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let (status, body) = if req.starts_with("GET /metrics") {
+                    let dp = BpfDataplane::open(&pins).ok();
+                    ("200 OK", render(&*m.lock().await, dp.as_ref()))
+                } else {
+                    ("404 Not Found", "try /metrics\n".to_string())
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! The agent's main loop: load and attach the datapath, then recompute the desired state
+//! whenever the source changes and apply the difference, retrying failures with backoff.
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use lb_agent::{
+    loader::{Capacities, Datapath},
+    model::{self, ModelConfig, Objects},
+    source,
+    sync::{Limits, Syncer},
+};
+use tokio::sync::Mutex;
+
+use crate::{metrics::Metrics, RunArgs};
+
+/// How often the manifests directory is checked for changes (edits show within 1 s).
+const MANIFEST_POLL: Duration = Duration::from_millis(250);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let caps = Capacities {
+        services: args.services_size,
+        backends: args.backends_size,
+        ct: args.ct_size,
+        ..Capacities::default()
+    };
+    let mut datapath = Datapath::load(&args.bpffs, &caps)?;
+    for iface in &args.iface {
+        let mode = datapath
+            .attach(iface)
+            .with_context(|| format!("attaching to {iface}"))?;
+        log::info!("attached to {iface} ({mode:?})");
+    }
+    let mut dp = datapath.dataplane()?;
+    let caps = dp.capacities();
+    let mut syncer = Syncer::new(Limits {
+        svc_ids: caps.svc_stats,
+        ..Limits::default()
+    });
+    syncer
+        .adopt(&dp)
+        .context("reading the entries an earlier agent left in the pinned maps")?;
+
+    let metrics = Arc::new(Mutex::new(Metrics::default()));
+    if let Some(addr) = args.metrics_addr {
+        crate::metrics::serve(addr, args.bpffs.clone(), metrics.clone()).await?;
+        log::info!("metrics on http://{addr}/metrics");
+    }
+    let cfg = ModelConfig {
+        node_name: args.node_name.clone(),
+        nodeport_range: args.nodeport_range.clone(),
+        extra_node_addrs: Vec::new(),
+    };
+    let mut objects_rx = start_source(&args).await?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut backoff = BACKOFF_MIN;
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut last: Option<Arc<Objects>> = None;
+    loop {
+        let retry = async {
+            match retry_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = objects_rx.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the object source stopped");
+                }
+                let objs = objects_rx.borrow_and_update().clone();
+                if let Some(objs) = objs {
+                    last = Some(objs);
+                    backoff = BACKOFF_MIN;
+                } else {
+                    continue; // not ready yet: nothing is deleted before the first full list
+                }
+            }
+            () = retry => { retry_at = None; }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+        let Some(objs) = last.clone() else { continue };
+        let started = Instant::now();
+        let desired = model::compute(&objs, &cfg);
+        let report = syncer.apply(&desired, &mut dp);
+        let took = started.elapsed();
+        for f in &report.failures {
+            log::warn!("sync: {f}");
+        }
+        log::info!(
+            "sync: {} frontends, {} puts, {} deletes, {} failures in {:.1} ms",
+            desired.frontends.len(),
+            report.puts,
+            report.deletes,
+            report.failures.len(),
+            took.as_secs_f64() * 1e3
+        );
+        {
+            let mut m = metrics.lock().await;
+            m.record_sync(took, &report, &desired, &syncer);
+            m.entries = entry_counts(&dp);
+        }
+        if !report.is_ok() {
+            log::warn!("sync: retrying failed entries in {backoff:?}");
+            retry_at = Some(tokio::time::Instant::now() + backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+    // The datapath stays attached through its pinned links: a restarted agent takes over
+    // without a window. `lb-agent detach` removes it.
+    log::info!(
+        "stopping; the datapath stays attached (pinned under {})",
+        args.bpffs.display()
+    );
+    Ok(())
+}
+
+fn entry_counts(dp: &impl lb_agent::dataplane::Dataplane) -> Vec<(&'static str, usize)> {
+    use lb_common::maps as m;
+    vec![
+        (m::LB4_SERVICES, dp.services().map_or(0, |v| v.len())),
+        (m::LB4_BACKENDS, dp.backends().map_or(0, |v| v.len())),
+        (m::LB4_NODE_ADDRS, dp.node_addrs().map_or(0, |v| v.len())),
+    ]
+}
+
+/// A receiver of full object snapshots; `None` until every kind has been listed once.
+type ObjectsRx = tokio::sync::watch::Receiver<Option<Arc<Objects>>>;
+
+async fn start_source(args: &RunArgs) -> anyhow::Result<ObjectsRx> {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    if let Some(dir) = &args.manifests {
+        let dir = dir.clone();
+        // Fail early on a missing directory; later read errors are logged and retried.
+        std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+        tokio::spawn(watch_manifests(dir, tx));
+    } else {
+        let client = source::kube::client(args.kubeconfig.as_deref(), args.in_cluster).await?;
+        let mut snaps = source::kube::watch(client, args.node_name.clone()).await?;
+        tokio::spawn(async move {
+            loop {
+                let snap = snaps.borrow_and_update().clone();
+                if snap.ready && tx.send(Some(Arc::new(snap.objects))).is_err() {
+                    return;
+                }
+                if snaps.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(rx)
+}
+
+/// Names, sizes and modification times of the YAML files: a change in any re-reads them.
+fn fingerprint(dir: &Path) -> std::io::Result<Vec<(PathBuf, u64, SystemTime)>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let p = e.path();
+        if matches!(p.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
+            let md = e.metadata()?;
+            v.push((p, md.len(), md.modified()?));
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+async fn watch_manifests(dir: PathBuf, tx: tokio::sync::watch::Sender<Option<Arc<Objects>>>) {
+    let mut seen = None;
+    loop {
+        match fingerprint(&dir) {
+            Ok(fp) if Some(&fp) != seen.as_ref() => match source::manifests::load_dir(&dir) {
+                Ok((objs, problems)) => {
+                    for p in &problems {
+                        log::warn!("manifests: {p}");
+                    }
+                    log::info!(
+                        "manifests: {} services, {} endpointslices, {} pods, node {}",
+                        objs.services.len(),
+                        objs.slices.len(),
+                        objs.pods.len(),
+                        if objs.node.is_some() {
+                            "found"
+                        } else {
+                            "missing"
+                        }
+                    );
+                    seen = Some(fp);
+                    if tx.send(Some(Arc::new(objs))).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => log::warn!("manifests: {e}"),
+            },
+            Ok(_) => {}
+            Err(e) => log::warn!("manifests: reading {}: {e}", dir.display()),
+        }
+        tokio::time::sleep(MANIFEST_POLL).await;
+    }
+}

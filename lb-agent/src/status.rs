@@ -1,0 +1,198 @@
+//! `lb-agent status`: what the pinned maps hold, as kubectl-style tables or JSON.
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+
+use anyhow::Context as _;
+use lb_agent::{
+    dataplane::{BpfDataplane, Dataplane as _},
+    loader::{attached_interfaces, PinLayout},
+};
+use lb_common::{
+    service::{backend_flags, flags},
+    Backend4, Frontend4Key, Service4Value, IPPROTO_TCP, IPPROTO_UDP,
+};
+use serde_json::json;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+fn ip(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from_be(be))
+}
+
+fn proto(p: u8) -> &'static str {
+    match p {
+        IPPROTO_TCP => "TCP",
+        IPPROTO_UDP => "UDP",
+        _ => "?",
+    }
+}
+
+fn frontend_name(k: &Frontend4Key) -> String {
+    let addr = if k.addr == 0 {
+        "*".to_string()
+    } else {
+        ip(k.addr).to_string()
+    };
+    format!("{addr}:{}/{}", u16::from_be(k.port), proto(k.proto))
+}
+
+fn kind(f: u16) -> String {
+    let mut v = Vec::new();
+    for (bit, name) in [
+        (flags::NODEPORT, "NodePort"),
+        (flags::HOSTPORT, "HostPort"),
+        (flags::CLUSTERIP, "ClusterIP"),
+        (flags::LOADBALANCER, "LoadBalancer"),
+        (flags::EXTERNAL_IP, "ExternalIP"),
+    ] {
+        if f & bit != 0 {
+            v.push(name);
+        }
+    }
+    let mut s = v.join("+");
+    if f & flags::EXT_LOCAL != 0 {
+        s.push_str(" (Local)");
+    }
+    s
+}
+
+fn backend_name(b: &Backend4) -> String {
+    let mut s = format!("{}:{}", ip(b.addr), u16::from_be(b.port));
+    if b.flags & backend_flags::REMOTE != 0 {
+        s.push_str("(remote)");
+    }
+    if b.flags & backend_flags::TERMINATING != 0 {
+        s.push_str("(terminating)");
+    }
+    s
+}
+
+/// Print rows as aligned columns (like `kubectl get`).
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        println!("{}", s.join("   ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
+    let pins = PinLayout::new(bpffs);
+    let dp = BpfDataplane::open(&pins).with_context(|| {
+        format!(
+            "no datapath pinned under {} (is the agent running?)",
+            bpffs.display()
+        )
+    })?;
+    let services = dp.services()?;
+    let backends: BTreeMap<u32, Backend4> = dp.backends()?.into_iter().collect();
+    let slots: BTreeMap<Frontend4Key, Service4Value> = services.iter().copied().collect();
+    let masters: Vec<(Frontend4Key, Service4Value)> = services
+        .iter()
+        .filter(|(k, _)| k.slot == 0)
+        .copied()
+        .collect();
+    let mut fe_rows = Vec::new();
+    let mut fe_json = Vec::new();
+    for (k, v) in &masters {
+        let bs: Vec<String> = (1..=v.count)
+            .map(|s| {
+                slots
+                    .get(&k.with_slot(s))
+                    .and_then(|sv| backends.get(&sv.backend_id))
+                    .map_or_else(|| "<missing>".to_string(), backend_name)
+            })
+            .collect();
+        let c = dp.svc_stats(v.svc_id).unwrap_or_default();
+        fe_rows.push(vec![
+            frontend_name(k),
+            kind(v.flags),
+            v.svc_id.to_string(),
+            if bs.is_empty() {
+                "<none: drop>".to_string()
+            } else {
+                bs.join(",")
+            },
+            c.packets.to_string(),
+            c.bytes.to_string(),
+        ]);
+        fe_json.push(json!({
+            "frontend": frontend_name(k), "kind": kind(v.flags), "svc_id": v.svc_id,
+            "backends": bs, "packets": c.packets, "bytes": c.bytes,
+        }));
+    }
+    fe_rows.sort();
+    let node_addrs = dp.node_addrs()?;
+    let stats = dp.stats()?;
+    let ct = dp.conntrack()?.len();
+    let ifaces = attached_interfaces(bpffs);
+    match format {
+        Format::Json => {
+            let out = json!({
+                "interfaces": ifaces,
+                "node_addrs": node_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "frontends": fe_json,
+                "backends": backends.iter().map(|(id, b)| json!({"id": id, "backend": backend_name(b), "proto": proto(b.proto)})).collect::<Vec<_>>(),
+                "counters": stats.iter().map(|(r, c)| json!({"reason": r.name(), "packets": c.packets, "bytes": c.bytes})).collect::<Vec<_>>(),
+                "conntrack_entries": ct,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Format::Table => {
+            println!(
+                "INTERFACES: {}   NODE ADDRESSES: {}   CONNTRACK ENTRIES: {ct}\n",
+                if ifaces.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    ifaces.join(",")
+                },
+                node_addrs
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            table(
+                &["FRONTEND", "KIND", "SVC-ID", "BACKENDS", "PACKETS", "BYTES"],
+                &fe_rows,
+            );
+            println!();
+            let b_rows: Vec<Vec<String>> = backends
+                .iter()
+                .map(|(id, b)| vec![id.to_string(), backend_name(b), proto(b.proto).to_string()])
+                .collect();
+            table(&["BACKEND-ID", "ADDRESS", "PROTO"], &b_rows);
+            println!();
+            let c_rows: Vec<Vec<String>> = stats
+                .iter()
+                .map(|(r, c)| {
+                    let verdict = if r.is_drop() { "drop" } else { "pass" };
+                    vec![
+                        r.name().to_string(),
+                        verdict.to_string(),
+                        c.packets.to_string(),
+                        c.bytes.to_string(),
+                    ]
+                })
+                .collect();
+            table(&["REASON", "VERDICT", "PACKETS", "BYTES"], &c_rows);
+        }
+    }
+    Ok(())
+}
