@@ -173,7 +173,10 @@ pub struct Datapath {
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LoadError {
     let what = what.into();
-    move |source| LoadError::Io { what, source }
+    move |source| match source.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => LoadError::NotPermitted { what },
+        _ => LoadError::Io { what, source },
+    }
 }
 
 fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {

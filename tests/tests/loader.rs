@@ -1,0 +1,190 @@
+//! The loader's and dataplane API's failure modes give specific messages, and `detach`
+//! really detaches: missing interface, missing privileges, full maps.
+use std::{net::Ipv4Addr, net::SocketAddrV4, time::Duration};
+
+use lb_agent::{
+    dataplane::{Dataplane as _, DataplaneError},
+    loader::{Capacities, Datapath, LoadError},
+};
+use lb_common::{Frontend4Key, Service4Value};
+use tests::{
+    agent::workspace_bin,
+    bpffs::PinDir,
+    harness::Harness,
+    lab::{Lab, LabConfig},
+};
+
+#[test]
+fn attach_to_a_missing_interface_names_it() {
+    tests::lab::require_root();
+    let pins = PinDir::new("noif");
+    let mut dp = Datapath::load(pins.path(), &Capacities::default()).expect("load");
+    let err = dp
+        .attach("nope0")
+        .expect_err("attach to a missing interface");
+    assert!(
+        matches!(err, LoadError::NoSuchInterface(ref i) if i == "nope0"),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "interface \"nope0\" does not exist in this network namespace"
+    );
+}
+
+#[test]
+fn a_full_map_is_reported_with_its_name_and_size() {
+    let mut h = Harness::new(
+        "full",
+        &Capacities {
+            services: 4,
+            ..Capacities::default()
+        },
+    );
+    let key = |port: u16| Frontend4Key::new(0, port.to_be(), 6, 0);
+    for port in 0..4 {
+        h.maps
+            .put_service(key(port), Service4Value::default())
+            .expect("fits");
+    }
+    let err = h
+        .maps
+        .put_service(key(99), Service4Value::default())
+        .expect_err("fifth entry");
+    assert!(
+        matches!(err, DataplaneError::MapFull { capacity: 4, .. }),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("map LB4_SERVICES_V1 is full (4 entries): cannot insert"),
+        "{msg}"
+    );
+    // Updating an existing entry of a full map still works.
+    h.maps
+        .put_service(
+            key(1),
+            Service4Value {
+                count: 1,
+                ..Default::default()
+            },
+        )
+        .expect("update in place");
+}
+
+#[test]
+fn agent_without_privileges_says_which_capabilities_it_needs() {
+    tests::lab::require_root();
+    let lab = Lab::new(LabConfig { pods: 0 });
+    let dir = std::env::temp_dir().join(format!("lbt-{}-noprivs", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let pins = PinDir::new("noprivs");
+    let agent = workspace_bin("lb-agent");
+    let out = lab
+        .node
+        .try_run(&[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            agent.to_str().expect("path"),
+            "run",
+            "--node-name",
+            "n",
+            "--iface",
+            "up0",
+            "--bpffs",
+            pins.path().to_str().expect("path"),
+            "--manifests",
+            dir.to_str().expect("path"),
+        ])
+        .expect("run setpriv");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an unprivileged agent must fail");
+    assert!(
+        stderr.contains("operation not permitted")
+            && stderr.contains("CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn detach_removes_the_programs_and_the_pins() {
+    let mut lab = Lab::new(LabConfig { pods: 1 });
+    lab.wait_reachable();
+    lab.start_pod_servers(&[80], &[], &[]);
+    let pins = PinDir::new("detach");
+    let dir = std::env::temp_dir().join(format!("lbt-{}-detach", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let node_ip = tests::lab::NODE_IP;
+    tests::agent::write_manifest(
+        &dir,
+        "all.yaml",
+        &[
+            tests::agent::node_yaml(tests::agent::NODE_NAME, node_ip),
+            tests::agent::service_yaml(
+                "web",
+                "NodePort",
+                Ipv4Addr::new(10, 96, 0, 1),
+                false,
+                &[tests::agent::SvcPort {
+                    name: "http",
+                    proto: "TCP",
+                    port: 80,
+                    target: 80,
+                    node_port: Some(30001),
+                }],
+                &[tests::agent::Endpoint {
+                    ip: tests::lab::pod_ip(0),
+                    ready: true,
+                    node: tests::agent::NODE_NAME,
+                }],
+            ),
+        ],
+    );
+    let mut agent = tests::agent::start_agent(&lab, &pins, &dir);
+    let np = SocketAddrV4::new(node_ip, 30001);
+    let t = Duration::from_secs(2);
+    assert_eq!(
+        lab.client
+            .enter(|| tests::lab::http_get(np, "/", t))
+            .expect("via NodePort")
+            .trim(),
+        "pod0"
+    );
+    assert!(
+        lab.node.ip(&["link", "show", "up0"]).contains("xdp"),
+        "XDP attached"
+    );
+    assert_eq!(tcx_egress_programs(&lab), 1, "TC egress attached");
+    agent.proc.kill();
+    let bin = workspace_bin("lb-agent");
+    lab.node.run(&[
+        bin.to_str().expect("path"),
+        "detach",
+        "--bpffs",
+        pins.path().to_str().expect("path"),
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!pins.path().exists(), "pins removed");
+    assert!(
+        !lab.node.ip(&["link", "show", "up0"]).contains("xdp"),
+        "XDP detached"
+    );
+    assert_eq!(tcx_egress_programs(&lab), 0, "TC egress detached");
+    // Nothing DNATs the NodePort any more: the node itself refuses the connection.
+    let r = lab.client.enter(|| tests::lab::http_get(np, "/", t));
+    assert!(r.is_err(), "NodePort must not answer after detach: {r:?}");
+}
+
+/// Programs attached to the node uplink's TCX egress hook.
+fn tcx_egress_programs(lab: &Lab) -> usize {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    lab.node
+        .enter(|| SchedClassifier::query_tcx("up0", TcAttachType::Egress))
+        .map(|(_, progs)| progs.len())
+        .expect("query tcx")
+}
