@@ -35,7 +35,7 @@ pub fn forward_key_v4(flow: &Flow4) -> Ct4Key {
 #[inline(always)]
 pub fn lookup_v4(flow: &Flow4) -> Option<Ct4Value> {
     let key = forward_key_v4(flow);
-    let entry = CT.get_ptr_mut(&key)?;
+    let entry = CT.get_ptr_mut(key)?;
     // SAFETY: LRU entries are plain data; a concurrent eviction at worst yields a stale copy.
     let mut value = unsafe { *entry };
     let syn_only = flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -78,7 +78,7 @@ pub fn create_v4(
         created_ns: now,
         last_seen_ns: now,
     };
-    CT.insert(&fwd_key, &fwd, BPF_ANY)
+    CT.insert(fwd_key, fwd, BPF_ANY)
         .map_err(|_| Reason::XdpDropCtInsert)?;
     let rev_key = Ct4Key {
         saddr: backend.addr,
@@ -94,8 +94,8 @@ pub fn create_v4(
         nat_port: flow.dport,
         ..fwd
     };
-    if CT.insert(&rev_key, &rev, BPF_ANY).is_err() {
-        let _ = CT.remove(&fwd_key);
+    if CT.insert(rev_key, rev, BPF_ANY).is_err() {
+        let _ = CT.remove(fwd_key);
         return Err(Reason::XdpDropCtInsert);
     }
     Ok(fwd)

@@ -20,14 +20,14 @@ pub struct Frontend {
 pub fn lookup_frontend_v4(flow: &Flow4) -> Option<Frontend> {
     let key = Frontend4Key::new(flow.daddr, flow.dport, flow.proto, 0);
     // SAFETY: values are plain data written whole by the agent (one syscall per entry).
-    if let Some(svc) = unsafe { SERVICES.get(&key) } {
+    if let Some(svc) = unsafe { SERVICES.get(key) } {
         return Some(Frontend { key, svc: *svc });
     }
     // SAFETY: as above.
-    unsafe { NODE_ADDRS.get(&flow.daddr) }?;
+    unsafe { NODE_ADDRS.get(flow.daddr) }?;
     let key = Frontend4Key::new(0, flow.dport, flow.proto, 0);
     // SAFETY: as above.
-    let svc = unsafe { SERVICES.get(&key) }?;
+    let svc = unsafe { SERVICES.get(key) }?;
     Some(Frontend { key, svc: *svc })
 }
 
@@ -65,15 +65,15 @@ pub fn select_backend_v4(fe: &Frontend, flow: &Flow4) -> Result<(u32, Backend4),
     let slot = (flow_hash_v4(flow) % count + 1) as u16;
     // SAFETY: plain data written whole by the agent.
     let slot_val =
-        unsafe { SERVICES.get(&fe.key.with_slot(slot)) }.ok_or(Reason::XdpDropBackendMissing)?;
+        unsafe { SERVICES.get(fe.key.with_slot(slot)) }.ok_or(Reason::XdpDropBackendMissing)?;
     let id = slot_val.backend_id;
     // SAFETY: as above.
-    let backend = unsafe { BACKENDS.get(&id) }.ok_or(Reason::XdpDropBackendMissing)?;
+    let backend = unsafe { BACKENDS.get(id) }.ok_or(Reason::XdpDropBackendMissing)?;
     Ok((id, *backend))
 }
 
 /// Whether backend `id` still exists (a removed backend keeps only its established flows).
 #[inline(always)]
 pub fn backend_exists(id: u32) -> bool {
-    BACKENDS.get_ptr(&id).is_some()
+    BACKENDS.get_ptr(id).is_some()
 }

@@ -77,7 +77,7 @@ pub fn lb_tc_egress(mut ctx: TcContext) -> i32 {
         Err(reason) => (reason, TC_ACT_SHOT),
     };
     stats::count(reason, bytes);
-    action as i32
+    action
 }
 
 #[inline(always)]
@@ -117,7 +117,7 @@ fn try_tc_egress(ctx: &mut TcContext, bytes: u64) -> Result<Reason, Reason> {
         _pad: [0; 2],
     };
     // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
-    let Some(ct) = (unsafe { maps::CT.get(&key) }).copied() else {
+    let Some(ct) = (unsafe { maps::CT.get(key) }).copied() else {
         return Ok(Reason::TcPassNotTracked);
     };
     let off = nat::ReplyOffsets {

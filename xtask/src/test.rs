@@ -20,9 +20,9 @@ const HOST_SCOPE: &[&str] = &["--workspace", "--exclude", "lb-ebpf"];
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Also run clippy on the eBPF crate (nightly, bpfel-unknown-none, -Z build-std=core).
+    /// Skip clippy on the eBPF crate (nightly, bpfel-unknown-none, -Z build-std=core; ~1 min).
     #[arg(long)]
-    pub lint_ebpf: bool,
+    pub skip_lint_ebpf: bool,
     /// Passed to the test binaries after cargo test's `--`, e.g. a test-name filter or
     /// `--nocapture`: `cargo xtask test -- fixtures`.
     #[arg(last = true)]
@@ -90,7 +90,7 @@ fn steps(args: &Args) -> Vec<Step> {
                 .collect(),
         ),
     ];
-    if args.lint_ebpf {
+    if !args.skip_lint_ebpf {
         v.push(cargo_step(
             "cargo clippy (eBPF crate, bpfel)",
             strings(&[
