@@ -1,3 +1,7 @@
 //! lb-agent: loads and pins the datapath, and keeps its maps equal to this node's desired
 //! state derived from Kubernetes objects.
 pub mod dataplane;
+pub mod loader;
+pub mod model;
+pub mod source;
+pub mod sync;

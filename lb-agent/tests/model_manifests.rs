@@ -1,0 +1,314 @@
+//! Tests of the manifests source: YAML files in a temporary directory in, objects and
+//! problems out.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use lb_agent::model::{compute, ModelConfig, Objects, Problem};
+use lb_agent::source::manifests::{load_dir, load_dir_for_node, load_str, ManifestError};
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "lb-agent-manifests-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+
+    fn write(&self, name: &str, text: &str) -> &Self {
+        std::fs::write(self.0.join(name), text).expect("write manifest");
+        self
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const SVC: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+spec:
+  clusterIP: 10.96.0.100
+  ports:
+  - name: http
+    port: 80
+    targetPort: http
+";
+
+const SLICE: &str = "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+addressType: IPv4
+metadata:
+  name: web-abc
+  namespace: shop
+  labels:
+    kubernetes.io/service-name: web
+endpoints:
+- addresses: [10.244.0.5]
+  nodeName: node-a
+ports:
+- name: http
+  port: 8080
+";
+
+fn load(dir: &TempDir) -> (Objects, Vec<Problem>) {
+    load_dir(dir.path()).expect("readable dir")
+}
+
+fn problem_at<'a>(problems: &'a [Problem], object: &str) -> &'a Problem {
+    problems
+        .iter()
+        .find(|p| p.object == object)
+        .unwrap_or_else(|| panic!("no problem for {object}: {problems:?}"))
+}
+
+#[test]
+fn multi_document_file_is_loaded_and_served() {
+    let dir = TempDir::new();
+    dir.write("web.yaml", &format!("---\n{SVC}---\n{SLICE}---\n"));
+    let (o, problems) = load(&dir);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(o.services.len(), 1);
+    assert_eq!(o.slices.len(), 1);
+    let d = compute(&o, &ModelConfig::new("node-a"));
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
+    assert_eq!(d.frontends.len(), 1);
+    let fe = d.frontends.values().next().expect("frontend");
+    assert_eq!(fe.owner, "shop/web:http");
+    assert_eq!(fe.backends.len(), 1);
+    assert_eq!(fe.backends[0].port, 8080);
+}
+
+#[test]
+fn yaml_and_yml_files_in_name_order_others_ignored() {
+    let dir = TempDir::new();
+    let pod = |name: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  containers: []\n")
+    };
+    dir.write("b.yml", &pod("from-b"))
+        .write("a.yaml", &pod("from-a"))
+        .write("c.json", &pod("from-json"))
+        .write("notes.txt", "hello")
+        .write(".hidden.yaml", &pod("hidden"))
+        .write("README.md", "# not a manifest");
+    std::fs::create_dir(dir.path().join("sub.yaml")).expect("mkdir");
+    let (o, problems) = load(&dir);
+    assert!(problems.is_empty(), "{problems:?}");
+    let names: Vec<_> = o
+        .pods
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(names, vec!["from-a", "from-b"]);
+}
+
+#[test]
+fn kubectl_list_and_typed_lists() {
+    let dir = TempDir::new();
+    // `kubectl get svc,endpointslices -o yaml`: kind List, items with their own kind.
+    let list = format!(
+        "apiVersion: v1\nkind: List\nmetadata:\n  resourceVersion: \"\"\nitems:\n{}{}",
+        indent_item(SVC),
+        indent_item(SLICE)
+    );
+    dir.write("list.yaml", &list);
+    // The raw API list: items carry no apiVersion/kind.
+    dir.write(
+        "typed.yaml",
+        "apiVersion: v1\nkind: ServiceList\nmetadata:\n  resourceVersion: \"42\"\nitems:\n- metadata:\n    name: other\n    namespace: default\n  spec:\n    clusterIP: 10.96.0.200\n    ports:\n    - port: 443\n",
+    );
+    let (o, problems) = load(&dir);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(o.services.len(), 2);
+    assert_eq!(o.slices.len(), 1);
+}
+
+fn indent_item(doc: &str) -> String {
+    let mut out = String::new();
+    for (i, line) in doc.lines().enumerate() {
+        out.push_str(if i == 0 { "- " } else { "  " });
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn unknown_kinds_become_problems_with_file_and_document() {
+    let dir = TempDir::new();
+    dir.write(
+        "app.yaml",
+        &format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n---\n{SVC}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cfg\ndata: {{}}\n"
+        ),
+    );
+    let (o, problems) = load(&dir);
+    assert_eq!(o.services.len(), 1);
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problem_at(&problems, "app.yaml document 1")
+        .reason
+        .contains("Deployment"));
+    assert!(problem_at(&problems, "app.yaml document 3")
+        .reason
+        .contains("ConfigMap"));
+}
+
+#[test]
+fn broken_documents_do_not_hide_the_others() {
+    let dir = TempDir::new();
+    dir.write(
+        "mixed.yaml",
+        &format!("key: [unclosed\n---\n{SVC}---\n- just\n- a list\n---\nfoo: bar\n---\n{SLICE}"),
+    );
+    let (o, problems) = load(&dir);
+    assert_eq!(o.services.len(), 1);
+    assert_eq!(o.slices.len(), 1);
+    assert!(problem_at(&problems, "mixed.yaml document 1")
+        .reason
+        .contains("invalid YAML"));
+    assert!(problem_at(&problems, "mixed.yaml document 3")
+        .reason
+        .contains("not a Kubernetes object"));
+    assert!(problem_at(&problems, "mixed.yaml document 4")
+        .reason
+        .contains("no apiVersion/kind"));
+    assert_eq!(problems.len(), 3);
+}
+
+#[test]
+fn wrongly_typed_field_is_a_problem() {
+    let dir = TempDir::new();
+    dir.write(
+        "bad.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: bad\nspec:\n  ports:\n  - port: eighty\n",
+    );
+    let (o, problems) = load(&dir);
+    assert!(o.services.is_empty());
+    let p = problem_at(&problems, "bad.yaml document 1");
+    assert!(p.reason.contains("invalid Service \"bad\""), "{p}");
+}
+
+#[test]
+fn missing_namespace_defaults_to_default() {
+    let dir = TempDir::new();
+    dir.write("svc.yaml", &SVC.replace("  namespace: shop\n", ""));
+    let (o, _) = load(&dir);
+    assert_eq!(o.services[0].metadata.namespace.as_deref(), Some("default"));
+}
+
+#[test]
+fn empty_files_comments_and_document_end_markers() {
+    let dir = TempDir::new();
+    dir.write("empty.yaml", "")
+        .write("comments.yaml", "# nothing here\n---\n# still nothing\n")
+        .write("ended.yaml", &format!("{SVC}...\n---\n{SLICE}"));
+    let (o, problems) = load(&dir);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(o.services.len(), 1);
+    assert_eq!(o.slices.len(), 1);
+}
+
+#[test]
+fn unreadable_directory_is_an_error() {
+    let dir = TempDir::new();
+    let missing = dir.path().join("does-not-exist");
+    match load_dir(&missing) {
+        Err(ManifestError::ReadDir { dir, .. }) => assert_eq!(dir, missing),
+        other => panic!("expected ReadDir error, got {other:?}"),
+    }
+}
+
+#[test]
+fn nodes_first_kept_or_picked_by_name() {
+    let dir = TempDir::new();
+    let node = |name: &str, addr: &str| {
+        format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {addr}\n")
+    };
+    dir.write(
+        "nodes.yaml",
+        &format!(
+            "{}---\n{}",
+            node("node-a", "192.168.1.10"),
+            node("node-b", "192.168.1.11")
+        ),
+    );
+    let (o, problems) = load(&dir);
+    assert_eq!(
+        o.node
+            .as_ref()
+            .and_then(|n| n.metadata.name.clone())
+            .as_deref(),
+        Some("node-a")
+    );
+    assert!(problem_at(&problems, "nodes.yaml document 2")
+        .reason
+        .contains("node-b"));
+
+    let (o, problems) = load_dir_for_node(dir.path(), "node-b").expect("dir");
+    assert!(problems.is_empty(), "{problems:?}");
+    let d = compute(&o, &ModelConfig::new("node-b"));
+    assert_eq!(
+        d.node_addrs.into_iter().collect::<Vec<_>>(),
+        vec!["192.168.1.11".parse::<std::net::Ipv4Addr>().expect("ip")]
+    );
+}
+
+#[test]
+fn load_str_appends_to_existing_objects() {
+    let mut o = Objects::default();
+    let mut problems = Vec::new();
+    load_str("one", SVC, &mut o, &mut problems);
+    load_str("two", SLICE, &mut o, &mut problems);
+    load_str("three", "kind: Service\n", &mut o, &mut problems);
+    assert_eq!(o.services.len(), 1);
+    assert_eq!(o.slices.len(), 1);
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].object, "three document 1");
+}
+
+#[test]
+fn crlf_line_endings_are_fine() {
+    let dir = TempDir::new();
+    dir.write(
+        "win.yaml",
+        &format!("{SVC}---\n{SLICE}").replace('\n', "\r\n"),
+    );
+    let (o, problems) = load(&dir);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(o.services.len(), 1);
+    assert_eq!(o.slices.len(), 1);
+}
+
+#[test]
+fn byte_order_mark_and_merge_keys() {
+    let dir = TempDir::new();
+    dir.write("bom.yaml", &format!("\u{feff}{SVC}"));
+    dir.write(
+        "anchors.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: &meta\n  name: a\n  namespace: default\n  labels: {app: x}\nspec:\n  containers: []\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  <<: {namespace: default, labels: {app: y}}\n  name: b\nspec:\n  containers: []\n",
+    );
+    let (o, problems) = load(&dir);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(o.services.len(), 1);
+    assert_eq!(o.pods.len(), 2);
+    let b = &o.pods[1];
+    assert_eq!(b.metadata.name.as_deref(), Some("b"));
+    let labels = b.metadata.labels.as_ref().expect("merged labels");
+    assert_eq!(labels.get("app").map(String::as_str), Some("y"));
+}
