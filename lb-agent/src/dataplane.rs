@@ -72,6 +72,8 @@ pub trait Dataplane {
     fn stats(&self) -> Result<Vec<(Reason, Counter)>>;
     /// Per-frontend counters for `svc_id`, summed over CPUs.
     fn svc_stats(&self, svc_id: u32) -> Result<Counter>;
+    /// Zero the counters of `svc_id` (before the id is given to a new frontend).
+    fn reset_svc_stats(&mut self, svc_id: u32) -> Result<()>;
 }
 
 /// In-memory dataplane for tests, with optional capacities to exercise "map full" paths.
@@ -167,6 +169,9 @@ impl Dataplane for MemDataplane {
     }
     fn svc_stats(&self, _svc_id: u32) -> Result<Counter> {
         Ok(Counter::default())
+    }
+    fn reset_svc_stats(&mut self, _svc_id: u32) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -436,6 +441,23 @@ impl Dataplane for BpfDataplane {
             )
         })?;
         Ok(sum(per_cpu.iter()))
+    }
+    fn reset_svc_stats(&mut self, svc_id: u32) -> Result<()> {
+        let map = lb_common::maps::LB_SVC_STATS;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| {
+            DataplaneError::from_io(map, 0, "update", format!("svc {svc_id}"), e)
+        })?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![Counter::default(); cpus])
+            .map_err(|e| DataplaneError::from_io(map, 0, "update", format!("svc {svc_id}"), e))?;
+        self.svc_stats.set(svc_id, zeros, 0).map_err(|e| {
+            map_err(
+                map,
+                self.caps.svc_stats,
+                "update",
+                format!("svc {svc_id}"),
+                e,
+            )
+        })
     }
 }
 

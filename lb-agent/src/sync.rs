@@ -642,6 +642,10 @@ impl Syncer {
             Some(id) => *id,
             None => match self.svc_alloc.alloc() {
                 Some(id) => {
+                    // A reused id must not inherit the counters of the frontend it served.
+                    if let Err(e) = dp.reset_svc_stats(id) {
+                        log::warn!("{}: resetting counters of svc id {id}: {e}", what());
+                    }
                     self.svc_ids.insert(fkey, id);
                     id
                 }

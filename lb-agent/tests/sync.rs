@@ -962,6 +962,9 @@ impl Dataplane for Flaky {
     fn svc_stats(&self, svc_id: u32) -> Result<Counter, DataplaneError> {
         self.inner.svc_stats(svc_id)
     }
+    fn reset_svc_stats(&mut self, svc_id: u32) -> Result<(), DataplaneError> {
+        self.inner.reset_svc_stats(svc_id)
+    }
 }
 
 #[test]

@@ -395,3 +395,88 @@ fn agent_restart_keeps_open_connections() {
         "the restarted agent must swap programs in the pinned links:\n{log}"
     );
 }
+
+#[test]
+fn metrics_and_status_report_what_the_datapath_did() {
+    let mut lab = Lab::new(LabConfig { pods: 2 });
+    lab.wait_reachable();
+    lab.start_pod_servers(&[80, 443], &[53], &[9000]);
+    let pins = PinDir::new("e2e-metrics");
+    let manifests = tempdir::Dir::new("e2e-metrics");
+    write_objects(&manifests.0, &[0, 1]);
+    let _agent = tests::agent::start_agent_with(
+        &lab,
+        &pins,
+        &manifests.0,
+        &["--metrics-addr", "127.0.0.1:9464"],
+    );
+    for _ in 0..5 {
+        let b = lab
+            .client
+            .enter(|| http_get(np(30001), "/", T))
+            .expect("HTTP via NodePort");
+        assert!(b.starts_with("pod"));
+    }
+    let metrics = lab
+        .node
+        .enter(|| http_get(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464), "/metrics", T))
+        .expect("GET /metrics");
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {prefix} in:\n{metrics}"))
+    };
+    assert!(value("lb_sync_duration_seconds_count") >= 1.0);
+    assert_eq!(value("lb_sync_failed_updates_total"), 0.0);
+    // 8 frontends (3 NodePorts, 3 ClusterIP ports, 2 hostPorts) with 13 slots in all.
+    assert_eq!(value("lb_map_entries{map=\"LB4_SERVICES_V1\"}"), 21.0);
+    assert!(value("lb_datapath_packets_total{reason=\"xdp_fwd_new_flow\"}") >= 5.0);
+    assert!(value("lb_datapath_packets_total{reason=\"tc_revnat\"}") >= 10.0);
+    assert!(
+        value("lb_service_packets_total{frontend=\"*:30001/TCP\",service=\"default/web:http\"}")
+            >= 25.0
+    );
+    assert!(
+        value("lb_service_bytes_total{frontend=\"*:30001/TCP\",service=\"default/web:http\"}")
+            > 1000.0
+    );
+
+    let bin = tests::agent::workspace_bin("lb-agent");
+    let json = lab.node.run(&[
+        bin.to_str().expect("path"),
+        "status",
+        "-o",
+        "json",
+        "--bpffs",
+        pins.path().to_str().expect("path"),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("status -o json is JSON");
+    assert_eq!(v["interfaces"], serde_json::json!(["up0"]));
+    assert_eq!(v["node_addrs"], serde_json::json!(["10.200.0.1"]));
+    let fe = v["frontends"]
+        .as_array()
+        .expect("frontends")
+        .iter()
+        .find(|f| f["frontend"] == "*:30001/TCP")
+        .expect("NodePort 30001 listed");
+    assert_eq!(
+        fe["backends"],
+        serde_json::json!(["10.244.0.10:80", "10.244.0.11:80"])
+    );
+    assert!(fe["packets"].as_u64().unwrap_or(0) >= 25);
+    let table = lab.node.run(&[
+        bin.to_str().expect("path"),
+        "status",
+        "--bpffs",
+        pins.path().to_str().expect("path"),
+    ]);
+    assert!(
+        table.lines().any(|l| l.starts_with("*:8000/TCP")
+            && l.contains("HostPort")
+            && l.contains("10.244.0.10:80")),
+        "{table}"
+    );
+}

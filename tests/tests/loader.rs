@@ -188,3 +188,32 @@ fn tcx_egress_programs(lab: &Lab) -> usize {
         .map(|(_, progs)| progs.len())
         .expect("query tcx")
 }
+
+#[test]
+fn reset_svc_stats_zeroes_every_cpu() {
+    use tests::{
+        harness::{FrontendSpec, Prog},
+        packet::{Pkt, TCP_SYN},
+    };
+    let mut h = Harness::new("svcreset", &Capacities::default());
+    let node = Ipv4Addr::new(10, 200, 0, 1);
+    h.add_node_addr(node);
+    h.add_frontend(&FrontendSpec::nodeport(
+        30001,
+        6,
+        9,
+        &[SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 10), 80)],
+    ));
+    let syn = Pkt::tcp(
+        SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 2), 4000),
+        SocketAddrV4::new(node, 30001),
+        TCP_SYN,
+    )
+    .build();
+    h.run_repeat(Prog::Xdp, &syn, 10);
+    let c = h.maps.svc_stats(9).expect("svc stats");
+    assert_eq!((c.packets, c.bytes), (10, 10 * syn.len() as u64));
+    h.maps.reset_svc_stats(9).expect("reset");
+    let c = h.maps.svc_stats(9).expect("svc stats");
+    assert_eq!((c.packets, c.bytes), (0, 0));
+}
