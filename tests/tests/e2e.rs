@@ -480,3 +480,66 @@ fn metrics_and_status_report_what_the_datapath_did() {
         "{table}"
     );
 }
+
+#[test]
+fn a_full_service_map_is_retried_logged_and_counted_without_crashing() {
+    let mut lab = Lab::new(LabConfig { pods: 2 });
+    lab.wait_reachable();
+    lab.start_pod_servers(&[80, 443], &[53], &[9000]);
+    let pins = PinDir::new("e2e-full");
+    let manifests = tempdir::Dir::new("e2e-full");
+    write_objects(&manifests.0, &[0, 1]);
+    // 21 entries wanted, 10 fit.
+    let agent = tests::agent::start_agent_with(
+        &lab,
+        &pins,
+        &manifests.0,
+        &["--services-size", "10", "--metrics-addr", "127.0.0.1:9464"],
+    );
+    // The agent retries with backoff: the failures keep being counted, the process lives on.
+    let start = Instant::now();
+    let failed = loop {
+        let m = lab
+            .node
+            .enter(|| http_get(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464), "/metrics", T))
+            .expect("GET /metrics");
+        let failed: f64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("lb_sync_failed_updates_total "))
+            .and_then(|v| v.parse().ok())
+            .expect("failed-updates metric");
+        if failed >= 2.0 || start.elapsed() > Duration::from_secs(5) {
+            break failed;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        failed >= 2.0,
+        "failures are retried and counted, got {failed}"
+    );
+    let log = agent.proc.log();
+    assert!(
+        log.contains("LB4_SERVICES_V1 is full (10 entries)"),
+        "the log names the full map:\n{log}"
+    );
+    assert!(log.contains("retrying failed entries"), "{log}");
+    assert!(
+        lab.node.pids().contains(&(agent.proc.pid() as i32)),
+        "the agent keeps running"
+    );
+    // No frontend is half-applied: every master in the map has all its slots and backends.
+    let dp = BpfDataplane::open(&PinLayout::new(pins.path())).expect("open maps");
+    let services: BTreeMap<_, _> = dp.services().expect("services").into_iter().collect();
+    let backends: BTreeMap<_, _> = dp.backends().expect("backends").into_iter().collect();
+    for (k, v) in services.iter().filter(|(k, _)| k.slot == 0) {
+        for s in 1..=v.count {
+            let slot = services
+                .get(&k.with_slot(s))
+                .unwrap_or_else(|| panic!("{k:?} lacks slot {s}"));
+            assert!(
+                backends.contains_key(&slot.backend_id),
+                "{k:?} slot {s} points at a missing backend"
+            );
+        }
+    }
+}
