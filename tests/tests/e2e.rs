@@ -431,8 +431,9 @@ fn metrics_and_status_report_what_the_datapath_did() {
     };
     assert!(value("lb_sync_duration_seconds_count") >= 1.0);
     assert_eq!(value("lb_sync_failed_updates_total"), 0.0);
-    // 8 frontends (3 NodePorts, 3 ClusterIP ports, 2 hostPorts) with 13 slots in all.
-    assert_eq!(value("lb_map_entries{map=\"LB4_SERVICES_V1\"}"), 21.0);
+    // 3 ports x (ClusterIP + NodePort) with 2 slots each, and 2 hostPorts with 1 slot each:
+    // 8 master entries and 14 slots.
+    assert_eq!(value("lb_map_entries{map=\"LB4_SERVICES_V1\"}"), 22.0);
     assert!(value("lb_datapath_packets_total{reason=\"xdp_fwd_new_flow\"}") >= 5.0);
     assert!(value("lb_datapath_packets_total{reason=\"tc_revnat\"}") >= 10.0);
     assert!(
@@ -489,7 +490,7 @@ fn a_full_service_map_is_retried_logged_and_counted_without_crashing() {
     let pins = PinDir::new("e2e-full");
     let manifests = tempdir::Dir::new("e2e-full");
     write_objects(&manifests.0, &[0, 1]);
-    // 21 entries wanted, 10 fit.
+    // 22 entries wanted, 10 fit.
     let agent = tests::agent::start_agent_with(
         &lab,
         &pins,
