@@ -618,6 +618,13 @@ fn packet_fixtures() {
         }
     }
     println!("{} packet fixtures run", table.len());
+    for (prog, insns) in h.datapath.verified_insns().expect("program info") {
+        println!("verifier: {prog} processed {insns} instructions");
+        assert!(
+            insns > 0,
+            "{prog}: the kernel reports no verified instruction count"
+        );
+    }
     assert!(
         failures.is_empty(),
         "{} of {} fixtures failed:\n{}",

@@ -210,7 +210,10 @@ fn reset_svc_stats_zeroes_every_cpu() {
         TCP_SYN,
     )
     .build();
-    h.run_repeat(Prog::Xdp, &syn, 10);
+    // One call per packet: with `repeat`, later runs would see the already-DNATed frame.
+    for _ in 0..10 {
+        h.run(Prog::Xdp, &syn);
+    }
     let c = h.maps.svc_stats(9).expect("svc stats");
     assert_eq!((c.packets, c.bytes), (10, 10 * syn.len() as u64));
     h.maps.reset_svc_stats(9).expect("reset");
