@@ -183,3 +183,27 @@ pub fn write_manifest(dir: &Path, name: &str, docs: &[String]) {
     std::fs::write(&tmp, docs.join("---\n")).expect("write manifest");
     std::fs::rename(&tmp, dir.join(name)).expect("rename manifest");
 }
+
+/// A manifests directory (`/tmp/lbt-<pid>-<n>-<what>`), removed on drop.
+pub struct ManifestDir(PathBuf);
+
+impl ManifestDir {
+    pub fn new(what: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("lbt-{}-{n}-{what}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("creating {}: {e}", p.display()));
+        Self(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ManifestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -15,8 +15,8 @@ use lb_agent::{
 use lb_common::Reason;
 use tests::{
     agent::{
-        node_yaml, pod_yaml, service_yaml, start_agent, write_manifest, Endpoint, SvcPort,
-        NODE_NAME,
+        node_yaml, pod_yaml, service_yaml, start_agent, write_manifest, Endpoint, ManifestDir,
+        SvcPort, NODE_NAME,
     },
     bpffs::PinDir,
     lab::{http_get, pod_ip, udp_request, Lab, LabConfig, LineConn, NODE_IP},
@@ -93,47 +93,37 @@ fn write_objects(dir: &std::path::Path, pods: &[usize]) {
     );
 }
 
+/// A lab with servers in both pods, a pin dir, and manifests for the web Service over both.
+fn lab_with_web(what: &str) -> (Lab, PinDir, ManifestDir) {
+    let mut lab = Lab::new(LabConfig { pods: 2 });
+    lab.wait_reachable();
+    lab.start_pod_servers(&[80, 443], &[53], &[9000]);
+    let manifests = ManifestDir::new(what);
+    write_objects(manifests.path(), &[0, 1]);
+    (lab, PinDir::new(what), manifests)
+}
+
 struct Env {
     lab: Lab,
     pins: PinDir,
-    manifests: tempdir::Dir,
+    manifests: ManifestDir,
     agent: Option<tests::agent::Agent>,
-}
-
-mod tempdir {
-    //! A temporary directory removed on drop.
-    pub struct Dir(pub std::path::PathBuf);
-    impl Dir {
-        pub fn new(what: &str) -> Self {
-            let p = std::env::temp_dir().join(
-                format!(
-                    "lbt-{}-{what}-{:?}",
-                    std::process::id(),
-                    std::thread::current().id()
-                )
-                .replace(['(', ')'], ""),
-            );
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).expect("create temp dir");
-            Self(p)
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 impl Env {
     fn new(what: &str) -> Self {
-        let mut lab = Lab::new(LabConfig { pods: 2 });
-        lab.wait_reachable();
-        lab.start_pod_servers(&[80, 443], &[53], &[9000]);
-        let pins = PinDir::new(what);
-        let manifests = tempdir::Dir::new(what);
-        write_objects(&manifests.0, &[0, 1]);
-        let agent = Some(start_agent(&lab, &pins, &manifests.0));
+        Self::with_args(what, &[])
+    }
+
+    /// The lab, the web Service over both pods, and an agent started with `extra` args.
+    fn with_args(what: &str, extra: &[&str]) -> Self {
+        let (lab, pins, manifests) = lab_with_web(what);
+        let agent = Some(tests::agent::start_agent_with(
+            &lab,
+            &pins,
+            manifests.path(),
+            extra,
+        ));
         let env = Self {
             lab,
             pins,
@@ -309,7 +299,7 @@ fn removed_backend_keeps_established_flows() {
         (0, "pod0")
     };
     write_manifest(
-        &env.manifests.0,
+        &env.manifests.path(),
         "web.yaml",
         &[service_yaml(
             "web",
@@ -380,7 +370,7 @@ fn agent_restart_keeps_open_connections() {
     );
 
     // A new agent on the same pins takes over; the connection keeps working.
-    env.agent = Some(start_agent(&env.lab, &env.pins, &env.manifests.0));
+    env.agent = Some(start_agent(&env.lab, &env.pins, &env.manifests.path()));
     let r = conn.request("three");
     assert_eq!(r.expect("request after restart"), format!("{pod}:three"));
     assert!(env
@@ -398,18 +388,8 @@ fn agent_restart_keeps_open_connections() {
 
 #[test]
 fn metrics_and_status_report_what_the_datapath_did() {
-    let mut lab = Lab::new(LabConfig { pods: 2 });
-    lab.wait_reachable();
-    lab.start_pod_servers(&[80, 443], &[53], &[9000]);
-    let pins = PinDir::new("e2e-metrics");
-    let manifests = tempdir::Dir::new("e2e-metrics");
-    write_objects(&manifests.0, &[0, 1]);
-    let _agent = tests::agent::start_agent_with(
-        &lab,
-        &pins,
-        &manifests.0,
-        &["--metrics-addr", "127.0.0.1:9464"],
-    );
+    let env = Env::with_args("e2e-metrics", &["--metrics-addr", "127.0.0.1:9464"]);
+    let (lab, pins) = (&env.lab, &env.pins);
     for _ in 0..5 {
         let b = lab
             .client
@@ -484,17 +464,12 @@ fn metrics_and_status_report_what_the_datapath_did() {
 
 #[test]
 fn a_full_service_map_is_retried_logged_and_counted_without_crashing() {
-    let mut lab = Lab::new(LabConfig { pods: 2 });
-    lab.wait_reachable();
-    lab.start_pod_servers(&[80, 443], &[53], &[9000]);
-    let pins = PinDir::new("e2e-full");
-    let manifests = tempdir::Dir::new("e2e-full");
-    write_objects(&manifests.0, &[0, 1]);
-    // 22 entries wanted, 10 fit.
+    // 22 entries wanted, 10 fit: some frontends never sync, so don't wait for the NodePort.
+    let (lab, pins, manifests) = lab_with_web("e2e-full");
     let agent = tests::agent::start_agent_with(
         &lab,
         &pins,
-        &manifests.0,
+        manifests.path(),
         &["--services-size", "10", "--metrics-addr", "127.0.0.1:9464"],
     );
     // The agent retries with backoff: the failures keep being counted, the process lives on.
@@ -525,8 +500,13 @@ fn a_full_service_map_is_retried_logged_and_counted_without_crashing() {
     );
     assert!(log.contains("retrying failed entries"), "{log}");
     assert!(
-        lab.node.pids().contains(&(agent.proc.pid() as i32)),
-        "the agent keeps running"
+        tests::lab::pid_alive(agent.proc.pid() as i32),
+        "the agent keeps running:\n{log}"
+    );
+    assert!(
+        pids.contains(&(agent.proc.pid() as i32)),
+        "the agent keeps running: pid {} not in {pids:?}\n{log}",
+        agent.proc.pid()
     );
     // No frontend is half-applied: every master in the map has all its slots and backends.
     let dp = BpfDataplane::open(&PinLayout::new(pins.path())).expect("open maps");

@@ -4,7 +4,7 @@
 //! lab up (re-probing every few seconds) until Ctrl-C; `--once` checks and tears down.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    path::{Path, PathBuf},
+    path::Path,
     process::ExitCode,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use tests::{
     agent::{
         node_yaml, pod_yaml, service_yaml, start_agent, workspace_bin, write_manifest, Endpoint,
-        SvcPort, NODE_NAME,
+        ManifestDir, SvcPort, NODE_NAME,
     },
     bpffs::PinDir,
     lab::{http_get, pod_ip, udp_request, Lab, LabConfig, NODE_IP},
@@ -292,17 +292,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Ok(Done::Ran(Some(format!("namespaces {prefix}*"))))
     })?;
     let lab = lab_slot.context("lab")?;
-    let manifests = ManifestDir::new()?;
+    let manifests = ManifestDir::new("lab");
     p.step("write sample manifests", || {
-        write_samples(&manifests.0);
-        Ok(Done::Ran(Some(manifests.0.display().to_string())))
+        write_samples(&manifests.path());
+        Ok(Done::Ran(Some(manifests.path().display().to_string())))
     })?;
     let pins = PinDir::new("lab");
     let mut agent_slot = None;
     p.step(
         "start lb-agent run --manifests in the node namespace",
         || {
-            agent_slot = Some(start_agent(&lab, &pins, &manifests.0));
+            agent_slot = Some(start_agent(&lab, &pins, &manifests.path()));
             Ok(Done::Ran(Some(format!("pins {}", pins.path().display()))))
         },
     )?;
@@ -336,7 +336,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
          and watch the answers change below (the agent re-reads within 1 s).\n\
          Look inside: ip netns exec {node} {agent} status --bpffs {pins}\n\
          Ctrl-C tears everything down.",
-        dir = manifests.0.display(),
+        dir = manifests.path().display(),
         node = lab.node.name(),
         agent = status.display(),
         pins = pins.path().display(),
@@ -355,21 +355,4 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!("\ntearing down the lab");
     drop(agent);
     Ok(ExitCode::SUCCESS)
-}
-
-/// A manifests directory under /tmp, removed on drop.
-struct ManifestDir(PathBuf);
-
-impl ManifestDir {
-    fn new() -> anyhow::Result<Self> {
-        let d = std::env::temp_dir().join(format!("lb-lab-{}", std::process::id()));
-        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-        Ok(Self(d))
-    }
-}
-
-impl Drop for ManifestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
