@@ -503,11 +503,6 @@ fn a_full_service_map_is_retried_logged_and_counted_without_crashing() {
         tests::lab::pid_alive(agent.proc.pid() as i32),
         "the agent keeps running:\n{log}"
     );
-    assert!(
-        pids.contains(&(agent.proc.pid() as i32)),
-        "the agent keeps running: pid {} not in {pids:?}\n{log}",
-        agent.proc.pid()
-    );
     // No frontend is half-applied: every master in the map has all its slots and backends.
     let dp = BpfDataplane::open(&PinLayout::new(pins.path())).expect("open maps");
     let services: BTreeMap<_, _> = dp.services().expect("services").into_iter().collect();
