@@ -347,32 +347,45 @@ fn removed_backend_keeps_established_flows() {
 #[test]
 fn agent_restart_keeps_open_connections() {
     let mut env = Env::new("e2e-restart");
-    let mut conn = env
-        .lab
-        .client
-        .enter(|| LineConn::connect(np(30900), T))
-        .expect("connect");
-    let first = conn.request("one").expect("first request");
-    let pod = first.split(':').next().unwrap_or_default().to_string();
+    // 200 open connections, each with its first request answered.
+    let mut conns: Vec<(LineConn, String)> = (0..200)
+        .map(|i| {
+            let mut c = env
+                .lab
+                .client
+                .enter(|| LineConn::connect(np(30900), T))
+                .expect("connect");
+            let r = c.request(&format!("one{i}")).expect("first request");
+            let pod = r.split(':').next().unwrap_or_default().to_string();
+            (c, pod)
+        })
+        .collect();
+    let ask = |conns: &mut Vec<(LineConn, String)>, what: &str| {
+        for (i, (c, pod)) in conns.iter_mut().enumerate() {
+            let r = c
+                .request(&format!("{what}{i}"))
+                .unwrap_or_else(|e| panic!("connection {i} ({what}): {e}"));
+            assert_eq!(
+                r,
+                format!("{pod}:{what}{i}"),
+                "connection {i} changed backend"
+            );
+        }
+    };
 
     // SIGKILL the agent: the pinned links keep the programs attached.
     let mut agent = env.agent.take().expect("agent");
     agent.proc.kill();
-    let r = conn.request("two");
-    assert_eq!(
-        r.expect("request while the agent is down"),
-        format!("{pod}:two")
-    );
+    ask(&mut conns, "two");
     assert_eq!(
         env.http(np(30001)).map(|b| b.starts_with("pod")).ok(),
         Some(true),
         "new flows work with no agent"
     );
 
-    // A new agent on the same pins takes over; the connection keeps working.
-    env.agent = Some(start_agent(&env.lab, &env.pins, &env.manifests.path()));
-    let r = conn.request("three");
-    assert_eq!(r.expect("request after restart"), format!("{pod}:three"));
+    // A new agent on the same pins takes over; every connection keeps working.
+    env.agent = Some(start_agent(&env.lab, &env.pins, env.manifests.path()));
+    ask(&mut conns, "three");
     assert!(env
         .http(np(30001))
         .expect("new flow after restart")
@@ -383,6 +396,10 @@ fn agent_restart_keeps_open_connections() {
     assert!(
         log.contains("(Replaced)"),
         "the restarted agent must swap programs in the pinned links:\n{log}"
+    );
+    assert!(
+        log.contains("0 puts, 0 deletes"),
+        "the restarted agent must find the maps already right:\n{log}"
     );
 }
 
