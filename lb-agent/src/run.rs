@@ -105,7 +105,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         {
             let mut m = metrics.lock().await;
             m.record_sync(took, &report, &desired, &syncer);
-            m.entries = entry_counts(&dp);
+            m.entries = syncer.entry_counts().to_vec();
         }
         if !report.is_ok() {
             log::warn!("sync: retrying failed entries in {backoff:?}");
@@ -120,15 +120,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.bpffs.display()
     );
     Ok(())
-}
-
-fn entry_counts(dp: &impl lb_agent::dataplane::Dataplane) -> Vec<(&'static str, usize)> {
-    use lb_common::maps as m;
-    vec![
-        (m::LB4_SERVICES, dp.services().map_or(0, |v| v.len())),
-        (m::LB4_BACKENDS, dp.backends().map_or(0, |v| v.len())),
-        (m::LB4_NODE_ADDRS, dp.node_addrs().map_or(0, |v| v.len())),
-    ]
 }
 
 /// A receiver of full object snapshots; `None` until every kind has been listed once.

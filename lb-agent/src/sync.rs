@@ -324,6 +324,16 @@ impl Syncer {
         Ok(())
     }
 
+    /// Entries this syncer holds in each map (its shadow of the maps; no syscall).
+    pub fn entry_counts(&self) -> [(&'static str, usize); 3] {
+        use lb_common::maps as m;
+        [
+            (m::LB4_SERVICES, self.services.len()),
+            (m::LB4_BACKENDS, self.backends.len()),
+            (m::LB4_NODE_ADDRS, self.node_addrs.len()),
+        ]
+    }
+
     /// The svc id (index into `LB_SVC_STATS`) of a frontend, once allocated.
     pub fn svc_id(&self, id: &FrontendId) -> Option<u32> {
         self.svc_ids.get(&frontend_key(id)).copied()
