@@ -21,7 +21,7 @@
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use crate::services::{Proto, ServicePort, SERVICE_CIDR};
+use crate::services::{ServicePort, SERVICE_CIDR};
 
 /// The node-level settings kube-proxy's rules depend on.
 #[derive(Clone, Debug)]
@@ -231,7 +231,13 @@ pub fn iptables_restore(ports: &[ServicePort], cfg: &NodeConfig) -> String {
 /// nftables chain-name base: `hash8-namespace/name/proto/port` (kube-proxy's
 /// `hashAndTruncate(servicePortChainNameBase)`).
 fn nft_base(p: &ServicePort) -> String {
-    let base = format!("{}/{}/{}/{}", p.namespace, p.name, p.proto.lower(), p.port_name);
+    let base = format!(
+        "{}/{}/{}/{}",
+        p.namespace,
+        p.name,
+        p.proto.lower(),
+        p.port_name
+    );
     format!("{}-{base}", name_hash(&base, 8))
 }
 
@@ -253,7 +259,10 @@ pub fn nftables_script(ports: &[ServicePort], cfg: &NodeConfig) -> String {
     let mut f = String::new();
     let _ = writeln!(f, "add table {t} {{ comment \"rules for kube-proxy\" ; }}");
     let _ = writeln!(f, "flush table {t}");
-    let _ = writeln!(f, "add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}");
+    let _ = writeln!(
+        f,
+        "add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}"
+    );
     let _ = writeln!(f, "add set {t} nodeport-ips {{ type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }}");
     let _ = writeln!(f, "add map {t} firewall-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }}");
     let _ = writeln!(f, "add map {t} no-endpoint-nodeports {{ type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ; }}");
@@ -314,17 +323,26 @@ pub fn nftables_script(ports: &[ServicePort], cfg: &NodeConfig) -> String {
         let proto = p.proto.lower();
         let base = nft_base(p);
         let svc = format!("service-{base}");
-        let _ = writeln!(f, "add chain {t} {svc}");
-        let _ = writeln!(
-            f,
-            "add rule {t} {svc} ip daddr {} ip saddr != {} jump mark-for-masquerade",
-            p.cluster_ip, cfg.cluster_cidr
-        );
+        let ext = format!("external-{base}");
         let eps: Vec<String> = p
             .endpoints
             .iter()
             .map(|ep| format!("endpoint-{}", nft_ep_base(p, &ep.to_string())))
             .collect();
+        // A rule may only name chains that already exist: declare this Service's chains
+        // first (kube-proxy's transactions add every chain before the rules too).
+        let _ = writeln!(f, "add chain {t} {svc}");
+        if p.node_port.is_some() {
+            let _ = writeln!(f, "add chain {t} {ext}");
+        }
+        for chain in &eps {
+            let _ = writeln!(f, "add chain {t} {chain}");
+        }
+        let _ = writeln!(
+            f,
+            "add rule {t} {svc} ip daddr {} ip saddr != {} jump mark-for-masquerade",
+            p.cluster_ip, cfg.cluster_cidr
+        );
         let vmap: Vec<String> = eps
             .iter()
             .enumerate()
@@ -336,15 +354,16 @@ pub fn nftables_script(ports: &[ServicePort], cfg: &NodeConfig) -> String {
             eps.len(),
             vmap.join(" , ")
         );
-        let ext = format!("external-{base}");
         if p.node_port.is_some() {
-            let _ = writeln!(f, "add chain {t} {ext}");
             let _ = writeln!(f, "add rule {t} {ext} jump mark-for-masquerade");
             let _ = writeln!(f, "add rule {t} {ext} goto {svc}");
         }
         for (ep, chain) in p.endpoints.iter().zip(&eps) {
-            let _ = writeln!(f, "add chain {t} {chain}");
-            let _ = writeln!(f, "add rule {t} {chain} ip saddr {} jump mark-for-masquerade", ep.ip());
+            let _ = writeln!(
+                f,
+                "add rule {t} {chain} ip saddr {} jump mark-for-masquerade",
+                ep.ip()
+            );
             let _ = writeln!(f, "add rule {t} {chain} meta l4proto {proto} dnat to {ep}");
         }
         let _ = writeln!(f, "add element {t} cluster-ips {{ {} }}", p.cluster_ip);
@@ -362,12 +381,6 @@ pub fn nftables_script(ports: &[ServicePort], cfg: &NodeConfig) -> String {
     }
     f
 }
-
-/// Removes everything [`nftables_script`] created.
-pub const NFT_DELETE: &str = "delete table ip kube-proxy\n";
-
-/// Empties the filter and nat tables (what [`iptables_restore`] wrote), for `iptables-restore`.
-pub const IPTABLES_EMPTY: &str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n";
 
 /// How many rules (`-A` lines) an iptables-restore text holds, per table.
 pub fn count_iptables_rules(text: &str) -> (usize, usize) {
@@ -483,18 +496,18 @@ mod tests {
     use std::net::SocketAddrV4;
 
     use super::*;
-    use crate::services::{Position, ServiceSet};
+    use crate::services::{Position, Proto, ServiceSet};
 
-    fn svc(ns: &str, name: &str, port_name: &str, cip: [u8; 4], np: Option<u16>) -> ServicePort {
+    fn svc(ns: &str, name: &str, cip: [u8; 4], np: Option<u16>, ep: u8) -> ServicePort {
         ServicePort {
             namespace: ns.into(),
             name: name.into(),
-            port_name: port_name.into(),
+            port_name: "p80".into(),
             proto: Proto::Tcp,
             cluster_ip: Ipv4Addr::from(cip),
             port: 80,
             node_port: np,
-            endpoints: vec![SocketAddrV4::new(Ipv4Addr::new(10, 180, 0, 1), 80)],
+            endpoints: vec![SocketAddrV4::new(Ipv4Addr::new(10, 180, 0, ep), 80)],
         }
     }
 
@@ -512,7 +525,10 @@ mod tests {
             hex,
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-        let hex: String = sha256(&[b'a'; 1000]).iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = sha256(&[b'a'; 1000])
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert_eq!(
             hex,
             "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3"
@@ -526,7 +542,7 @@ mod tests {
     /// pkg/proxy/nftables/proxier_test.go): ns1/svc1:p80 with endpoint 10.180.0.1:80.
     #[test]
     fn chain_names_match_kube_proxy() {
-        let p = svc("ns1", "svc1", "p80", [172, 30, 0, 41], None);
+        let p = svc("ns1", "svc1", [172, 30, 0, 41], None, 1);
         assert_eq!(svc_chain(&p), "KUBE-SVC-XPGD46QRK7WJZT7O");
         assert_eq!(sep_chain(&p, "10.180.0.1:80"), "KUBE-SEP-SXIVWICOYRO3J4NJ");
         assert_eq!(nft_base(&p), "ULMVA6XW-ns1/svc1/tcp/p80");
@@ -534,13 +550,13 @@ mod tests {
             nft_ep_base(&p, "10.180.0.1:80"),
             "5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
         );
-        let p3 = svc("ns3", "svc3", "p80", [172, 30, 0, 43], Some(3003));
+        let p3 = svc("ns3", "svc3", [172, 30, 0, 43], Some(3003), 3);
         assert_eq!(ext_chain(&p3), "KUBE-EXT-X27LE4BHSL4DOUIK");
     }
 
     #[test]
     fn iptables_shape() {
-        let p = svc("ns3", "svc3", "p80", [172, 30, 0, 43], Some(3003));
+        let p = svc("ns3", "svc3", [172, 30, 0, 43], Some(3003), 3);
         let text = iptables_restore(&[p], &cfg());
         for want in [
             "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
@@ -559,8 +575,7 @@ mod tests {
         // The NodePort jump is the last rule of KUBE-SERVICES.
         let last = text
             .lines()
-            .filter(|l| l.starts_with("-A KUBE-SERVICES "))
-            .last()
+            .rfind(|l| l.starts_with("-A KUBE-SERVICES "))
             .expect("KUBE-SERVICES rules");
         assert!(last.ends_with("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"));
         // Every chain used is declared, every declared chain is in the right table.
@@ -583,13 +598,25 @@ mod tests {
         let probs: Vec<&str> = text
             .lines()
             .filter(|l| l.contains("bench/svc-0:p80-tcp ->"))
-            .map(|l| l.split("--probability ").nth(1).map_or("last", |r| r.split(' ').next().unwrap_or("")))
+            .map(|l| {
+                l.split("--probability ")
+                    .nth(1)
+                    .map_or("last", |r| r.split(' ').next().unwrap_or(""))
+            })
             .collect();
         assert_eq!(
             probs,
             [
-                "0.1000000000", "0.1111111111", "0.1250000000", "0.1428571429", "0.1666666667",
-                "0.2000000000", "0.2500000000", "0.3333333333", "0.5000000000", "last"
+                "0.1000000000",
+                "0.1111111111",
+                "0.1250000000",
+                "0.1428571429",
+                "0.1666666667",
+                "0.2000000000",
+                "0.2500000000",
+                "0.3333333333",
+                "0.5000000000",
+                "last"
             ]
         );
         // KUBE-SERVICES lists the Services in set order: svc-0, svc-1 (tcp, udp), svc-2.
@@ -617,15 +644,15 @@ mod tests {
 
     #[test]
     fn nftables_shape() {
-        let p = svc("ns3", "svc3", "p80", [172, 30, 0, 43], Some(3003));
+        let p = svc("ns3", "svc3", [172, 30, 0, 43], Some(3003), 3);
         let text = nftables_script(&[p], &cfg());
         for want in [
             "add chain ip kube-proxy service-4AT6LBPK-ns3/svc3/tcp/p80",
             "add rule ip kube-proxy service-4AT6LBPK-ns3/svc3/tcp/p80 ip daddr 172.30.0.43 ip saddr != 10.0.0.0/8 jump mark-for-masquerade",
-            "add rule ip kube-proxy service-4AT6LBPK-ns3/svc3/tcp/p80 numgen random mod 1 vmap { 0 : goto endpoint-UEIP74TE-ns3/svc3/tcp/p80__10.180.0.1/80 }",
+            "add rule ip kube-proxy service-4AT6LBPK-ns3/svc3/tcp/p80 numgen random mod 1 vmap { 0 : goto endpoint-UEIP74TE-ns3/svc3/tcp/p80__10.180.0.3/80 }",
             "add rule ip kube-proxy external-4AT6LBPK-ns3/svc3/tcp/p80 jump mark-for-masquerade",
             "add rule ip kube-proxy external-4AT6LBPK-ns3/svc3/tcp/p80 goto service-4AT6LBPK-ns3/svc3/tcp/p80",
-            "add rule ip kube-proxy endpoint-UEIP74TE-ns3/svc3/tcp/p80__10.180.0.1/80 meta l4proto tcp dnat to 10.180.0.1:80",
+            "add rule ip kube-proxy endpoint-UEIP74TE-ns3/svc3/tcp/p80__10.180.0.3/80 meta l4proto tcp dnat to 10.180.0.3:80",
             "add element ip kube-proxy service-ips { 172.30.0.43 . tcp . 80 : goto service-4AT6LBPK-ns3/svc3/tcp/p80 }",
             "add element ip kube-proxy service-nodeports { tcp . 3003 : goto external-4AT6LBPK-ns3/svc3/tcp/p80 }",
             "add element ip kube-proxy nodeport-ips { 192.168.0.2 }",
@@ -639,8 +666,8 @@ mod tests {
     #[test]
     fn nftables_numgen_lists_every_endpoint() {
         let pod = |p| SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 10), p);
-        let set = ServiceSet::synthetic(2, Position::End, true, &[pod(8080), pod(8081)])
-            .expect("set");
+        let set =
+            ServiceSet::synthetic(2, Position::End, true, &[pod(8080), pod(8081)]).expect("set");
         let text = nftables_script(&set.ports, &cfg());
         let vmap = text
             .lines()
@@ -653,6 +680,8 @@ mod tests {
             .find(|l| l.contains("meta l4proto udp dnat to 10.244.0.10:8081"))
             .expect("udp endpoint rule");
         assert!(udp.contains("bench/svc-1/udp/p80-udp__10.244.0.10/8081"));
-        assert!(text.contains("add element ip kube-proxy service-nodeports { udp . 30001 : goto external-"));
+        assert!(text.contains(
+            "add element ip kube-proxy service-nodeports { udp . 30001 : goto external-"
+        ));
     }
 }

@@ -155,7 +155,10 @@ impl ServiceSet {
                 let eps = (0..ENDPOINTS_PER_SERVICE)
                     .map(|_| {
                         filler_ep += 1;
-                        SocketAddrV4::new(Ipv4Addr::from(FILLER_EP_BASE + filler_ep), FILLER_EP_PORT)
+                        SocketAddrV4::new(
+                            Ipv4Addr::from(FILLER_EP_BASE + filler_ep),
+                            FILLER_EP_PORT,
+                        )
                     })
                     .collect();
                 ports.push(mk(Proto::Tcp, eps));
@@ -177,6 +180,7 @@ impl ServiceSet {
     }
 
     /// Map entries [`program`] writes: backends, slots and master entries.
+    #[cfg(test)]
     pub fn map_entries(&self) -> usize {
         self.ports
             .iter()
@@ -307,8 +311,8 @@ mod tests {
 
     #[test]
     fn entries_follow_agent_layout() {
-        let set = ServiceSet::synthetic(2, Position::End, true, &[pod(8080), pod(8081)])
-            .expect("set");
+        let set =
+            ServiceSet::synthetic(2, Position::End, true, &[pod(8080), pod(8081)]).expect("set");
         let e = entries(&set);
         // svc-0: 10 backends, 2 frontends x (10 slots + master); target: 2 ports x 2 backends,
         // 2 frontends x (2 slots + master) each.

@@ -1,0 +1,449 @@
+//! Plots of a benchmark run, each as SVG and PNG (plotters): ns/packet against the Service
+//! count per frame kind, and end-to-end latency percentiles per path against the Service
+//! count per mode.
+//!
+//! Text is drawn with a TrueType font read at run time (plotters' `ab_glyph` backend, no
+//! fontconfig): DejaVu Sans from Debian's `fonts-dejavu-core`, or the file named by
+//! `LB_BENCH_FONT`.
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use super::report;
+use super::schema::{PartResult, Row};
+use super::Results;
+
+const FONT: &str = "sans-serif";
+const FONT_FILES: [&str; 3] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+];
+
+/// Registers the font once; the error names the package to install.
+fn font() -> anyhow::Result<()> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let candidates: Vec<PathBuf> = std::env::var_os("LB_BENCH_FONT")
+            .map(PathBuf::from)
+            .into_iter()
+            .chain(FONT_FILES.iter().map(PathBuf::from))
+            .collect();
+        let file = candidates.iter().find(|p| p.is_file()).ok_or_else(|| {
+            format!(
+                "no TrueType font found (looked at {candidates:?}); install fonts-dejavu-core \
+                 or set LB_BENCH_FONT"
+            )
+        })?;
+        let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font(FONT, FontStyle::Normal, bytes)
+            .map_err(|_| format!("{}: not a usable TrueType font", file.display()))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+/// One figure, drawable on any backend.
+trait Figure {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()>;
+}
+
+struct PerPacket<'a>(&'a PartResult);
+struct E2e<'a>(&'a PartResult);
+
+impl Figure for PerPacket<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+        per_packet(self.0, root)
+    }
+}
+
+impl Figure for E2e<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+        e2e(self.0, root)
+    }
+}
+
+/// Draws every plot the results have data for; one result per plot (its files, or why not).
+pub fn all(results: &Results, out: &Path) -> Vec<anyhow::Result<Vec<PathBuf>>> {
+    let mut v = Vec::new();
+    for part in &results.parts {
+        if !part.rows.iter().any(|r| r.error.is_none()) {
+            continue;
+        }
+        match part.part.as_str() {
+            "per-packet" => v.push(both(out, "per_packet", (1100, 650), &PerPacket(part))),
+            "e2e" => v.push(both(out, "e2e_latency", (1500, 950), &E2e(part))),
+            _ => {}
+        }
+    }
+    v
+}
+
+/// Draws `fig` into `NAME.svg` and `NAME.png`.
+fn both(
+    out: &Path,
+    name: &str,
+    size: (u32, u32),
+    fig: &impl Figure,
+) -> anyhow::Result<Vec<PathBuf>> {
+    font()?;
+    let svg = out.join(format!("{name}.svg"));
+    let png = out.join(format!("{name}.png"));
+    {
+        let root = SVGBackend::new(&svg, size).into_drawing_area();
+        fig.draw(&root)?;
+        root.present().map_err(|e| anyhow!("{name}.svg: {e}"))?;
+    }
+    {
+        let root = BitMapBackend::new(&png, size).into_drawing_area();
+        fig.draw(&root)?;
+        root.present().map_err(|e| anyhow!("{name}.png: {e}"))?;
+    }
+    Ok(vec![svg, png])
+}
+
+fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("drawing: {e:?}")
+}
+
+/// A colour per series, readable on white.
+fn color(i: usize) -> RGBColor {
+    const C: [RGBColor; 8] = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+        RGBColor(255, 127, 14),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(23, 190, 207),
+    ];
+    C[i % C.len()]
+}
+
+fn path_color(path: &str) -> RGBColor {
+    match path {
+        "direct" => RGBColor(90, 90, 90),
+        "ours" => RGBColor(31, 119, 180),
+        "iptables-end" => RGBColor(214, 39, 40),
+        "iptables-middle" => RGBColor(255, 127, 14),
+        "nftables" => RGBColor(44, 160, 44),
+        _ => RGBColor(148, 103, 189),
+    }
+}
+
+fn x_label(x: &f64) -> String {
+    report::count(x.round() as u64)
+}
+
+/// The log-scale x range covering `ns`.
+fn x_range(ns: &[u64]) -> std::ops::Range<f64> {
+    let max = ns.iter().copied().max().unwrap_or(1).max(1) as f64;
+    0.5..max * 2.0
+}
+
+fn per_packet<DB: DrawingBackend>(
+    part: &PartResult,
+    root: &DrawingArea<DB, Shift>,
+) -> anyhow::Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    let ok: Vec<&Row> = part
+        .rows
+        .iter()
+        .filter(|r| r.error.is_none() && r.get("ns_per_packet").is_some())
+        .collect();
+    if ok.is_empty() {
+        bail!("no per-packet data");
+    }
+    let ct = |r: &Row| r.params.get("ct_entries").is_some_and(|c| c != "0");
+    let ns: Vec<u64> = ok.iter().map(|r| r.services).collect();
+    let ymax = ok
+        .iter()
+        .filter_map(|r| r.get("ns_per_packet").map(|s| s.max))
+        .fold(0.0, f64::max)
+        * 1.15;
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "Per-packet datapath cost (BPF_PROG_RUN, JIT): median, bars = min–max",
+            (FONT, 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x_range(&ns).log_scale(), 0.0..ymax)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("Services programmed (10 endpoints each), log scale")
+        .y_desc("ns per packet")
+        .x_label_formatter(&x_label)
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .light_line_style(RGBColor(238, 238, 238))
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 16))
+        .draw()
+        .map_err(err)?;
+    let cases = report_order(ok.iter().map(|r| r.case.clone()));
+    let points = |case: &str, metric: &str, with_ct: bool| {
+        let mut pts: Vec<(f64, f64, f64, f64)> = ok
+            .iter()
+            .filter(|r| r.case == case && ct(r) == with_ct)
+            .filter_map(|r| {
+                r.get(metric)
+                    .map(|s| (r.services as f64, s.median, s.min, s.max))
+            })
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        pts
+    };
+    for (i, case) in cases.iter().enumerate() {
+        let c = color(i);
+        let pts = points(case, "ns_per_packet", false);
+        chart
+            .draw_series(LineSeries::new(
+                pts.iter().map(|p| (p.0, p.1)),
+                c.stroke_width(2),
+            ))
+            .map_err(err)?
+            .label(case.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart
+            .draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 4, c.filled())))
+            .map_err(err)?;
+        chart
+            .draw_series(
+                pts.iter()
+                    .map(|p| PathElement::new(vec![(p.0, p.2), (p.0, p.3)], c.stroke_width(1))),
+            )
+            .map_err(err)?;
+        // The 1M-conntrack configuration: crosses just right of its N.
+        let filled = points(case, "ns_per_packet", true);
+        chart
+            .draw_series(
+                filled
+                    .iter()
+                    .map(|p| Cross::new((p.0 * 1.3, p.1), 6, c.stroke_width(2))),
+            )
+            .map_err(err)?;
+        // The SYN row's estimate without the per-call overhead, dashed.
+        let adj = points(case, "adjusted_ns", false);
+        if !adj.is_empty() {
+            chart
+                .draw_series(DashedLineSeries::new(
+                    adj.iter().map(|p| (p.0, p.1)),
+                    6,
+                    4,
+                    c.stroke_width(2),
+                ))
+                .map_err(err)?
+                .label("↳ same, minus the per-call overhead (dashed)")
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 8, y)], c.stroke_width(2))
+                });
+            let adj_ct = points(case, "adjusted_ns", true);
+            chart
+                .draw_series(
+                    adj_ct
+                        .iter()
+                        .map(|p| Cross::new((p.0 * 1.3, p.1), 5, c.stroke_width(1))),
+                )
+                .map_err(err)?;
+        }
+    }
+    chart
+        .draw_series(std::iter::once(Cross::new((0.6, -1e9), 0, WHITE)))
+        .map_err(err)?
+        .label("×: same frame with 1M conntrack entries loaded")
+        .legend(|(x, y)| Cross::new((x + 10, y), 5, BLACK.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font((FONT, 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+/// Distinct values in order of first appearance.
+fn report_order(it: impl Iterator<Item = String>) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for x in it {
+        if !v.contains(&x) {
+            v.push(x);
+        }
+    }
+    v
+}
+
+fn e2e<DB: DrawingBackend>(part: &PartResult, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    let root = root
+        .titled(
+            "End-to-end latency per path (netns lab): p50 solid, p99 dashed; median of interleaved rounds",
+            (FONT, 22),
+        )
+        .map_err(err)?;
+    let ok: Vec<&Row> = part
+        .rows
+        .iter()
+        .filter(|r| r.error.is_none() && r.get("p50_us").is_some())
+        .collect();
+    let modes = report_order(ok.iter().map(|r| r.case.clone()));
+    if modes.is_empty() {
+        bail!("no e2e latency data");
+    }
+    let panels = root.split_evenly((2, modes.len()));
+    let (top, bottom) = panels.split_at(modes.len());
+    for (panel, mode) in bottom.iter().zip(&modes) {
+        ratio_panel(&ok, mode, panel)?;
+    }
+    for (panel, mode) in top.iter().zip(&modes) {
+        let rows: Vec<&&Row> = ok.iter().filter(|r| &r.case == mode).collect();
+        let ns: Vec<u64> = rows.iter().map(|r| r.services).collect();
+        let ymax = rows
+            .iter()
+            .filter_map(|r| r.get("p99_us").map(|s| s.median))
+            .fold(0.0, f64::max)
+            * 1.15;
+        let mut chart = ChartBuilder::on(panel)
+            .caption(mode.as_str(), (FONT, 20))
+            .margin(12)
+            .x_label_area_size(45)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x_range(&ns).log_scale(), 0.0..ymax.max(1.0))
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("Services, log scale")
+            .y_desc("µs per transaction")
+            .x_label_formatter(&x_label)
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .light_line_style(RGBColor(238, 238, 238))
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 15))
+            .draw()
+            .map_err(err)?;
+        for path in report_order(rows.iter().map(|r| r.path.clone())) {
+            let c = path_color(&path);
+            let series = |metric: &str| {
+                let mut pts: Vec<(f64, f64)> = rows
+                    .iter()
+                    .filter(|r| r.path == path)
+                    .filter_map(|r| r.get(metric).map(|s| (r.services as f64, s.median)))
+                    .collect();
+                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                pts
+            };
+            chart
+                .draw_series(LineSeries::new(series("p50_us"), c.stroke_width(3)).point_size(4))
+                .map_err(err)?
+                .label(path.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
+                });
+            chart
+                .draw_series(DashedLineSeries::new(
+                    series("p99_us"),
+                    8,
+                    5,
+                    c.stroke_width(2),
+                ))
+                .map_err(err)?;
+            chart
+                .draw_series(
+                    series("p99_us")
+                        .into_iter()
+                        .map(|p| TriangleMarker::new(p, 4, c.filled())),
+                )
+                .map_err(err)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font((FONT, 13))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// p50 of each path divided by the direct path's, per N: the ratio of paired rounds, which a
+/// change in the machine's load affects much less than the absolute numbers.
+fn ratio_panel<DB: DrawingBackend>(
+    ok: &[&Row],
+    mode: &str,
+    panel: &DrawingArea<DB, Shift>,
+) -> anyhow::Result<()> {
+    let rows: Vec<&&Row> = ok.iter().filter(|r| r.case == mode).collect();
+    let ns: Vec<u64> = rows.iter().map(|r| r.services).collect();
+    let direct = |n: u64| {
+        rows.iter()
+            .find(|r| r.services == n && r.path == "direct")
+            .and_then(|r| r.get("p50_us"))
+    };
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for path in report_order(rows.iter().map(|r| r.path.clone())) {
+        if path == "direct" {
+            continue;
+        }
+        let mut pts: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|r| r.path == path)
+            .filter_map(|r| {
+                let d = direct(r.services)?;
+                let v = report::ratio(r.get("p50_us")?, d)?;
+                Some((r.services as f64, v))
+            })
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        series.push((path, pts));
+    }
+    let ymax = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.1))
+        .fold(2.0, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(panel)
+        .caption(format!("{mode}: p50 ÷ direct (paired rounds)"), (FONT, 18))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x_range(&ns).log_scale(), 0.0..ymax)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("Services, log scale")
+        .y_desc("× the direct path")
+        .x_label_formatter(&x_label)
+        .y_label_formatter(&|y| format!("{y:.1}×"))
+        .light_line_style(RGBColor(238, 238, 238))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .draw()
+        .map_err(err)?;
+    let r = x_range(&ns);
+    chart
+        .draw_series(std::iter::once(PathElement::new(
+            vec![(r.start, 1.0), (r.end, 1.0)],
+            RGBColor(90, 90, 90).stroke_width(1),
+        )))
+        .map_err(err)?;
+    for (path, pts) in series {
+        let c = path_color(&path);
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))
+            .map_err(err)?;
+        chart
+            .draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))
+            .map_err(err)?;
+    }
+    Ok(())
+}
