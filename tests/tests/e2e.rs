@@ -299,7 +299,7 @@ fn removed_backend_keeps_established_flows() {
         (0, "pod0")
     };
     write_manifest(
-        &env.manifests.path(),
+        env.manifests.path(),
         "web.yaml",
         &[service_yaml(
             "web",

@@ -51,25 +51,12 @@ pub struct Results {
     pub parts: Vec<PartResult>,
 }
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| {
-            if p.is_relative() {
-                util::workspace_root().join(p)
-            } else {
-                p
-            }
-        })
-        .unwrap_or_else(|| util::workspace_root().join("target"))
-}
-
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| target_dir().join("bench"));
+        .unwrap_or_else(|| util::target_dir().join("bench"));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let p = Progress::new();
     let results = if args.report_only {
@@ -112,7 +99,7 @@ fn measure(args: &Args, out: &Path, p: &Progress, started: Instant) -> anyhow::R
             .stream(p, Echo::Indented)?;
         Ok(Done::Ran(None))
     })?;
-    let bin = target_dir().join("release").join("lb-bench");
+    let bin = util::target_dir().join("release").join("lb-bench");
     let raw = out.join("raw");
     std::fs::create_dir_all(&raw)?;
     let mut results = Vec::new();

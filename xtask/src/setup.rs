@@ -24,6 +24,7 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// A Debian package and the binaries that tell it is installed.
 struct Pkg {
     package: &'static str,
+    /// Binaries looked up in PATH, or absolute paths of files the package ships.
     bins: &'static [&'static str],
     /// Installed when apt knows the package, silently left out otherwise.
     optional: bool,
@@ -62,6 +63,17 @@ const PACKAGES: &[Pkg] = &[
         optional: false,
     },
     Pkg {
+        package: "util-linux",
+        bins: &["nsenter", "setpriv"],
+        optional: false,
+    },
+    Pkg {
+        // The benchmark plots' PNG text (plotters reads the TTF at run time).
+        package: "fonts-dejavu-core",
+        bins: &["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"],
+        optional: false,
+    },
+    Pkg {
         package: "bpftool",
         bins: &["bpftool"],
         optional: true,
@@ -77,7 +89,7 @@ pub fn ensure(p: &Progress) -> anyhow::Result<()> {
         bpf_linker(p, &mut linker)
     })?;
     p.step(
-        "Debian packages (iproute2, iptables, nftables, ethtool, conntrack, procps, bpftool)",
+        "Debian packages (iproute2, iptables, nftables, ethtool, conntrack, procps, util-linux, fonts-dejavu-core, bpftool)",
         || packages(p),
     )?;
     p.step("bpffs mounted at /sys/fs/bpf", bpffs)?;
@@ -298,7 +310,13 @@ fn missing_bins(pkg: &Pkg) -> Vec<&'static str> {
     pkg.bins
         .iter()
         .copied()
-        .filter(|b| util::which(b).is_none())
+        .filter(|b| {
+            if b.starts_with('/') {
+                !std::path::Path::new(b).exists()
+            } else {
+                util::which(b).is_none()
+            }
+        })
         .collect()
 }
 

@@ -134,10 +134,12 @@ fn steps(args: &Args) -> Vec<Step> {
 /// ));
 /// ```
 fn extra_steps() -> Vec<Step> {
-    #[allow(unused_mut)]
-    let mut v: Vec<Step> = Vec::new();
-    // Add steps here.
-    v
+    // The benchmark's smoke test: the per-packet part in quick mode must produce a complete
+    // report (bench checks every row has a number and fails otherwise); never a speed limit.
+    vec![cargo_step(
+        "bench smoke (per-packet, quick)",
+        strings(&["xtask", "bench", "--quick", "--only", "per-packet"]),
+    )]
 }
 
 fn cargo_test(p: &Progress, counts: &mut Counts, test_args: &[String]) -> anyhow::Result<Done> {

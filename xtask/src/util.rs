@@ -363,6 +363,20 @@ pub fn normalize_path() {
     }
 }
 
+/// The cargo target directory (`CARGO_TARGET_DIR`, relative to the workspace, or `target/`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| {
+            if p.is_relative() {
+                workspace_root().join(p)
+            } else {
+                p
+            }
+        })
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
