@@ -65,21 +65,23 @@ fn endpoints(pods: &[usize]) -> Vec<Endpoint> {
         .collect()
 }
 
+/// The web Service (web.yaml) with endpoints on `pods`.
+fn write_web(dir: &std::path::Path, pods: &[usize]) {
+    let svc = service_yaml(
+        "web",
+        "NodePort",
+        SVC_IP,
+        false,
+        &web_ports(),
+        &endpoints(pods),
+    );
+    write_manifest(dir, "web.yaml", &[svc]);
+}
+
 /// The web Service over `pods`, the node, and pod0 with hostPorts 8000->80 and 44300->443.
 fn write_objects(dir: &std::path::Path, pods: &[usize]) {
     write_manifest(dir, "node.yaml", &[node_yaml(NODE_NAME, NODE_IP)]);
-    write_manifest(
-        dir,
-        "web.yaml",
-        &[service_yaml(
-            "web",
-            "NodePort",
-            SVC_IP,
-            false,
-            &web_ports(),
-            &endpoints(pods),
-        )],
-    );
+    write_web(dir, pods);
     write_manifest(
         dir,
         "pods.yaml",
@@ -298,18 +300,7 @@ fn removed_backend_keeps_established_flows() {
     } else {
         (0, "pod0")
     };
-    write_manifest(
-        env.manifests.path(),
-        "web.yaml",
-        &[service_yaml(
-            "web",
-            "NodePort",
-            SVC_IP,
-            false,
-            &web_ports(),
-            &endpoints(&[keep]),
-        )],
-    );
+    write_web(env.manifests.path(), &[keep]);
     // New connections stop reaching the victim within 2 s of the edit (the agent polls the
     // directory every 250 ms): from the switch on, 20 new connections in a row go elsewhere.
     let start = Instant::now();

@@ -68,31 +68,18 @@ fn probes() -> Vec<Probe> {
         kind,
         expect,
     };
-    vec![
-        p(
-            np(30001),
-            false,
-            "NodePort web (Cluster)",
-            &["pod0", "pod1"],
-        ),
-        p(
-            np(30001),
-            false,
-            "NodePort web (Cluster)",
-            &["pod0", "pod1"],
-        ),
-        p(
-            np(30001),
-            false,
-            "NodePort web (Cluster)",
-            &["pod0", "pod1"],
-        ),
-        p(
-            np(30001),
-            false,
-            "NodePort web (Cluster)",
-            &["pod0", "pod1"],
-        ),
+    // Four requests to the same NodePort, to show new connections spreading over both pods.
+    let mut v: Vec<Probe> = (0..4)
+        .map(|_| {
+            p(
+                np(30001),
+                false,
+                "NodePort web (Cluster)",
+                &["pod0", "pod1"],
+            )
+        })
+        .collect();
+    v.extend([
         p(np(30053), true, "NodePort web dns/UDP", &["pod0", "pod1"]),
         p(np(30002), false, "NodePort local-web (Local)", &["pod2"]),
         p(np(8000), false, "hostPort 8000 -> pod0:80", &["pod0"]),
@@ -103,7 +90,8 @@ fn probes() -> Vec<Probe> {
             "hostNetwork pod (no DNAT)",
             &["hostnet-pod"],
         ),
-    ]
+    ]);
+    v
 }
 
 /// The sample objects: what a small cluster would hold for this node.
