@@ -79,6 +79,9 @@ pub struct RunArgs {
     /// Backend map capacity (first creation only).
     #[arg(long, default_value_t = lb_common::maps::LB4_BACKENDS_MAX)]
     backends_size: u32,
+    /// Most frontends (one per-frontend counter slot each; first creation only).
+    #[arg(long, default_value_t = lb_common::maps::LB_SVC_STATS_MAX)]
+    frontends_size: u32,
 }
 
 fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {

@@ -27,7 +27,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         services: args.services_size,
         backends: args.backends_size,
         ct: args.ct_size,
-        ..Capacities::default()
+        svc_stats: args.frontends_size,
     };
     let mut datapath = Datapath::load(&args.bpffs, &caps)?;
     for iface in &args.iface {
