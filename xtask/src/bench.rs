@@ -21,7 +21,10 @@ use crate::util::{self, Cmd, Echo};
 
 mod plot;
 mod report;
-#[allow(dead_code)] // shared with lb-bench, which uses other parts of it
+#[allow(
+    dead_code,
+    reason = "shared with lb-bench, which uses other parts of it"
+)]
 mod schema;
 mod sysinfo;
 

@@ -90,12 +90,6 @@ impl Cmd {
         self
     }
 
-    #[allow(dead_code)] // not used yet; for `run` and `bench`
-    pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Self {
-        self.inner.current_dir(dir);
-        self
-    }
-
     /// The command line as a shell would take it, env assignments first.
     pub fn display(&self) -> String {
         let mut parts = self.shown_env.clone();

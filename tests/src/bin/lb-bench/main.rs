@@ -13,8 +13,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-// Shared with `cargo xtask bench` (which reads what this writes); each side uses a part.
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "shared with `cargo xtask bench`, which reads what this writes; each side uses a part"
+)]
 #[path = "../../../../xtask/src/bench/schema.rs"]
 mod schema;
 
