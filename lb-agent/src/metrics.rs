@@ -56,7 +56,7 @@ fn esc(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-pub fn render(m: &Metrics, dp: Option<&BpfDataplane>) -> String {
+pub fn render(m: &Metrics, dp: &BpfDataplane) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -83,7 +83,6 @@ pub fn render(m: &Metrics, dp: Option<&BpfDataplane>) -> String {
     for (map, n) in &m.entries {
         let _ = writeln!(o, "lb_map_entries{{map=\"{map}\"}} {n}");
     }
-    let Some(dp) = dp else { return o };
     if let Ok(stats) = dp.stats() {
         let _ = writeln!(
             o,
@@ -131,14 +130,15 @@ pub async fn serve(addr: SocketAddr, bpffs: PathBuf, m: Arc<Mutex<Metrics>>) -> 
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics address {addr}"))?;
-    let pins = PinLayout::new(bpffs);
+    // One set of map fds for every scrape; the agent pinned these maps before serving.
+    let dp = Arc::new(BpfDataplane::open(&PinLayout::new(bpffs))?);
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else {
                 continue;
             };
             let m = m.clone();
-            let pins = pins.clone();
+            let dp = dp.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 2048];
                 let n =
@@ -148,8 +148,7 @@ pub async fn serve(addr: SocketAddr, bpffs: PathBuf, m: Arc<Mutex<Metrics>>) -> 
                     };
                 let req = String::from_utf8_lossy(&buf[..n]);
                 let (status, body) = if req.starts_with("GET /metrics") {
-                    let dp = BpfDataplane::open(&pins).ok();
-                    ("200 OK", render(&*m.lock().await, dp.as_ref()))
+                    ("200 OK", render(&*m.lock().await, &dp))
                 } else {
                     ("404 Not Found", "try /metrics\n".to_string())
                 };

@@ -19,16 +19,10 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, Node, NodeAddress, NodeStatus, Pod, PodSpec, PodStatus, Service,
-    ServicePort, ServiceSpec,
-};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use lb_agent::model;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use serde_json::Value;
 use support::fake_apiserver::{FakeApiServer, Kind, KindStats};
+use support::objects::{node, pod, service, slice};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const NODE: &str = "node-a";
@@ -39,110 +33,6 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the agent has to exit after SIGTERM before it is killed.
 const TERM_GRACE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(100);
-
-// ---------------------------------------------------------------------------------------
-// Kubernetes objects
-
-fn meta(ns: Option<&str>, name: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_string()),
-        namespace: ns.map(str::to_string),
-        ..Default::default()
-    }
-}
-
-fn nodeport_service(name: &str, cluster_ip: &str, port: i32, node_port: i32) -> Service {
-    Service {
-        metadata: meta(Some("default"), name),
-        spec: Some(ServiceSpec {
-            type_: Some("NodePort".to_string()),
-            cluster_ip: Some(cluster_ip.to_string()),
-            cluster_ips: Some(vec![cluster_ip.to_string()]),
-            selector: Some([("app".to_string(), name.to_string())].into()),
-            ports: Some(vec![ServicePort {
-                name: Some("http".to_string()),
-                port,
-                node_port: Some(node_port),
-                protocol: Some("TCP".to_string()),
-                target_port: Some(IntOrString::Int(8080)),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-/// A slice of ready endpoints `(ip, node)` serving port "http" on 8080/TCP.
-fn slice(name: &str, service: &str, endpoints: &[(&str, &str)]) -> EndpointSlice {
-    let mut m = meta(Some("default"), name);
-    m.labels = Some([(model::SERVICE_NAME_LABEL.to_string(), service.to_string())].into());
-    EndpointSlice {
-        metadata: m,
-        address_type: "IPv4".to_string(),
-        endpoints: Some(
-            endpoints
-                .iter()
-                .map(|(ip, node)| Endpoint {
-                    addresses: vec![ip.to_string()],
-                    conditions: Some(EndpointConditions {
-                        ready: Some(true),
-                        serving: Some(true),
-                        terminating: Some(false),
-                    }),
-                    node_name: Some(node.to_string()),
-                    ..Default::default()
-                })
-                .collect(),
-        ),
-        ports: Some(vec![EndpointPort {
-            name: Some("http".to_string()),
-            port: Some(8080),
-            protocol: Some("TCP".to_string()),
-            ..Default::default()
-        }]),
-    }
-}
-
-/// A running pod with one container port 80/TCP published on `host_port`.
-fn hostport_pod(name: &str, node: &str, ip: &str, host_port: i32) -> Pod {
-    Pod {
-        metadata: meta(Some("default"), name),
-        spec: Some(PodSpec {
-            node_name: Some(node.to_string()),
-            containers: vec![Container {
-                name: "c".to_string(),
-                ports: Some(vec![ContainerPort {
-                    container_port: 80,
-                    host_port: Some(host_port),
-                    protocol: Some("TCP".to_string()),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some("Running".to_string()),
-            pod_ip: Some(ip.to_string()),
-            ..Default::default()
-        }),
-    }
-}
-
-fn node(name: &str, ip: &str) -> Node {
-    Node {
-        metadata: meta(None, name),
-        status: Some(NodeStatus {
-            addresses: Some(vec![NodeAddress {
-                type_: "InternalIP".to_string(),
-                address: ip.to_string(),
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Bounded commands
@@ -661,14 +551,14 @@ fn agent_follows_the_api_server_through_kubeconfig() {
     let mut h = harness(|s| {
         // The agent's first list of Nodes waits until released below.
         s.hold_lists(Kind::Node, true);
-        s.apply(&nodeport_service("web", "10.96.0.10", 80, 30080));
+        s.apply(&service("web", "NodePort", "10.96.0.10", 80, Some(30080)));
         s.apply(&slice(
             "web-1",
             "web",
             &[("10.244.1.5", NODE), ("10.244.1.6", NODE)],
         ));
-        s.apply(&hostport_pod("hostport", NODE, "10.244.1.7", 8000));
-        s.apply(&hostport_pod("elsewhere", "node-b", "10.244.2.7", 8001));
+        s.apply(&pod("hostport", NODE, "10.244.1.7", Some(8000)));
+        s.apply(&pod("elsewhere", "node-b", "10.244.2.7", Some(8001)));
         s.apply(&node(NODE, "10.1.0.1"));
         s.apply(&node("node-b", "10.1.0.2"));
     });
@@ -765,7 +655,7 @@ fn agent_follows_the_api_server_through_kubeconfig() {
         s.iter().all(|(k, st)| st.watches > before[k].watches)
     });
     h.server()
-        .apply(&nodeport_service("api", "10.96.0.11", 443, 30090));
+        .apply(&service("api", "NodePort", "10.96.0.11", 443, Some(30090)));
     h.server()
         .apply(&slice("api-1", "api", &[("10.244.1.8", NODE)]));
     h.server().apply(&node(NODE, "10.1.0.11"));
