@@ -1,9 +1,11 @@
 //! The typed dataplane API: the BPF maps behind a small trait, so `sync` can be tested
-//! against [`MemDataplane`] without root, and runs against [`crate::loader::BpfDataplane`].
+//! against [`MemDataplane`] without root, and runs against [`BpfDataplane`].
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use lb_common::{Backend4, Counter, Frontend4Key, Reason, Service4Value};
+
+use crate::pins::{open_pinned_map, Capacities, LoadError, PinLayout};
 
 /// Errors from map operations. Each names the map and the failing entry.
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +185,7 @@ pub struct BpfDataplane {
     ct: aya::maps::HashMap<aya::maps::MapData, lb_common::Ct4Key, lb_common::Ct4Value>,
     stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
     svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
-    caps: crate::loader::Capacities,
+    caps: Capacities,
 }
 
 fn aya_io(e: aya::maps::MapError) -> std::io::Error {
@@ -200,8 +202,7 @@ fn ipv4_be(addr: Ipv4Addr) -> u32 {
 
 impl BpfDataplane {
     /// Open the maps pinned under `pins` (by a running or earlier agent).
-    pub fn open(pins: &crate::loader::PinLayout) -> Result<Self, crate::loader::LoadError> {
-        use crate::loader::{open_pinned_map, LoadError};
+    pub fn open(pins: &PinLayout) -> Result<Self, LoadError> {
         use lb_common::maps as m;
         fn typed<T>(
             name: &'static str,
@@ -225,7 +226,7 @@ impl BpfDataplane {
         };
         let stats = typed(m::LB_STATS, open(m::LB_STATS)?.try_into())?;
         let svc_stats = typed(m::LB_SVC_STATS, open(m::LB_SVC_STATS)?.try_into())?;
-        let caps = crate::loader::Capacities {
+        let caps = Capacities {
             services: services_cap(pins, m::LB4_SERVICES),
             backends: services_cap(pins, m::LB4_BACKENDS),
             ct: services_cap(pins, m::LB4_CT),
@@ -243,7 +244,7 @@ impl BpfDataplane {
     }
 
     /// The capacities the pinned maps were created with.
-    pub fn capacities(&self) -> crate::loader::Capacities {
+    pub fn capacities(&self) -> Capacities {
         self.caps
     }
 
@@ -267,8 +268,8 @@ impl BpfDataplane {
     }
 }
 
-fn services_cap(pins: &crate::loader::PinLayout, name: &'static str) -> u32 {
-    crate::loader::open_pinned_map(pins, name)
+fn services_cap(pins: &PinLayout, name: &'static str) -> u32 {
+    open_pinned_map(pins, name)
         .ok()
         .and_then(|d| d.info().ok())
         .map_or(0, |i| i.max_entries())

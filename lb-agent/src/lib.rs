@@ -3,5 +3,6 @@
 pub mod dataplane;
 pub mod loader;
 pub mod model;
+pub mod pins;
 pub mod source;
 pub mod sync;

@@ -1,18 +1,17 @@
 //! Loads the embedded eBPF object, pins maps, programs and links under a bpffs directory,
 //! re-uses pins left by an earlier run, and attaches to / detaches from interfaces.
 //!
-//! Pin layout under `<dir>`: `maps/<MAP>` (names from `lb_common::maps`),
-//! `progs/<program>`, `links/xdp-<ifname>` and `links/tc-egress-<ifname>`. A pinned bpf_link
-//! keeps its program attached after the agent exits; a restarted agent swaps its freshly
-//! loaded program into the existing link atomically (`bpf_link_update`), so there is never
-//! a window without load balancing, and flows continue over the pinned conntrack map.
-use std::{
-    io,
-    path::{Path, PathBuf},
-};
+//! The pin layout under `<dir>` is [`PinLayout`]; it, [`Capacities`], [`LoadError`] and
+//! [`open_pinned_map`] live in [`crate::pins`] and are re-exported here.
+//!
+//! A pinned bpf_link keeps its program attached after the agent exits; a restarted agent
+//! swaps its freshly loaded program into the existing link atomically (`bpf_link_update`),
+//! so there is never a window without load balancing, and flows continue over the pinned
+//! conntrack map.
+use std::{io, path::Path};
 
 use aya::{
-    maps::{Array, MapData, MapError},
+    maps::{Array, MapData},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
@@ -24,135 +23,14 @@ use aya::{
 use lb_common::{maps, LbConfig};
 
 use crate::dataplane::BpfDataplane;
+use crate::pins::{classify, io_err, map_err};
+pub use crate::pins::{open_pinned_map, Capacities, LoadError, PinLayout, DEFAULT_BPFFS_DIR};
 
 /// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP=1`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
-/// Default pin directory.
-pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/lb";
-
 /// bpffs magic number (`BPF_FS_MAGIC`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error(
-        "lb-agent was built with AYA_BUILD_SKIP=1 and embeds no eBPF object; rebuild without it"
-    )]
-    NoObject,
-    #[error(
-        "{what}: operation not permitted. The datapath needs CAP_BPF, CAP_NET_ADMIN and \
-         CAP_PERFMON (run as root, or grant those capabilities)"
-    )]
-    NotPermitted { what: String },
-    #[error("interface {0:?} does not exist in this network namespace")]
-    NoSuchInterface(String),
-    #[error("{0} is not on a bpffs mount (mount -t bpf bpf /sys/fs/bpf)")]
-    NotBpffs(PathBuf),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("loading the eBPF object: {0}")]
-    Ebpf(#[from] aya::EbpfError),
-    #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("pinned link {path}: {source}")]
-    Link {
-        path: PathBuf,
-        #[source]
-        source: LinkError,
-    },
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error("map {0} is missing from the eBPF object")]
-    MissingMap(&'static str),
-    #[error("program {0} is missing from the eBPF object")]
-    MissingProgram(&'static str),
-}
-
-fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<io::Error>() {
-            if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
-                return true;
-            }
-        }
-        cur = err.source();
-    }
-    false
-}
-
-/// Turn permission failures anywhere in an error chain into [`LoadError::NotPermitted`].
-fn classify(what: impl Into<String>, err: LoadError) -> LoadError {
-    if is_eperm(&err) {
-        LoadError::NotPermitted { what: what.into() }
-    } else {
-        err
-    }
-}
-
-/// Map capacities; defaults from `lb_common::maps`. Raising them needs a fresh pin dir
-/// (a pinned map keeps the size it was created with).
-#[derive(Debug, Clone, Copy)]
-pub struct Capacities {
-    pub services: u32,
-    pub backends: u32,
-    pub ct: u32,
-    pub svc_stats: u32,
-}
-
-impl Default for Capacities {
-    fn default() -> Self {
-        Self {
-            services: maps::LB4_SERVICES_MAX,
-            backends: maps::LB4_BACKENDS_MAX,
-            ct: maps::LB4_CT_MAX,
-            svc_stats: maps::LB_SVC_STATS_MAX,
-        }
-    }
-}
-
-/// Paths of the pins under a directory.
-#[derive(Debug, Clone)]
-pub struct PinLayout {
-    pub dir: PathBuf,
-}
-
-impl PinLayout {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
-    }
-    pub fn maps(&self) -> PathBuf {
-        self.dir.join("maps")
-    }
-    pub fn map(&self, name: &str) -> PathBuf {
-        self.maps().join(name)
-    }
-    pub fn progs(&self) -> PathBuf {
-        self.dir.join("progs")
-    }
-    pub fn links(&self) -> PathBuf {
-        self.dir.join("links")
-    }
-    pub fn xdp_link(&self, iface: &str) -> PathBuf {
-        self.links().join(format!("xdp-{iface}"))
-    }
-    pub fn tc_link(&self, iface: &str) -> PathBuf {
-        self.links().join(format!("tc-egress-{iface}"))
-    }
-}
 
 /// How the XDP program ended up attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,14 +47,6 @@ pub enum XdpAttachMode {
 pub struct Datapath {
     ebpf: Ebpf,
     pins: PinLayout,
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LoadError {
-    let what = what.into();
-    move |source| match source.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EACCES) => LoadError::NotPermitted { what },
-        _ => LoadError::Io { what, source },
-    }
 }
 
 fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
@@ -488,10 +358,6 @@ fn prog_err(name: &'static str, source: ProgramError) -> LoadError {
     LoadError::Program { name, source }
 }
 
-fn map_err(name: &'static str, source: MapError) -> LoadError {
-    LoadError::Map { name, source }
-}
-
 fn nix_if_nametoindex(iface: &str) -> u32 {
     match std::ffi::CString::new(iface) {
         // SAFETY: valid NUL-terminated string.
@@ -512,10 +378,4 @@ fn random_u32() -> u32 {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.subsec_nanos() ^ d.as_secs() as u32)
     }
-}
-
-/// Open a pinned map of `dir` by name (used by [`BpfDataplane`] and `status`).
-pub fn open_pinned_map(pins: &PinLayout, name: &'static str) -> Result<MapData, LoadError> {
-    MapData::from_pin(pins.map(name))
-        .map_err(|source| classify(format!("opening pinned map {name}"), map_err(name, source)))
 }
