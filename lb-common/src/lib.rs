@@ -1,4 +1,6 @@
-//! Map keys, values and constants shared by the kernel programs (`lb-ebpf`) and the agent.
+//! Map keys, values and constants shared by the kernel programs (`lb-ebpf`) and the agent,
+//! and the pure datapath arithmetic ([`csum`], [`select`]) that host tests check against
+//! from-scratch oracles.
 //!
 //! Every type here is `#[repr(C)]` with explicit padding and derives bytemuck `Pod`, so
 //! hidden padding fails to compile. Addresses and ports are stored in network byte order;
@@ -6,7 +8,9 @@
 #![no_std]
 
 pub mod conntrack;
+pub mod csum;
 pub mod maps;
+pub mod select;
 pub mod service;
 pub mod stats;
 

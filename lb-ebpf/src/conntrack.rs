@@ -1,5 +1,5 @@
-//! Per-flow connection tracking: the forward entry pins a flow to its backend, the reply
-//! entry tells the TC program what to restore.
+//! Per-flow connection tracking: the forward entry pins a flow to its backend (XDP), the
+//! reply entry tells the TC program what to restore.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     conntrack::{ct_flags, CT_FORWARD, CT_REPLY},
@@ -59,6 +59,24 @@ pub fn lookup_v4(flow: &Flow4) -> Option<Ct4Value> {
     Some(value)
 }
 
+/// Key of the reply entry for a packet `flow` leaving towards the client (backend ->
+/// client, as the backend sent it).
+#[inline(always)]
+pub fn reply_key_v4(flow: &Flow4) -> Ct4Key {
+    Ct4Key {
+        dir: CT_REPLY,
+        ..forward_key_v4(flow)
+    }
+}
+
+/// Look up the reply entry of an egress packet: the frontend address and port to restore
+/// as its source, or `None` when the packet belongs to no load-balanced flow.
+#[inline(always)]
+pub fn lookup_reply_v4(flow: &Flow4) -> Option<Ct4Value> {
+    // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
+    unsafe { CT.get(reply_key_v4(flow)) }.copied()
+}
+
 /// Create the forward and reply entries of a new flow. On failure nothing is left behind.
 #[inline(always)]
 pub fn create_v4(
@@ -80,15 +98,13 @@ pub fn create_v4(
     };
     CT.insert(fwd_key, fwd, BPF_ANY)
         .map_err(|_| Reason::XdpDropCtInsert)?;
-    let rev_key = Ct4Key {
+    let rev_key = reply_key_v4(&Flow4 {
         saddr: backend.addr,
         daddr: flow.saddr,
         sport: backend.port,
         dport: flow.sport,
-        proto: flow.proto,
-        dir: CT_REPLY,
-        _pad: [0; 2],
-    };
+        ..*flow
+    });
     let rev = Ct4Value {
         nat_addr: flow.daddr,
         nat_port: flow.dport,

@@ -1,5 +1,6 @@
-//! Frontend lookup and backend selection.
-use lb_common::{Backend4, Frontend4Key, Reason, Service4Value};
+//! Frontend lookup and backend selection (the hash and slot arithmetic is in
+//! `lb_common::select`, host-tested).
+use lb_common::{select, Backend4, Frontend4Key, Reason, Service4Value};
 
 use crate::{
     maps::{BACKENDS, CONFIG, NODE_ADDRS, SERVICES},
@@ -31,38 +32,20 @@ pub fn lookup_frontend_v4(flow: &Flow4) -> Option<Frontend> {
     Some(Frontend { key, svc: *svc })
 }
 
-/// jhash-style final mix of the flow tuple (Bob Jenkins' `__jhash_final`), seeded per node.
+/// The flow's hash under this node's seed (`LB_CONFIG`).
 #[inline(always)]
 pub fn flow_hash_v4(flow: &Flow4) -> u32 {
     let seed = CONFIG.get(0).map_or(0, |c| c.hash_seed);
-    let mut a = flow.saddr ^ seed;
-    let mut b = flow.daddr;
-    let mut c = ((u32::from(flow.sport) << 16) | u32::from(flow.dport)) ^ u32::from(flow.proto);
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(14));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(11));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(25));
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(16));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(4));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(14));
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(24));
-    c
+    select::flow_hash_v4(
+        flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto, seed,
+    )
 }
 
 /// Pick a backend for a new flow: slot `hash % count + 1`, then the backend it points at.
 #[inline(always)]
 pub fn select_backend_v4(fe: &Frontend, flow: &Flow4) -> Result<(u32, Backend4), Reason> {
-    let count = u32::from(fe.svc.count);
-    if count == 0 {
-        return Err(Reason::XdpDropNoBackend);
-    }
-    let slot = (flow_hash_v4(flow) % count + 1) as u16;
+    let slot =
+        select::slot_for(flow_hash_v4(flow), fe.svc.count).ok_or(Reason::XdpDropNoBackend)?;
     // SAFETY: plain data written whole by the agent.
     let slot_val =
         unsafe { SERVICES.get(fe.key.with_slot(slot)) }.ok_or(Reason::XdpDropBackendMissing)?;

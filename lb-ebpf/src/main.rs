@@ -1,10 +1,18 @@
 //! Entry points only: XDP ingress on the node's uplinks (DNAT) and TC egress (reverse NAT).
 //! Each thin entry calls a `try_` function; every verdict, pass or drop, is counted by reason.
+//!
+//! One module per concern, Cilium/Katran style: `parse` (headers, both programs), `lb`
+//! (frontend lookup, backend choice), `conntrack` (forward and reply entries), `nat`
+//! (rewrites), `stats` (verdict counters), `maps`. The pure arithmetic (checksums, flow hash,
+//! slot choice) lives in `lb_common::{csum, select}` and is property-tested on the host.
+//! Coming modules slot in beside these: `nodeport` (SNAT and forwarding to remote backends,
+//! after `lb`), `icmp` (error translation, looked up through `conntrack`), `frag` (fragment
+//! tracking, before the L4 part of `parse`) and `sock` (the cgroup socket hooks, sharing
+//! `lb` and `conntrack`).
 #![no_std]
 #![no_main]
 
 mod conntrack;
-mod csum;
 mod lb;
 mod maps;
 mod nat;
@@ -16,9 +24,9 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{conntrack::CT_REPLY, Ct4Key, Reason, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::Reason;
 
-use crate::parse::{Parsed, ETH_HLEN, ETH_P_IP};
+use crate::parse::{Malformed, Mode, Parsed, Skip};
 
 /// XDP on the node's uplinks: DNAT packets addressed to a NodePort/hostPort frontend to the
 /// flow's backend.
@@ -47,9 +55,12 @@ pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
 /// `Ok(reason)`: pass with that reason. `Err(reason)`: drop with that reason.
 #[inline(always)]
 fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Reason, Reason> {
-    let flow = match parse::parse_v4(ctx)? {
-        Parsed::Flow(flow) => flow,
-        Parsed::Pass(reason) => return Ok(reason),
+    let flow = match parse::parse_v4(ctx, Mode::Strict) {
+        Ok(Parsed::Flow(flow)) => flow,
+        Ok(Parsed::Skip(skip)) => return Ok(xdp_skip_reason(skip)),
+        Err(Malformed::L2) => return Err(Reason::XdpDropMalformedL2),
+        Err(Malformed::L3) => return Err(Reason::XdpDropMalformedL3),
+        Err(Malformed::L4) => return Err(Reason::XdpDropMalformedL4),
     };
     let Some(fe) = lb::lookup_frontend_v4(&flow) else {
         return Ok(Reason::XdpPassNotService);
@@ -67,6 +78,16 @@ fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Reason, Reason> {
     Ok(reason)
 }
 
+#[inline(always)]
+fn xdp_skip_reason(skip: Skip) -> Reason {
+    match skip {
+        Skip::NonIpv4 => Reason::XdpPassNonIpv4,
+        Skip::Fragment => Reason::XdpPassFragment,
+        Skip::IpOptions => Reason::XdpPassIpOptions,
+        Skip::OtherProto => Reason::XdpPassNotService,
+    }
+}
+
 /// TC egress on the node's uplinks: replies from backends get the frontend address and port
 /// back as their source, so the client sees the address it connected to.
 #[classifier]
@@ -82,59 +103,15 @@ pub fn lb_tc_egress(mut ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tc_egress(ctx: &mut TcContext, bytes: u64) -> Result<Reason, Reason> {
-    let Ok(ether_type) = ctx.load::<u16>(12) else {
-        return Ok(Reason::TcPassMalformed);
+    let flow = match parse::parse_v4(ctx, Mode::Lenient) {
+        Ok(Parsed::Flow(flow)) => flow,
+        Ok(Parsed::Skip(_)) => return Ok(Reason::TcPassOther),
+        Err(_) => return Ok(Reason::TcPassMalformed),
     };
-    if ether_type != ETH_P_IP.to_be() {
-        return Ok(Reason::TcPassOther);
-    }
-    let Ok(ip) = ctx.load::<parse::Ipv4Hdr>(ETH_HLEN) else {
-        return Ok(Reason::TcPassMalformed);
-    };
-    let ihl = usize::from(ip.vihl & 0x0f) * 4;
-    if ip.vihl >> 4 != 4 || ihl < parse::IPV4_HLEN {
-        return Ok(Reason::TcPassMalformed);
-    }
-    if u16::from_be(ip.frag_off) & 0x3fff != 0 {
-        return Ok(Reason::TcPassOther);
-    }
-    let l4 = ETH_HLEN + ihl;
-    let l4_csum = match ip.proto {
-        IPPROTO_TCP => l4 + 16,
-        IPPROTO_UDP => l4 + 6,
-        _ => return Ok(Reason::TcPassOther),
-    };
-    let Ok(ports) = ctx.load::<[u16; 2]>(l4) else {
-        return Ok(Reason::TcPassMalformed);
-    };
-    let key = Ct4Key {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport: ports[0],
-        dport: ports[1],
-        proto: ip.proto,
-        dir: CT_REPLY,
-        _pad: [0; 2],
-    };
-    // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
-    let Some(ct) = (unsafe { maps::CT.get(key) }).copied() else {
+    let Some(ct) = conntrack::lookup_reply_v4(&flow) else {
         return Ok(Reason::TcPassNotTracked);
     };
-    let off = nat::ReplyOffsets {
-        ip_csum: parse::IP_CSUM_OFF,
-        saddr: parse::IP_SADDR_OFF,
-        sport: l4,
-        l4_csum,
-    };
-    nat::revnat_v4(
-        ctx,
-        &off,
-        ip.proto,
-        ip.saddr,
-        ct.nat_addr,
-        ports[0],
-        ct.nat_port,
-    )?;
+    nat::revnat_v4(ctx, &flow, ct.nat_addr, ct.nat_port)?;
     stats::count_svc(ct.svc_id, bytes);
     Ok(Reason::TcRevNat)
 }

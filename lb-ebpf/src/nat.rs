@@ -1,39 +1,42 @@
-//! Address/port rewrites: DNAT in XDP (manual incremental checksums: no skb yet) and reverse
-//! NAT in TC (kernel csum helpers, which also handle CHECKSUM_PARTIAL skbs correctly).
+//! Address/port rewrites: DNAT in XDP (incremental checksums from `lb_common::csum`: there
+//! is no skb yet) and reverse NAT in TC (kernel csum helpers, which also handle
+//! CHECKSUM_PARTIAL skbs correctly).
 use aya_ebpf::programs::{TcContext, XdpContext};
-use lb_common::{Reason, IPPROTO_TCP};
+use lb_common::{csum, Reason, IPPROTO_TCP};
 
-use crate::{
-    csum,
-    parse::{ptr_at, Ipv4Hdr, TcpHdr, UdpHdr, ETH_HLEN, L4_OFF},
+use crate::parse::{
+    ptr_at, raw16, raw32, Flow4, Ipv4Hdr, TcpHdr, UdpHdr, ETH_HLEN, IP_CSUM_OFF, IP_SADDR_OFF,
+    L4_OFF,
 };
 
-/// Rewrite the destination of an IPv4 TCP/UDP packet already validated by `parse_v4`
-/// (no IP options, so L4 starts at `L4_OFF`). The IP header checksum and the L4 checksum
-/// (pseudo-header address + port) are updated incrementally; a UDP checksum of 0 stays 0.
+/// Rewrite the destination of an IPv4 TCP/UDP packet already validated by `parse_v4` in
+/// strict mode (no IP options, so L4 starts at `L4_OFF`). The IP header checksum and the L4
+/// checksum (pseudo-header address + port) are updated incrementally; a UDP checksum of 0
+/// stays 0.
 #[inline(always)]
 pub fn dnat_v4(ctx: &XdpContext, proto: u8, new_addr: u32, new_port: u16) -> Result<(), Reason> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(Reason::XdpDropMalformedL3)?;
-    // SAFETY: bounds checked by ptr_at; the packet is ours to write in XDP.
+    // SAFETY: bounds checked by ptr_at; alignment 1; the packet is ours to write in XDP.
     let ip = unsafe { &mut *ip };
-    let old_addr = ip.daddr;
-    ip.check = csum::replace4(ip.check, old_addr, new_addr);
-    ip.daddr = new_addr;
+    let old_addr = raw32(ip.daddr);
+    ip.check = csum::replace4(raw16(ip.check), old_addr, new_addr).to_ne_bytes();
+    ip.daddr = new_addr.to_ne_bytes();
     if proto == IPPROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, L4_OFF).ok_or(Reason::XdpDropMalformedL4)?;
         // SAFETY: as above.
         let tcp = unsafe { &mut *tcp };
-        let c = csum::replace4(tcp.check, old_addr, new_addr);
-        tcp.check = csum::replace2(c, tcp.dport, new_port);
-        tcp.dport = new_port;
+        let c = csum::replace4(raw16(tcp.check), old_addr, new_addr);
+        tcp.check = csum::replace2(c, raw16(tcp.dport), new_port).to_ne_bytes();
+        tcp.dport = new_port.to_ne_bytes();
     } else {
         let udp: *mut UdpHdr = ptr_at(ctx, L4_OFF).ok_or(Reason::XdpDropMalformedL4)?;
         // SAFETY: as above.
         let udp = unsafe { &mut *udp };
-        let c = csum::replace4(udp.check, old_addr, new_addr);
-        let c = csum::replace2(c, udp.dport, new_port);
-        udp.check = csum::udp_fixup(udp.check, c);
-        udp.dport = new_port;
+        let old = raw16(udp.check);
+        let c = csum::replace4(old, old_addr, new_addr);
+        let c = csum::replace2(c, raw16(udp.dport), new_port);
+        udp.check = csum::udp_fixup(old, c).to_ne_bytes();
+        udp.dport = new_port.to_ne_bytes();
     }
     Ok(())
 }
@@ -43,49 +46,39 @@ const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 /// `bpf_l4_csum_replace` flag: a zero UDP checksum means "none" and is left alone.
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
-/// Offsets of a reply's fields in the skb.
-pub struct ReplyOffsets {
-    pub ip_csum: usize,
-    pub saddr: usize,
-    pub sport: usize,
-    pub l4_csum: usize,
-}
-
-/// Restore the frontend as the reply's source: source address and port, with the IP and L4
-/// checksums fixed by the kernel helpers (pseudo-header aware for the address).
+/// Restore `new_addr:new_port` (the frontend) as the source of the reply `flow`, with the IP
+/// and L4 checksums fixed by the kernel helpers (pseudo-header aware for the address).
 #[inline(always)]
 pub fn revnat_v4(
     ctx: &mut TcContext,
-    off: &ReplyOffsets,
-    proto: u8,
-    old_addr: u32,
+    flow: &Flow4,
     new_addr: u32,
-    old_port: u16,
     new_port: u16,
 ) -> Result<(), Reason> {
-    let mangled0 = if proto == IPPROTO_TCP {
+    let mangled0 = if flow.proto == IPPROTO_TCP {
         0
     } else {
         BPF_F_MARK_MANGLED_0
     };
     let err = |_| Reason::TcDropRewrite;
+    let l4_csum = flow.l4_csum_off();
     ctx.l4_csum_replace(
-        off.l4_csum,
-        u64::from(old_addr),
+        l4_csum,
+        u64::from(flow.saddr),
         u64::from(new_addr),
         BPF_F_PSEUDO_HDR | mangled0 | 4,
     )
     .map_err(err)?;
     ctx.l4_csum_replace(
-        off.l4_csum,
-        u64::from(old_port),
+        l4_csum,
+        u64::from(flow.sport),
         u64::from(new_port),
         mangled0 | 2,
     )
     .map_err(err)?;
-    ctx.l3_csum_replace(off.ip_csum, u64::from(old_addr), u64::from(new_addr), 4)
+    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(flow.saddr), u64::from(new_addr), 4)
         .map_err(err)?;
-    ctx.store(off.saddr, &new_addr, 0).map_err(err)?;
-    ctx.store(off.sport, &new_port, 0).map_err(err)?;
+    ctx.store(IP_SADDR_OFF, &new_addr, 0).map_err(err)?;
+    ctx.store(flow.l4_off, &new_port, 0).map_err(err)?;
     Ok(())
 }

@@ -1,16 +1,25 @@
-//! Header layouts and strict, bounds-checked parsing of Ethernet/IPv4/TCP/UDP for XDP.
-use aya_ebpf::programs::XdpContext;
-use lb_common::{Reason, IPPROTO_TCP, IPPROTO_UDP};
+//! Header layouts and bounds-checked parsing of Ethernet/IPv4/TCP/UDP, shared by the XDP and
+//! TC programs through the [`Packet`] trait.
+//!
+//! Every header field is a byte array, so a header has alignment 1 and may be read or
+//! written at any packet offset without a misaligned reference (the IPv4 header starts at
+//! offset 14). Multi-byte values are taken as raw words ([`raw16`], [`raw32`]): network order
+//! loaded as-is, which is how keys and checksums use them.
+use aya_ebpf::programs::{TcContext, XdpContext};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const IPV4_HLEN: usize = 20;
-/// Offset of the L4 header: IPv4 packets with options are passed before L4 parsing, so the
-/// L4 header always starts here on the rewrite path.
+/// Offset of the L4 header of a packet without IPv4 options (the XDP rewrite path passes
+/// packets with options before L4 parsing).
 pub const L4_OFF: usize = ETH_HLEN + IPV4_HLEN;
 
 pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
+/// Offsets of the checksum field inside the TCP and UDP headers.
+pub const TCP_CSUM_OFF: usize = 16;
+pub const UDP_CSUM_OFF: usize = 6;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -18,68 +27,74 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct EthHdr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
-    pub ether_type: u16,
+    pub ether_type: [u8; 2],
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Ipv4Hdr {
     pub vihl: u8,
     pub tos: u8,
-    pub tot_len: u16,
-    pub id: u16,
-    pub frag_off: u16,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
     pub ttl: u8,
     pub proto: u8,
-    pub check: u16,
-    pub saddr: u32,
-    pub daddr: u32,
+    pub check: [u8; 2],
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct TcpHdr {
-    pub sport: u16,
-    pub dport: u16,
-    pub seq: u32,
-    pub ack: u32,
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub seq: [u8; 4],
+    pub ack: [u8; 4],
     /// Data offset (high nibble) and reserved bits.
     pub doff: u8,
     pub flags: u8,
-    pub window: u16,
-    pub check: u16,
-    pub urg: u16,
+    pub window: [u8; 2],
+    pub check: [u8; 2],
+    pub urg: [u8; 2],
 }
 
 #[repr(C)]
-pub struct UdpHdr {
-    pub sport: u16,
-    pub dport: u16,
-    pub len: u16,
-    pub check: u16,
-}
-
-/// An IPv4 TCP/UDP packet that may be load-balanced. Addresses and ports in network order.
 #[derive(Clone, Copy)]
-pub struct Flow4 {
-    pub saddr: u32,
-    pub daddr: u32,
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    /// TCP flags (0 for UDP).
-    pub tcp_flags: u8,
+pub struct UdpHdr {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub len: [u8; 2],
+    pub check: [u8; 2],
 }
 
-/// The outcome of parsing: a flow to look up, or a verdict reason to pass/drop with.
-pub enum Parsed {
-    Flow(Flow4),
-    /// Not ours to touch: pass with this reason.
-    Pass(Reason),
+/// A raw (network-order) 16-bit word.
+#[inline(always)]
+pub fn raw16(b: [u8; 2]) -> u16 {
+    u16::from_ne_bytes(b)
 }
 
-/// A pointer to a `T` at `off`, if the whole `T` lies inside the packet.
+/// A raw (network-order) 32-bit word.
+#[inline(always)]
+pub fn raw32(b: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(b)
+}
+
+/// A packet the parser can read: the XDP frame or the TC skb.
+pub trait Packet {
+    /// Bytes from the start of the Ethernet header to the end of the packet.
+    fn frame_len(&self) -> usize;
+    /// A copy of the `T` at `off`, if the whole `T` lies inside the packet.
+    fn read<T: Copy>(&self, off: usize) -> Option<T>;
+}
+
+/// A pointer to a `T` at `off` of an XDP frame, if the whole `T` lies inside the frame.
+/// The header types above have alignment 1, so the pointer may be dereferenced as is.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     let start = ctx.data();
@@ -90,61 +105,152 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
-/// Parse the frame strictly. `Err` is a drop reason: the kernel would drop these frames too,
-/// and they must never be rewritten or create conntrack state.
-#[inline(always)]
-pub fn parse_v4(ctx: &XdpContext) -> Result<Parsed, Reason> {
-    let frame_len = ctx.data_end() - ctx.data();
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::XdpDropMalformedL2)?;
-    // SAFETY: bounds checked by ptr_at.
-    if unsafe { (*eth).ether_type } != ETH_P_IP.to_be() {
-        return Ok(Parsed::Pass(Reason::XdpPassNonIpv4));
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.data_end() - self.data()
     }
-    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(Reason::XdpDropMalformedL3)?;
-    // SAFETY: bounds checked by ptr_at.
-    let ip = unsafe { &*ip };
+
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Option<T> {
+        let p = ptr_at::<T>(self, off)?;
+        // SAFETY: bounds checked by ptr_at; an unaligned read is valid for any T.
+        Some(unsafe { core::ptr::read_unaligned(p) })
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.len() as usize
+    }
+
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Option<T> {
+        // bpf_skb_load_bytes: also reads the non-linear part of the skb.
+        TcContext::load::<T>(self, off).ok()
+    }
+}
+
+/// An IPv4 TCP/UDP packet that may be load-balanced. Addresses and ports are raw words.
+#[derive(Clone, Copy)]
+pub struct Flow4 {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// TCP flags (0 for UDP, and in [`Mode::Lenient`]).
+    pub tcp_flags: u8,
+    /// Offset of the L4 header from the start of the frame.
+    pub l4_off: usize,
+}
+
+impl Flow4 {
+    /// Offset of the L4 checksum field from the start of the frame.
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> usize {
+        if self.proto == IPPROTO_TCP {
+            self.l4_off + TCP_CSUM_OFF
+        } else {
+            self.l4_off + UDP_CSUM_OFF
+        }
+    }
+}
+
+/// Why a packet is not a flow to look up (it passes untouched).
+#[derive(Clone, Copy)]
+pub enum Skip {
+    NonIpv4,
+    Fragment,
+    /// IPv4 options ([`Mode::Strict`] only).
+    IpOptions,
+    /// Neither TCP nor UDP.
+    OtherProto,
+}
+
+/// The layer whose header is truncated or inconsistent.
+#[derive(Clone, Copy)]
+pub enum Malformed {
+    L2,
+    L3,
+    L4,
+}
+
+/// The outcome of parsing: a flow to look up, or a packet that is not ours.
+pub enum Parsed {
+    Flow(Flow4),
+    Skip(Skip),
+}
+
+/// How strictly to parse.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Ingress from the wire: every length must agree (IPv4 total length, TCP data offset,
+    /// UDP length) or the frame is malformed, and IPv4 options are skipped. Such frames must
+    /// never be rewritten or create conntrack state.
+    Strict,
+    /// Egress built by the local stack: only what the reverse NAT needs is read (version,
+    /// header length, ports); IPv4 options are followed.
+    Lenient,
+}
+
+/// Parse `pkt` as Ethernet/IPv4/TCP-or-UDP.
+#[inline(always)]
+pub fn parse_v4<P: Packet>(pkt: &P, mode: Mode) -> Result<Parsed, Malformed> {
+    let frame_len = pkt.frame_len();
+    let eth: EthHdr = pkt.read(0).ok_or(Malformed::L2)?;
+    if u16::from_be_bytes(eth.ether_type) != ETH_P_IP {
+        return Ok(Parsed::Skip(Skip::NonIpv4));
+    }
+    let ip: Ipv4Hdr = pkt.read(ETH_HLEN).ok_or(Malformed::L3)?;
     let version = ip.vihl >> 4;
     let ihl = usize::from(ip.vihl & 0x0f) * 4;
-    let tot_len = usize::from(u16::from_be(ip.tot_len));
-    if version != 4 || ihl < IPV4_HLEN || tot_len < ihl || tot_len > frame_len - ETH_HLEN {
-        return Err(Reason::XdpDropMalformedL3);
+    if version != 4 || ihl < IPV4_HLEN {
+        return Err(Malformed::L3);
     }
-    if u16::from_be(ip.frag_off) & 0x3fff != 0 {
-        return Ok(Parsed::Pass(Reason::XdpPassFragment));
+    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    if mode == Mode::Strict && (tot_len < ihl || tot_len > frame_len - ETH_HLEN) {
+        return Err(Malformed::L3);
     }
-    if ihl != IPV4_HLEN {
-        return Ok(Parsed::Pass(Reason::XdpPassIpOptions));
+    if u16::from_be_bytes(ip.frag_off) & 0x3fff != 0 {
+        return Ok(Parsed::Skip(Skip::Fragment));
     }
-    let ip_payload = tot_len - IPV4_HLEN;
-    let (sport, dport, tcp_flags) = match ip.proto {
-        IPPROTO_TCP => {
-            let tcp: *const TcpHdr = ptr_at(ctx, L4_OFF).ok_or(Reason::XdpDropMalformedL4)?;
-            // SAFETY: bounds checked by ptr_at.
-            let tcp = unsafe { &*tcp };
+    let l4_off = match mode {
+        Mode::Strict if ihl != IPV4_HLEN => return Ok(Parsed::Skip(Skip::IpOptions)),
+        Mode::Strict => L4_OFF,
+        Mode::Lenient => ETH_HLEN + ihl,
+    };
+    let (sport, dport, tcp_flags) = match (ip.proto, mode) {
+        (IPPROTO_TCP | IPPROTO_UDP, Mode::Lenient) => {
+            let ports: [[u8; 2]; 2] = pkt.read(l4_off).ok_or(Malformed::L4)?;
+            (raw16(ports[0]), raw16(ports[1]), 0)
+        }
+        (IPPROTO_TCP, Mode::Strict) => {
+            let tcp: TcpHdr = pkt.read(L4_OFF).ok_or(Malformed::L4)?;
             let doff = usize::from(tcp.doff >> 4) * 4;
-            if doff < 20 || doff > ip_payload || L4_OFF + doff > frame_len {
-                return Err(Reason::XdpDropMalformedL4);
+            if doff < 20 || doff > tot_len - IPV4_HLEN || L4_OFF + doff > frame_len {
+                return Err(Malformed::L4);
             }
-            (tcp.sport, tcp.dport, tcp.flags)
+            (raw16(tcp.sport), raw16(tcp.dport), tcp.flags)
         }
-        IPPROTO_UDP => {
-            let udp: *const UdpHdr = ptr_at(ctx, L4_OFF).ok_or(Reason::XdpDropMalformedL4)?;
-            // SAFETY: bounds checked by ptr_at.
-            let udp = unsafe { &*udp };
-            let len = usize::from(u16::from_be(udp.len));
-            if len < 8 || len > ip_payload {
-                return Err(Reason::XdpDropMalformedL4);
+        (IPPROTO_UDP, Mode::Strict) => {
+            let udp: UdpHdr = pkt.read(L4_OFF).ok_or(Malformed::L4)?;
+            let len = usize::from(u16::from_be_bytes(udp.len));
+            if len < 8 || len > tot_len - IPV4_HLEN {
+                return Err(Malformed::L4);
             }
-            (udp.sport, udp.dport, 0)
+            (raw16(udp.sport), raw16(udp.dport), 0)
         }
-        _ => return Ok(Parsed::Pass(Reason::XdpPassNotService)),
+        _ => return Ok(Parsed::Skip(Skip::OtherProto)),
     };
     Ok(Parsed::Flow(Flow4 {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
+        saddr: raw32(ip.saddr),
+        daddr: raw32(ip.daddr),
         sport,
         dport,
         proto: ip.proto,
         tcp_flags,
+        l4_off,
     }))
 }

@@ -1,4 +1,5 @@
-//! Incremental Internet checksum updates (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
+//! Incremental Internet checksum updates (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')), shared
+//! by the kernel programs and host tests.
 //!
 //! All values are raw memory words (network order loaded as-is): the one's-complement sum is
 //! byte-order independent as long as every operand is taken the same way.
