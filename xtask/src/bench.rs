@@ -1,35 +1,28 @@
 //! `cargo xtask bench`: per-packet cost, end-to-end latency, throughput and control-plane cost
 //! of our datapath, side by side with kube-proxy's iptables and nftables modes.
 //!
-//! The measuring is done by `lb-bench` (tests/src/bin/lb-bench, a release build), one part per
-//! process; this command builds it, runs the selected parts with their progress streamed,
-//! then writes `target/bench/report.md` (also printed), `target/bench/results.json` and the
-//! plots (`*.svg`, `*.png`), and checks the report ([`check_report`]).
+//! The benchmark is the `lb-bench` crate; this command only orchestrates it: it checks for
+//! root, runs the set-up, builds `lb-bench` (and `lb-loadgen`, `lb-podserver` from
+//! `lb-testkit`) in release, then runs `lb-bench suite` with its progress streamed. That
+//! runs each selected part in a process of its own, writes `target/bench/report.md` (also
+//! printed), `target/bench/results.json` and the plots (`*.svg`, `*.png`), and fails unless
+//! the report is complete (`lb_bench::report::check_report`).
 //!
 //! `--quick` runs fewer sizes, runs and repeats (under 5 minutes); `--only PART[,PART]` runs
 //! some parts (`per-packet`, `e2e`, `throughput`, `control-plane`). `--report-only`
-//! re-renders the report and plots from an existing `results.json`.
-use std::path::{Path, PathBuf};
+//! re-renders the report and plots from an existing `results.json` (`lb-bench report`).
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 
-use crate::progress::{fmt_duration, Done, Progress};
+use crate::progress::{Done, Progress};
 use crate::setup;
 use crate::util::{self, Cmd, Echo};
 
-mod plot;
-mod report;
-#[allow(
-    dead_code,
-    reason = "shared with lb-bench, which uses other parts of it"
-)]
-mod schema;
-mod sysinfo;
-
-pub use report::check_report;
-use schema::{PartResult, Row, PARTS};
+/// The benchmark parts, in run order. Must equal `lb_bench::schema::PARTS` (xtask does not
+/// link lb-bench, which pulls in plotters and the agent; a test compares the two).
+const PARTS: [&str; 4] = ["per-packet", "e2e", "throughput", "control-plane"];
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -47,136 +40,115 @@ pub struct Args {
     pub report_only: bool,
 }
 
-/// Everything one `cargo xtask bench` produced: `results.json`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Results {
-    pub meta: sysinfo::Meta,
-    pub parts: Vec<PartResult>,
-}
-
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let started = Instant::now();
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| util::target_dir().join("bench"));
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let p = Progress::new();
-    let results = if args.report_only {
-        let path = out.join("results.json");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "reading {} (run without --report-only first)",
-                path.display()
-            )
-        })?;
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
-    } else {
-        measure(&args, &out, &p, started)?
+    let out = match &args.out {
+        // lb-bench runs in the workspace root: a relative path is the caller's.
+        Some(o) => std::path::absolute(o).with_context(|| format!("resolving {}", o.display()))?,
+        None => util::target_dir().join("bench"),
     };
-    render(&results, &out, &p)
-}
+    let bin = util::target_dir().join("release").join("lb-bench");
+    let p = Progress::new();
+    if args.report_only {
+        let json = out.join("results.json");
+        if !json.is_file() {
+            bail!(
+                "reading {} (run without --report-only first): no such file",
+                json.display()
+            );
+        }
+        p.section(2);
+        build(
+            &p,
+            "build lb-bench (release)",
+            &["-p", "lb-bench", "--bin", "lb-bench"],
+        )?;
+        let cmd = Cmd::new(&bin).arg("report").arg("--out").arg(&out);
+        lb_bench(&p, "lb-bench report", cmd)?;
+        return Ok(ExitCode::SUCCESS);
+    }
 
-fn selected(args: &Args) -> Vec<&'static str> {
-    PARTS
-        .iter()
-        .copied()
-        .filter(|part| args.only.is_empty() || args.only.iter().any(|o| o == part))
-        .collect()
-}
-
-fn measure(args: &Args, out: &Path, p: &Progress, started: Instant) -> anyhow::Result<Results> {
     if !util::is_root() {
         bail!(
             "cargo xtask bench needs root (it loads BPF programs and creates network \
              namespaces); run it as root, e.g. `sudo -E env PATH=\"$PATH\" cargo xtask bench`"
         );
     }
-    setup::ensure(p)?;
-    let parts = selected(args);
-    let mut meta = sysinfo::Meta::collect(args.quick, &parts);
-    p.section(parts.len() + 1);
-    p.step("build lb-bench, lb-loadgen (release)", || {
+    setup::ensure(&p)?;
+    p.section(2);
+    build(
+        &p,
+        "build lb-bench, lb-loadgen, lb-podserver (release)",
+        &["-p", "lb-bench", "-p", "lb-testkit", "--bins"],
+    )?;
+    // Ctrl-C reaches lb-bench too (same process group); it stops after the running part,
+    // and we wait for it instead of dying first.
+    ctrlc::set_handler(|| {}).context("installing the Ctrl-C handler")?;
+    let mut cmd = Cmd::new(&bin).arg("suite");
+    let mut what = "lb-bench suite".to_owned();
+    if args.quick {
+        cmd = cmd.arg("--quick");
+        what.push_str(" --quick");
+    }
+    if !args.only.is_empty() {
+        let only = args.only.join(",");
+        cmd = cmd.arg("--only").arg(&only);
+        what.push_str(&format!(" --only {only}"));
+    }
+    cmd = cmd.arg("--out").arg(&out);
+    lb_bench(&p, &what, cmd)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cargo build --release ARGS` as a step.
+fn build(p: &Progress, what: &str, args: &[&str]) -> anyhow::Result<Done> {
+    p.step(what, || {
         Cmd::new("cargo")
-            .args(["build", "--release", "-p", "tests", "--bins"])
+            .args(["build", "--release"])
+            .args(args)
             .stream(p, Echo::Indented)?;
         Ok(Done::Ran(None))
-    })?;
-    let bin = util::target_dir().join("release").join("lb-bench");
-    let raw = out.join("raw");
-    std::fs::create_dir_all(&raw)?;
-    let mut results = Vec::new();
-    for part in &parts {
-        let file = raw.join(format!("{part}.json"));
-        let _ = std::fs::remove_file(&file);
-        let what = format!("bench {part}{}", if args.quick { " (quick)" } else { "" });
-        let r = p.step(&what, || {
-            let mut cmd = Cmd::new(&bin).arg(part);
-            if args.quick {
-                cmd = cmd.arg("--quick");
-            }
-            cmd.arg("--out").arg(&file).stream(p, Echo::Indented)?;
-            Ok(Done::Ran(None))
-        });
-        let part_result = r.and_then(|_| {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            let pr: PartResult = serde_json::from_str(&text)
-                .with_context(|| format!("parsing {}", file.display()))?;
-            Ok(pr)
-        });
-        results.push(part_result.unwrap_or_else(|e| PartResult {
-            part: (*part).to_owned(),
-            quick: args.quick,
-            rows: vec![Row::new(part, "run", "-", 0).failed(format!("{e:#}"))],
-            ..Default::default()
-        }));
-    }
-    meta.finish(started.elapsed().as_secs_f64());
-    Ok(Results {
-        meta,
-        parts: results,
     })
 }
 
-fn render(results: &Results, out: &Path, p: &Progress) -> anyhow::Result<ExitCode> {
-    let json = out.join("results.json");
-    std::fs::write(&json, serde_json::to_vec_pretty(results)?)
-        .with_context(|| format!("writing {}", json.display()))?;
-    let mut plots = Vec::new();
-    let mut plot_notes = Vec::new();
-    for r in plot::all(results, out) {
-        match r {
-            Ok(files) => plots.extend(files),
-            Err(e) => plot_notes.push(format!("{e:#}")),
+/// Runs `cmd` (the release `lb-bench`) as a step, its output indented under it; its failure
+/// (a failed part, an incomplete report) is ours.
+fn lb_bench(p: &Progress, what: &str, cmd: Cmd) -> anyhow::Result<Done> {
+    p.step(what, || {
+        cmd.stream(p, Echo::Indented)?;
+        Ok(Done::Ran(None))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`PARTS`] is a copy of lb-bench's: compare with the source it was copied from.
+    #[test]
+    fn parts_match_lb_bench() -> anyhow::Result<()> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../lb-bench/src/schema.rs");
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("pub const PARTS"))
+            .with_context(|| format!("no `pub const PARTS` in {path}"))?;
+        let theirs: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
+        assert_eq!(theirs, PARTS, "{line}");
+        Ok(())
+    }
+
+    #[test]
+    fn only_accepts_parts() {
+        use clap::Parser as _;
+        #[derive(clap::Parser, Debug)]
+        struct Cli {
+            #[command(flatten)]
+            bench: Args,
         }
-    }
-    let md = report::markdown(results, &plots, &plot_notes);
-    let md_path = out.join("report.md");
-    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
-    p.raw("");
-    for line in md.lines() {
-        p.raw(line);
-    }
-    p.raw("");
-    for n in &plot_notes {
-        p.note(&format!("warning: plot not drawn: {n}"));
-    }
-    p.note(&format!(
-        "bench: report {}, results {}, {} plot file(s) in {} ({} total)",
-        md_path.display(),
-        json.display(),
-        plots.len(),
-        out.display(),
-        fmt_duration(std::time::Duration::from_secs_f64(
-            results.meta.duration_s.max(0.0)
-        ))
-    ));
-    match check_report(&md_path) {
-        Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e) => {
-            p.note(&format!("bench: the report is incomplete: {e:#}"));
-            Ok(ExitCode::FAILURE)
-        }
+        let cli = Cli::try_parse_from(["bench", "--quick", "--only", "per-packet,e2e"])
+            .expect("valid flags");
+        assert_eq!(cli.bench.only, ["per-packet", "e2e"]);
+        assert!(Cli::try_parse_from(["bench", "--only", "nope"]).is_err());
+        assert!(Cli::try_parse_from(["bench", "--report-only", "--out", "x"]).is_ok());
     }
 }

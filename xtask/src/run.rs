@@ -1,4 +1,4 @@
-//! `cargo xtask run`: set-up, build, then the network-namespace lab (`lb-lab`, in the `tests`
+//! `cargo xtask run`: set-up, build, then the network-namespace lab (`lb-lab`, in the `lb-testkit`
 //! crate). xtask itself does not link the lab: it must build on a fresh machine before
 //! set-up has installed what the eBPF build needs.
 use std::process::ExitCode;
@@ -24,7 +24,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     p.section(1);
     p.step("build lb-agent and the lab (lb-lab, lb-podserver)", || {
         Cmd::new("cargo")
-            .args(["build", "-p", "lb-agent", "-p", "tests"])
+            .args(["build", "-p", "lb-agent", "-p", "lb-testkit"])
             .args([
                 "--bin",
                 "lb-agent",

@@ -18,10 +18,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub mod client;
+pub mod cluster;
 pub mod netns;
+pub mod procs;
 
 pub use client::{http_get, http_request, ping, udp_request, HttpResponse, LineConn};
+pub use cluster::{Cluster, NodeNs, Topology};
 pub use netns::{list_namespaces, namespace_exists, pid_alive, Netns, Proc};
+pub use procs::Procs;
 
 /// Client address (client ns, `eth0`).
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
@@ -126,7 +130,7 @@ pub fn sweep_stale_namespaces() -> Vec<String> {
 }
 
 /// Distinguishes labs created by one process.
-static LAB_COUNTER: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static LAB_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// How many pods a [`Lab`] gets.
 #[derive(Clone, Debug)]
@@ -158,7 +162,7 @@ pub struct Lab {
     pub node: Netns,
     pub pods: Vec<PodNs>,
     /// Processes the lab owns, by label; killed before the namespaces go.
-    procs: Vec<(String, Proc)>,
+    procs: Procs,
 }
 
 impl Lab {
@@ -183,7 +187,7 @@ impl Lab {
             client,
             node,
             pods: Vec::with_capacity(config.pods),
-            procs: Vec::new(),
+            procs: Procs::default(),
         };
         lab.wire_uplink();
         for i in 0..config.pods {
@@ -239,42 +243,15 @@ impl Lab {
     }
 
     fn add_pod(&mut self, i: usize) {
-        let name = format!("pod{i}");
-        let ns = Netns::new(format!("{}{name}", self.prefix));
-        let ip = pod_ip(i);
-        let veth = node_veth(i);
-        let node = &self.node;
-        ns.ip(&[
-            "link",
-            "add",
-            POD_IF,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &veth,
-            "netns",
-            node.name(),
-        ]);
-        let pod_cidr = format!("{ip}/32");
-        let gw_cidr = format!("{POD_GW}/32");
-        let gw = POD_GW.to_string();
-        ns.ip(&["addr", "add", &pod_cidr, "dev", POD_IF]);
-        ns.ip(&["link", "set", POD_IF, "up"]);
-        ns.ip(&[
-            "route", "add", "default", "via", &gw, "dev", POD_IF, "onlink",
-        ]);
-        node.ip(&["addr", "add", &gw_cidr, "dev", &veth]);
-        node.ip(&["link", "set", &veth, "up"]);
-        node.ip(&["route", "add", &pod_cidr, "dev", &veth, "scope", "link"]);
-        disable_tx_csum(&ns, POD_IF);
-        disable_tx_csum(node, &veth);
-        self.pods.push(PodNs {
-            ns,
-            name,
-            ip,
-            node_veth: veth,
-        });
+        let pod = wire_pod(
+            &self.node,
+            &self.prefix,
+            format!("pod{i}"),
+            pod_ip(i),
+            POD_GW,
+            node_veth(i),
+        );
+        self.pods.push(pod);
     }
 
     /// Pings (bounded: 5 tries of 1 s each) client -> node, node ->
@@ -284,24 +261,7 @@ impl Lab {
         let mut paths: Vec<(&Netns, Ipv4Addr)> = vec![(&self.client, NODE_IP)];
         paths.extend(self.pods.iter().map(|p| (&self.node, p.ip)));
         paths.extend(self.pods.iter().map(|p| (&self.client, p.ip)));
-        for (from, to) in paths {
-            let result = from.enter(|| {
-                let mut last = None;
-                for _ in 0..PING_TRIES {
-                    match ping(to, PING_TIMEOUT) {
-                        Ok(rtt) => return Ok(rtt),
-                        Err(e) => last = Some(e),
-                    }
-                }
-                Err(last.map(|e| e.to_string()).unwrap_or_default())
-            });
-            if let Err(e) = result {
-                panic!(
-                    "lab not wired: {to} does not answer pings from namespace {} after {PING_TRIES} tries: {e}",
-                    from.name()
-                );
-            }
-        }
+        ping_all(&paths);
     }
 
     /// Starts `lb-podserver` (found by [`podserver_bin`]) in every pod; see
@@ -315,58 +275,24 @@ impl Lab {
     /// (bounded) for each to print `ready`. Replaces servers started earlier. The processes
     /// are owned by the lab under the label `podserver:pod{i}` ([`Lab::proc_mut`]).
     pub fn start_pod_servers_with(&mut self, bin: &Path, http: &[u16], udp: &[u16], line: &[u16]) {
-        assert!(
-            bin.is_file(),
-            "pod server binary {} does not exist; build it with `cargo build -p tests --bins`",
-            bin.display()
-        );
-        let bin_str = bin.to_string_lossy().into_owned();
-        let mut started = Vec::new();
-        for i in 0..self.pods.len() {
-            let label = pod_server_label(i);
-            drop(self.take_proc(&label));
-            let mut args: Vec<String> =
-                vec![bin_str.clone(), "--name".into(), self.pods[i].name.clone()];
-            for (flag, ports) in [("--http", http), ("--udp", udp), ("--line", line)] {
-                for p in ports {
-                    args.push(flag.into());
-                    args.push(p.to_string());
-                }
-            }
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let proc = self.pods[i].ns.spawn(&args);
-            self.adopt(label.clone(), proc);
-            started.push(label);
-        }
-        for label in started {
-            if let Some(p) = self.proc_mut(&label) {
-                if let Err(e) = p.wait_for_log("ready", SERVER_READY_TIMEOUT) {
-                    panic!("pod server {label} did not start: {e}");
-                }
-            }
-        }
+        let pods: Vec<&PodNs> = self.pods.iter().collect();
+        start_pod_servers_in(&mut self.procs, &pods, bin, http, udp, line);
     }
 
     /// Hands a process to the lab: it is killed when the lab drops (before the namespaces
     /// are deleted). A process already under `label` is killed and replaced.
     pub fn adopt(&mut self, label: impl Into<String>, proc: Proc) {
-        let label = label.into();
-        drop(self.take_proc(&label));
-        self.procs.push((label, proc));
+        self.procs.adopt(label, proc);
     }
 
     /// The owned process under `label`.
     pub fn proc_mut(&mut self, label: &str) -> Option<&mut Proc> {
-        self.procs
-            .iter_mut()
-            .find(|(l, _)| l == label)
-            .map(|(_, p)| p)
+        self.procs.get_mut(label)
     }
 
     /// Takes the owned process under `label` back from the lab.
     pub fn take_proc(&mut self, label: &str) -> Option<Proc> {
-        let idx = self.procs.iter().position(|(l, _)| l == label)?;
-        Some(self.procs.remove(idx).1)
+        self.procs.take(label)
     }
 
     /// Pod `i`'s server, if running under the lab.
@@ -383,15 +309,127 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         // Processes first, in reverse start order; the namespaces (fields) drop afterwards.
-        while let Some((_, mut proc)) = self.procs.pop() {
-            proc.kill();
-        }
+        self.procs.kill_all();
     }
 }
 
 /// Label of pod `i`'s server among a lab's processes.
 pub fn pod_server_label(i: usize) -> String {
-    format!("podserver:pod{i}")
+    server_label(&format!("pod{i}"))
+}
+
+/// Label of the server of the pod called `pod` among a lab's processes.
+pub fn server_label(pod: &str) -> String {
+    format!("podserver:{pod}")
+}
+
+/// Creates the pod namespace `<prefix><name>` with `eth0` at `ip/32` and a default route via
+/// `gw`, and its peer `veth` in `node` with `gw/32`, up, and a host route to the pod.
+pub(crate) fn wire_pod(
+    node: &Netns,
+    prefix: &str,
+    name: String,
+    ip: Ipv4Addr,
+    gw: Ipv4Addr,
+    veth: String,
+) -> PodNs {
+    let ns = Netns::new(format!("{prefix}{name}"));
+    ns.ip(&[
+        "link",
+        "add",
+        POD_IF,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &veth,
+        "netns",
+        node.name(),
+    ]);
+    let pod_cidr = format!("{ip}/32");
+    let gw_cidr = format!("{gw}/32");
+    let gw = gw.to_string();
+    ns.ip(&["addr", "add", &pod_cidr, "dev", POD_IF]);
+    ns.ip(&["link", "set", POD_IF, "up"]);
+    ns.ip(&[
+        "route", "add", "default", "via", &gw, "dev", POD_IF, "onlink",
+    ]);
+    node.ip(&["addr", "add", &gw_cidr, "dev", &veth]);
+    node.ip(&["link", "set", &veth, "up"]);
+    node.ip(&["route", "add", &pod_cidr, "dev", &veth, "scope", "link"]);
+    disable_tx_csum(&ns, POD_IF);
+    disable_tx_csum(node, &veth);
+    PodNs {
+        ns,
+        name,
+        ip,
+        node_veth: veth,
+    }
+}
+
+/// Pings each `(from, to)` (bounded: 5 tries of 1 s each); panics naming the first path that
+/// does not answer.
+pub(crate) fn ping_all(paths: &[(&Netns, Ipv4Addr)]) {
+    for (from, to) in paths {
+        let to = *to;
+        let result = from.enter(|| {
+            let mut last = None;
+            for _ in 0..PING_TRIES {
+                match ping(to, PING_TIMEOUT) {
+                    Ok(rtt) => return Ok(rtt),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.map(|e| e.to_string()).unwrap_or_default())
+        });
+        if let Err(e) = result {
+            panic!(
+                "lab not wired: {to} does not answer pings from namespace {} after {PING_TRIES} tries: {e}",
+                from.name()
+            );
+        }
+    }
+}
+
+/// Starts `bin --name NAME --http P... --udp P... --line P...` in each pod, owned by `procs`
+/// under [`server_label`], replacing servers started earlier, and waits (bounded) for each
+/// to print `ready`.
+pub(crate) fn start_pod_servers_in(
+    procs: &mut Procs,
+    pods: &[&PodNs],
+    bin: &Path,
+    http: &[u16],
+    udp: &[u16],
+    line: &[u16],
+) {
+    assert!(
+        bin.is_file(),
+        "pod server binary {} does not exist; build it with `cargo build -p lb-testkit --bins`",
+        bin.display()
+    );
+    let bin_str = bin.to_string_lossy().into_owned();
+    let mut started = Vec::new();
+    for pod in pods {
+        let label = server_label(&pod.name);
+        drop(procs.take(&label));
+        let mut args: Vec<String> = vec![bin_str.clone(), "--name".into(), pod.name.clone()];
+        for (flag, ports) in [("--http", http), ("--udp", udp), ("--line", line)] {
+            for p in ports {
+                args.push(flag.into());
+                args.push(p.to_string());
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        procs.adopt(label.clone(), pod.ns.spawn(&args));
+        started.push(label);
+    }
+    for label in started {
+        if let Some(p) = procs.get_mut(&label) {
+            if let Err(e) = p.wait_for_log("ready", SERVER_READY_TIMEOUT) {
+                panic!("pod server {label} did not start: {e}");
+            }
+        }
+    }
 }
 
 /// Turns TX checksum offload off on `dev` inside `ns`.
@@ -401,7 +439,7 @@ pub fn pod_server_label(i: usize) -> String {
 /// program fixes checksums incrementally, so on such a packet a wrong update would go
 /// unnoticed. With offload off, the sender computes full checksums in software, so what
 /// crosses the veth is complete, like on a physical NIC, and the receiver verifies it.
-fn disable_tx_csum(ns: &Netns, dev: &str) {
+pub(crate) fn disable_tx_csum(ns: &Netns, dev: &str) {
     ns.run(&["ethtool", "-K", dev, "tx", "off"]);
 }
 
@@ -423,7 +461,7 @@ pub fn podserver_bin() -> PathBuf {
         return found.clone();
     }
     panic!(
-        "lb-podserver not found (looked at {candidates:?}); build it with `cargo build -p tests --bins` \
+        "lb-podserver not found (looked at {candidates:?}); build it with `cargo build -p lb-testkit --bins` \
          or set LB_PODSERVER"
     );
 }

@@ -13,7 +13,7 @@ use lb_agent::{
     loader::PinLayout,
 };
 use lb_common::Reason;
-use tests::{
+use lb_testkit::{
     agent::{
         node_yaml, pod_yaml, service_yaml, start_agent, write_manifest, Endpoint, ManifestDir,
         SvcPort, NODE_NAME,
@@ -109,7 +109,7 @@ struct Env {
     lab: Lab,
     pins: PinDir,
     manifests: ManifestDir,
-    agent: Option<tests::agent::Agent>,
+    agent: Option<lb_testkit::agent::Agent>,
 }
 
 impl Env {
@@ -120,7 +120,7 @@ impl Env {
     /// The lab, the web Service over both pods, and an agent started with `extra` args.
     fn with_args(what: &str, extra: &[&str]) -> Self {
         let (lab, pins, manifests) = lab_with_web(what);
-        let agent = Some(tests::agent::start_agent_with(
+        let agent = Some(lb_testkit::agent::start_agent_with(
             &lab,
             &pins,
             manifests.path(),
@@ -245,7 +245,7 @@ fn hostports_and_untouched_node_ports() {
     assert_eq!(env.http(np(44300)).expect("hostPort 44300"), "pod0");
 
     // A port that is no service still reaches a server on the node itself, untouched.
-    let bin = tests::lab::podserver_bin();
+    let bin = lb_testkit::lab::podserver_bin();
     let node_srv = env.lab.node.spawn(&[
         bin.to_str().expect("path"),
         "--name",
@@ -433,7 +433,7 @@ fn metrics_and_status_report_what_the_datapath_did() {
             > 1000.0
     );
 
-    let bin = tests::agent::workspace_bin("lb-agent");
+    let bin = lb_testkit::agent::workspace_bin("lb-agent");
     let json = lab.node.run(&[
         bin.to_str().expect("path"),
         "status",
@@ -474,7 +474,7 @@ fn metrics_and_status_report_what_the_datapath_did() {
 fn a_full_service_map_is_retried_logged_and_counted_without_crashing() {
     // 22 entries wanted, 10 fit: some frontends never sync, so don't wait for the NodePort.
     let (lab, pins, manifests) = lab_with_web("e2e-full");
-    let agent = tests::agent::start_agent_with(
+    let agent = lb_testkit::agent::start_agent_with(
         &lab,
         &pins,
         manifests.path(),
@@ -508,7 +508,7 @@ fn a_full_service_map_is_retried_logged_and_counted_without_crashing() {
     );
     assert!(log.contains("retrying failed entries"), "{log}");
     assert!(
-        tests::lab::pid_alive(agent.proc.pid() as i32),
+        lb_testkit::lab::pid_alive(agent.proc.pid() as i32),
         "the agent keeps running:\n{log}"
     );
     // No frontend is half-applied: every master in the map has all its slots and backends.

@@ -3,10 +3,31 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _};
+use crate::schema::{PartResult, Results, Row, Stat};
 
-use super::schema::{PartResult, Row, Stat};
-use super::Results;
+/// Why [`check_report`] rejected a report.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("reading {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{} has no table", .0.display())]
+    NoTable(PathBuf),
+    #[error("{} problem(s) in {}:\n  {}", problems.len(), path.display(), problems.join("\n  "))]
+    Incomplete {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
 
 /// A number with as many digits as it deserves.
 pub fn num(x: f64) -> String {
@@ -623,13 +644,18 @@ fn control_plane(part: &PartResult, out: &mut String) {
     }
 }
 
-/// Checks a report written by `cargo xtask bench`: it exists, has at least one table, and
-/// every table row has a number in each of its value cells (no `—`, no `FAILED`); and, when
-/// `results.json` sits next to it, no measurement failed and every metric is a finite
-/// number. Never looks at how fast anything was.
-pub fn check_report(path: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the report {}", path.display()))?;
+/// Checks a report written by `lb-bench suite` (`cargo xtask bench`): it exists, has at
+/// least one table, and every table row has a number in each of its value cells (no `—`, no
+/// `FAILED`); and, when `results.json` sits next to it, no measurement failed and every
+/// metric is a finite number. Never looks at how fast anything was.
+pub fn check_report(path: &Path) -> Result<(), CheckError> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|source| CheckError::Read {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let text = read(path)?;
     let mut tables = 0;
     let mut problems = Vec::new();
     let lines: Vec<&str> = text.lines().collect();
@@ -662,14 +688,17 @@ pub fn check_report(path: &Path) -> anyhow::Result<()> {
         }
     }
     if tables == 0 {
-        bail!("{} has no table", path.display());
+        return Err(CheckError::NoTable(path.to_path_buf()));
     }
     if let Some(dir) = path.parent() {
         let json = dir.join("results.json");
         if json.exists() {
-            let text = std::fs::read_to_string(&json)?;
-            let results: Results = serde_json::from_str(&text)
-                .with_context(|| format!("parsing {}", json.display()))?;
+            let text = read(&json)?;
+            let results: Results =
+                serde_json::from_str(&text).map_err(|source| CheckError::Parse {
+                    path: json.clone(),
+                    source,
+                })?;
             for r in results.parts.iter().flat_map(|p| &p.rows) {
                 if let Some(e) = &r.error {
                     problems.push(format!("{} / {} / {}: failed: {e}", r.part, r.case, r.path));
@@ -688,20 +717,18 @@ pub fn check_report(path: &Path) -> anyhow::Result<()> {
         }
     }
     if !problems.is_empty() {
-        bail!(
-            "{} problem(s) in {}:\n  {}",
-            problems.len(),
-            path.display(),
-            problems.join("\n  ")
-        );
+        return Err(CheckError::Incomplete {
+            path: path.to_path_buf(),
+            problems,
+        });
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::sysinfo::Meta;
     use super::*;
+    use crate::sysinfo::Meta;
 
     fn stat(v: &[f64]) -> Stat {
         Stat::of(v)
@@ -799,8 +826,10 @@ mod tests {
     }
 
     fn write_tmp(name: &str, text: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("xtask-report-test-{}-{name}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "lb-bench-report-test-{}-{name}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("tmp dir");
         let p = dir.join("report.md");

@@ -16,10 +16,10 @@
 //! run on a quiet machine.
 use std::time::Duration;
 
+use lb_bench::schema::{PartResult, Row, Stat};
 use serde::Deserialize;
 
 use crate::labkit::{self, PathKind};
-use crate::schema::{PartResult, Row, Stat};
 use crate::services::Position;
 use crate::Progress;
 
@@ -121,7 +121,7 @@ fn tick_ns() -> f64 {
 }
 
 /// Received packets on the pod's `eth0`, read from inside the pod namespace.
-fn pod_rx_packets(lab: &tests::lab::Lab) -> anyhow::Result<u64> {
+fn pod_rx_packets(lab: &lb_testkit::lab::Lab) -> anyhow::Result<u64> {
     lab.pods[0].ns.enter(|| -> anyhow::Result<u64> {
         let text = std::fs::read_to_string("/proc/thread-self/net/dev")?;
         let line = text
@@ -233,7 +233,7 @@ pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
 /// One path's lab for the flood.
 struct FloodLab {
     kind: PathKind,
-    lab: tests::lab::Lab,
+    lab: lb_testkit::lab::Lab,
     active: labkit::Active,
     udp: std::net::SocketAddrV4,
     server_pid: u32,

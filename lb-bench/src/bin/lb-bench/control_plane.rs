@@ -23,12 +23,12 @@ use lb_agent::loader::{Capacities, Datapath};
 use lb_agent::model::{self, ModelConfig, Objects};
 use lb_agent::source::manifests;
 use lb_agent::sync::{Limits, Syncer};
+use lb_bench::schema::{PartResult, Row, Stat};
 use lb_common::{maps, Backend4, Frontend4Key, Service4Value, IPPROTO_TCP};
-use tests::bpffs::PinDir;
-use tests::lab::NODE_IP;
+use lb_testkit::bpffs::PinDir;
+use lb_testkit::lab::NODE_IP;
 
 use crate::labkit;
-use crate::schema::{PartResult, Row, Stat};
 use crate::services::{self, Position, ServiceSet, ENDPOINTS_PER_SERVICE};
 use crate::{bpf_batch, Progress};
 
@@ -459,7 +459,7 @@ fn endpoint_switch(n: usize, switches: usize, p: &Progress) -> anyhow::Result<Ro
     let mut events: Vec<(Instant, Instant, u8)> = Vec::new();
     let result = std::thread::scope(|s| -> anyhow::Result<()> {
         let client = s.spawn(|| -> anyhow::Result<()> {
-            tests::lab::netns::setns_net(&client_ns)?;
+            lb_testkit::lab::netns::setns_net(&client_ns)?;
             let timeout = Duration::from_secs(1);
             while !stop.load(Ordering::Relaxed)
                 && Instant::now() < deadline

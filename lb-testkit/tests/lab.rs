@@ -6,7 +6,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::time::Duration;
 
-use tests::lab::{
+use lb_testkit::lab::{
     http_get, http_request, list_namespaces, namespace_exists, node_veth, owner_pid, pid_alive,
     pod_ip, podserver_bin, sweep_stale_namespaces, udp_request, Lab, LabConfig, LineConn, Netns,
     CLIENT_IP, NODE_IP, POD_GW,

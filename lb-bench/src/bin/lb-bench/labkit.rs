@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use lb_agent::dataplane::{BpfDataplane, Dataplane};
 use lb_agent::loader::{Capacities, Datapath, XdpAttachMode};
+use lb_testkit::bpffs::PinDir;
+use lb_testkit::lab::netns::output_with_timeout;
+use lb_testkit::lab::{Lab, LabConfig, NODE_IP, NODE_UPLINK, POD_CIDR};
 use serde::Deserialize;
-use tests::bpffs::PinDir;
-use tests::lab::netns::output_with_timeout;
-use tests::lab::{Lab, LabConfig, NODE_IP, NODE_UPLINK, POD_CIDR};
 
 use crate::rules::{self, NodeConfig};
 use crate::services::{self, Position, ServiceSet};
@@ -69,7 +69,7 @@ pub fn loadgen_bin() -> anyhow::Result<PathBuf> {
     let p = dir.join("lb-loadgen");
     anyhow::ensure!(
         p.is_file(),
-        "{} not found: build it with `cargo build --release -p tests --bins`",
+        "{} not found: build it with `cargo build --release -p lb-bench -p lb-testkit --bins`",
         p.display()
     );
     Ok(p)
@@ -422,7 +422,7 @@ pub fn client_run(
 /// returns the reply text.
 pub fn pod_control(lab: &Lab, i: usize, msg: &[u8]) -> anyhow::Result<String> {
     let r = lab.pods[i].ns.enter(|| {
-        tests::lab::udp_request(
+        lb_testkit::lab::udp_request(
             SocketAddrV4::new(Ipv4Addr::LOCALHOST, SERVER_PORT),
             msg,
             Duration::from_secs(2),

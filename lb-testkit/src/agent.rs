@@ -32,7 +32,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         if name == "lb-agent" {
             "lb-agent"
         } else {
-            "tests"
+            "lb-testkit"
         }
     );
     p

@@ -8,13 +8,30 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use anyhow::{anyhow, bail};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::report;
-use super::schema::{PartResult, Row};
-use super::Results;
+use crate::report;
+use crate::schema::{PartResult, Results, Row};
+
+/// Why a plot was not drawn.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No usable TrueType font (the message names the package to install).
+    #[error("{0}")]
+    Font(String),
+    /// The part has no row this plot can use.
+    #[error("no {0} data")]
+    NoData(&'static str),
+    /// plotters failed while drawing.
+    #[error("drawing: {0}")]
+    Draw(String),
+    /// plotters failed while writing a file.
+    #[error("{file}: {message}")]
+    Write { file: String, message: String },
+}
+
+type Result<T> = std::result::Result<T, Error>;
 
 const FONT: &str = "sans-serif";
 const FONT_FILES: [&str; 3] = [
@@ -24,8 +41,8 @@ const FONT_FILES: [&str; 3] = [
 ];
 
 /// Registers the font once; the error names the package to install.
-fn font() -> anyhow::Result<()> {
-    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+fn font() -> Result<()> {
+    static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     DONE.get_or_init(|| {
         let candidates: Vec<PathBuf> = std::env::var_os("LB_BENCH_FONT")
             .map(PathBuf::from)
@@ -44,31 +61,31 @@ fn font() -> anyhow::Result<()> {
             .map_err(|_| format!("{}: not a usable TrueType font", file.display()))
     })
     .clone()
-    .map_err(|e| anyhow!(e))
+    .map_err(Error::Font)
 }
 
 /// One figure, drawable on any backend.
 trait Figure {
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()>;
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()>;
 }
 
 struct PerPacket<'a>(&'a PartResult);
 struct E2e<'a>(&'a PartResult);
 
 impl Figure for PerPacket<'_> {
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
         per_packet(self.0, root)
     }
 }
 
 impl Figure for E2e<'_> {
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
         e2e(self.0, root)
     }
 }
 
 /// Draws every plot the results have data for; one result per plot (its files, or why not).
-pub fn all(results: &Results, out: &Path) -> Vec<anyhow::Result<Vec<PathBuf>>> {
+pub fn all(results: &Results, out: &Path) -> Vec<Result<Vec<PathBuf>>> {
     let mut v = Vec::new();
     for part in &results.parts {
         if !part.rows.iter().any(|r| r.error.is_none()) {
@@ -84,30 +101,31 @@ pub fn all(results: &Results, out: &Path) -> Vec<anyhow::Result<Vec<PathBuf>>> {
 }
 
 /// Draws `fig` into `NAME.svg` and `NAME.png`.
-fn both(
-    out: &Path,
-    name: &str,
-    size: (u32, u32),
-    fig: &impl Figure,
-) -> anyhow::Result<Vec<PathBuf>> {
+fn both(out: &Path, name: &str, size: (u32, u32), fig: &impl Figure) -> Result<Vec<PathBuf>> {
     font()?;
     let svg = out.join(format!("{name}.svg"));
     let png = out.join(format!("{name}.png"));
     {
         let root = SVGBackend::new(&svg, size).into_drawing_area();
         fig.draw(&root)?;
-        root.present().map_err(|e| anyhow!("{name}.svg: {e}"))?;
+        root.present().map_err(|e| Error::Write {
+            file: format!("{name}.svg"),
+            message: e.to_string(),
+        })?;
     }
     {
         let root = BitMapBackend::new(&png, size).into_drawing_area();
         fig.draw(&root)?;
-        root.present().map_err(|e| anyhow!("{name}.png: {e}"))?;
+        root.present().map_err(|e| Error::Write {
+            file: format!("{name}.png"),
+            message: e.to_string(),
+        })?;
     }
     Ok(vec![svg, png])
 }
 
-fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
-    anyhow!("drawing: {e:?}")
+fn err<E: std::fmt::Debug>(e: E) -> Error {
+    Error::Draw(format!("{e:?}"))
 }
 
 /// A colour per series, readable on white.
@@ -146,10 +164,7 @@ fn x_range(ns: &[u64]) -> std::ops::Range<f64> {
     0.5..max * 2.0
 }
 
-fn per_packet<DB: DrawingBackend>(
-    part: &PartResult,
-    root: &DrawingArea<DB, Shift>,
-) -> anyhow::Result<()> {
+fn per_packet<DB: DrawingBackend>(part: &PartResult, root: &DrawingArea<DB, Shift>) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
     let ok: Vec<&Row> = part
         .rows
@@ -157,7 +172,7 @@ fn per_packet<DB: DrawingBackend>(
         .filter(|r| r.error.is_none() && r.get("ns_per_packet").is_some())
         .collect();
     if ok.is_empty() {
-        bail!("no per-packet data");
+        return Err(Error::NoData("per-packet"));
     }
     let ct = |r: &Row| r.params.get("ct_entries").is_some_and(|c| c != "0");
     let ns: Vec<u64> = ok.iter().map(|r| r.services).collect();
@@ -254,8 +269,14 @@ fn per_packet<DB: DrawingBackend>(
                 .map_err(err)?;
         }
     }
+    // A legend entry only: an invisible point far below the plot (not so far that its pixel
+    // coordinate overflows an i32).
     chart
-        .draw_series(std::iter::once(Cross::new((0.6, -1e9), 0, WHITE)))
+        .draw_series(std::iter::once(Cross::new(
+            (0.6, -10.0 * ymax.max(1.0)),
+            0,
+            WHITE,
+        )))
         .map_err(err)?
         .label("×: same frame with 1M conntrack entries loaded")
         .legend(|(x, y)| Cross::new((x + 10, y), 5, BLACK.stroke_width(2)));
@@ -281,7 +302,7 @@ fn report_order(it: impl Iterator<Item = String>) -> Vec<String> {
     v
 }
 
-fn e2e<DB: DrawingBackend>(part: &PartResult, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+fn e2e<DB: DrawingBackend>(part: &PartResult, root: &DrawingArea<DB, Shift>) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
     let root = root
         .titled(
@@ -296,7 +317,7 @@ fn e2e<DB: DrawingBackend>(part: &PartResult, root: &DrawingArea<DB, Shift>) -> 
         .collect();
     let modes = report_order(ok.iter().map(|r| r.case.clone()));
     if modes.is_empty() {
-        bail!("no e2e latency data");
+        return Err(Error::NoData("e2e latency"));
     }
     let panels = root.split_evenly((2, modes.len()));
     let (top, bottom) = panels.split_at(modes.len());
@@ -381,7 +402,7 @@ fn ratio_panel<DB: DrawingBackend>(
     ok: &[&Row],
     mode: &str,
     panel: &DrawingArea<DB, Shift>,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let rows: Vec<&&Row> = ok.iter().filter(|r| r.case == mode).collect();
     let ns: Vec<u64> = rows.iter().map(|r| r.services).collect();
     let direct = |n: u64| {
@@ -446,4 +467,58 @@ fn ratio_panel<DB: DrawingBackend>(
             .map_err(err)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::Stat;
+    use crate::sysinfo::Meta;
+
+    /// Small numbers too: the legend-only point must stay within plotters' pixel range.
+    #[test]
+    fn draws_both_plots() {
+        let pp = |n: u64, ns: f64| {
+            Row::new("per-packet", "no service match", "ours (XDP)", n)
+                .param("ct_entries", 0)
+                .metric("ns_per_packet", "ns", Stat::of(&[ns, ns + 1.0]))
+        };
+        let e2e = |path: &str, n: u64| {
+            Row::new("e2e", "TCP_CRR", path, n)
+                .metric("p50_us", "µs", Stat::of(&[10.0, 11.0]))
+                .metric("p99_us", "µs", Stat::of(&[20.0, 21.0]))
+        };
+        let results = Results {
+            meta: Meta::default(),
+            parts: vec![
+                PartResult {
+                    part: "per-packet".into(),
+                    rows: vec![pp(1, 9.0), pp(1000, 10.0)],
+                    ..Default::default()
+                },
+                PartResult {
+                    part: "e2e".into(),
+                    rows: ["direct", "ours"]
+                        .iter()
+                        .flat_map(|p| [e2e(p, 1), e2e(p, 1000)])
+                        .collect(),
+                    ..Default::default()
+                },
+            ],
+        };
+        let dir = std::env::temp_dir().join(format!("lb-bench-plot-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let drawn = all(&results, &dir);
+        assert_eq!(drawn.len(), 2);
+        for r in drawn {
+            match r {
+                Ok(files) => assert!(files.iter().all(|f| f.is_file()), "{files:?}"),
+                // No font on this machine: nothing to draw with.
+                Err(Error::Font(e)) => eprintln!("skipped: {e}"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

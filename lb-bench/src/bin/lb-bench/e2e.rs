@@ -19,11 +19,11 @@ use std::net::SocketAddrV4;
 use std::path::Path;
 
 use lb_agent::dataplane::Dataplane as _;
+use lb_bench::schema::{PartResult, Row, Stat};
 use lb_common::Reason;
-use tests::lab::Lab;
+use lb_testkit::lab::Lab;
 
 use crate::labkit::{self, Active, ClientResult, PathKind};
-use crate::schema::{PartResult, Row, Stat};
 use crate::services::Position;
 use crate::Progress;
 

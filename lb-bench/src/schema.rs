@@ -1,11 +1,11 @@
-//! The benchmark results format, shared by the measuring side (`lb-bench`, which compiles this
-//! file with `#[path]`) and the reporting side (`cargo xtask bench`): one [`PartResult`] per
-//! part, made of [`Row`]s, each with named [`Metric`]s summarised by [`Stat`].
-//!
-//! This file must build with only `std` and `serde` (both crates compile it).
+//! The benchmark results format: one [`PartResult`] per part (what `lb-bench PART` writes),
+//! made of [`Row`]s, each with named [`Metric`]s summarised by [`Stat`]; a whole run is a
+//! [`Results`] (`results.json`), the parts plus the run's [`Meta`].
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use crate::sysinfo::Meta;
 
 /// The benchmark parts, in run order.
 pub const PARTS: [&str; 4] = ["per-packet", "e2e", "throughput", "control-plane"];
@@ -193,6 +193,13 @@ pub struct PartResult {
     /// Facts about the run worth keeping (XDP attach mode, iptables backend, method notes).
     pub facts: BTreeMap<String, String>,
     pub elapsed_s: f64,
+}
+
+/// Everything one benchmark run produced: `results.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub meta: Meta,
+    pub parts: Vec<PartResult>,
 }
 
 #[cfg(test)]

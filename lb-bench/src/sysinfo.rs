@@ -2,12 +2,16 @@
 //! the code (git commit, dirty or not), the tools, when, how long and how busy the machine
 //! was.
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::util::Cmd;
+/// The work tree lb-bench was built from, whose commit a run records.
+const SOURCE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
+/// The run's metadata, `meta` in `results.json`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Meta {
     /// UTC, RFC 3339.
@@ -46,23 +50,13 @@ impl Meta {
             .and_then(|kb| kb.parse::<f64>().ok())
             .map_or(0.0, |kb| kb / (1024.0 * 1024.0));
         let git = |args: &[&str]| {
-            Cmd::new("git")
-                .args(args)
-                .capture()
-                .map(|c| c.stdout.trim().to_owned())
-                .ok()
+            let mut all = vec!["-C", SOURCE_DIR];
+            all.extend_from_slice(args);
+            output("git", &all).ok()
         };
         let mut tools = BTreeMap::new();
-        for (name, cmd) in [
-            ("rustc", &["rustc", "--version"][..]),
-            ("iptables", &["iptables", "--version"][..]),
-            ("nft", &["nft", "--version"][..]),
-        ] {
-            let v = Cmd::new(cmd[0])
-                .args(&cmd[1..])
-                .capture()
-                .map(|c| c.stdout.trim().to_owned())
-                .unwrap_or_else(|e| format!("unavailable: {e}"));
+        for (name, program) in [("rustc", "rustc"), ("iptables", "iptables"), ("nft", "nft")] {
+            let v = output(program, &["--version"]).unwrap_or_else(|e| format!("unavailable: {e}"));
             tools.insert(name.to_owned(), v);
         }
         Meta {
@@ -90,6 +84,39 @@ impl Meta {
             .to_owned();
         self.duration_s = duration_s;
     }
+}
+
+/// The trimmed stdout of `program args…`, or why there is none (it could not start, or it
+/// failed: then with the last line it printed).
+fn output(program: &str, args: &[&str]) -> Result<String, String> {
+    let shown = format!("{program} {}", args.join(" "));
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null());
+    // From the work tree, as its rust-toolchain file decides which rustc answers.
+    if Path::new(SOURCE_DIR).is_dir() {
+        cmd.current_dir(SOURCE_DIR);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("could not start `{shown}`: {e}"))?;
+    if !out.status.success() {
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let last = all
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        return Err(format!(
+            "`{shown}` failed ({}): {}",
+            out.status,
+            last.trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// `2026-11-23T12:34:56Z` (no date crate needed).

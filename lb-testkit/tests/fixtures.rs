@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{Reason, IPPROTO_TCP, IPPROTO_UDP};
-use tests::{
+use lb_testkit::{
     harness::{stat_deltas, FrontendSpec, Harness, Prog, TC_ACT_OK, XDP_DROP, XDP_PASS},
     packet::{arp_request, verify_checksums, Pkt, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN},
 };
@@ -560,7 +560,7 @@ fn with_tot_len(frame: &[u8]) -> Vec<u8> {
     let tot = (f.len() - 14) as u16;
     f[16..18].copy_from_slice(&tot.to_be_bytes());
     f[24..26].copy_from_slice(&[0, 0]);
-    let c = !tests::packet::fold(tests::packet::sum16(&f[14..34]));
+    let c = !lb_testkit::packet::fold(lb_testkit::packet::sum16(&f[14..34]));
     f[24..26].copy_from_slice(&c.to_be_bytes());
     f
 }

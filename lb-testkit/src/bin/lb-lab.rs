@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tests::{
+use lb_testkit::{
     agent::{
         node_yaml, pod_yaml, service_yaml, start_agent, workspace_bin, write_manifest, Endpoint,
         ManifestDir, SvcPort, NODE_NAME,
@@ -248,8 +248,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tests::lab::require_root();
-    tests::lab::require_tools();
+    lb_testkit::lab::require_root();
+    lb_testkit::lab::require_tools();
     match run(once) {
         Ok(code) => code,
         Err(e) => {
@@ -277,7 +277,7 @@ fn run(once: bool) -> anyhow::Result<ExitCode> {
         let mut lab = Lab::new(LabConfig { pods: 3 });
         lab.wait_reachable();
         lab.start_pod_servers(&[80, 443], &[53], &[]);
-        let bin = tests::lab::podserver_bin();
+        let bin = lb_testkit::lab::podserver_bin();
         let hostnet = lab.node.spawn(&[
             &bin.to_string_lossy(),
             "--name",

@@ -7,7 +7,7 @@ use lb_agent::{
     loader::{Capacities, Datapath, LoadError},
 };
 use lb_common::{Frontend4Key, Service4Value};
-use tests::{
+use lb_testkit::{
     agent::workspace_bin,
     bpffs::PinDir,
     harness::Harness,
@@ -16,7 +16,7 @@ use tests::{
 
 #[test]
 fn attach_to_a_missing_interface_names_it() {
-    tests::lab::require_root();
+    lb_testkit::lab::require_root();
     let pins = PinDir::new("noif");
     let mut dp = Datapath::load(pins.path(), &Capacities::default()).expect("load");
     let err = dp
@@ -74,7 +74,7 @@ fn a_full_map_is_reported_with_its_name_and_size() {
 
 #[test]
 fn agent_without_privileges_says_which_capabilities_it_needs() {
-    tests::lab::require_root();
+    lb_testkit::lab::require_root();
     let lab = Lab::new(LabConfig { pods: 0 });
     let dir = std::env::temp_dir().join(format!("lbt-{}-noprivs", std::process::id()));
     std::fs::create_dir_all(&dir).expect("mkdir");
@@ -119,38 +119,38 @@ fn detach_removes_the_programs_and_the_pins() {
     let pins = PinDir::new("detach");
     let dir = std::env::temp_dir().join(format!("lbt-{}-detach", std::process::id()));
     std::fs::create_dir_all(&dir).expect("mkdir");
-    let node_ip = tests::lab::NODE_IP;
-    tests::agent::write_manifest(
+    let node_ip = lb_testkit::lab::NODE_IP;
+    lb_testkit::agent::write_manifest(
         &dir,
         "all.yaml",
         &[
-            tests::agent::node_yaml(tests::agent::NODE_NAME, node_ip),
-            tests::agent::service_yaml(
+            lb_testkit::agent::node_yaml(lb_testkit::agent::NODE_NAME, node_ip),
+            lb_testkit::agent::service_yaml(
                 "web",
                 "NodePort",
                 Ipv4Addr::new(10, 96, 0, 1),
                 false,
-                &[tests::agent::SvcPort {
+                &[lb_testkit::agent::SvcPort {
                     name: "http",
                     proto: "TCP",
                     port: 80,
                     target: 80,
                     node_port: Some(30001),
                 }],
-                &[tests::agent::Endpoint {
-                    ip: tests::lab::pod_ip(0),
+                &[lb_testkit::agent::Endpoint {
+                    ip: lb_testkit::lab::pod_ip(0),
                     ready: true,
-                    node: tests::agent::NODE_NAME,
+                    node: lb_testkit::agent::NODE_NAME,
                 }],
             ),
         ],
     );
-    let mut agent = tests::agent::start_agent(&lab, &pins, &dir);
+    let mut agent = lb_testkit::agent::start_agent(&lab, &pins, &dir);
     let np = SocketAddrV4::new(node_ip, 30001);
     let t = Duration::from_secs(2);
     assert_eq!(
         lab.client
-            .enter(|| tests::lab::http_get(np, "/", t))
+            .enter(|| lb_testkit::lab::http_get(np, "/", t))
             .expect("via NodePort")
             .trim(),
         "pod0"
@@ -176,7 +176,7 @@ fn detach_removes_the_programs_and_the_pins() {
     );
     assert_eq!(tcx_egress_programs(&lab), 0, "TC egress detached");
     // Nothing DNATs the NodePort any more: the node itself refuses the connection.
-    let r = lab.client.enter(|| tests::lab::http_get(np, "/", t));
+    let r = lab.client.enter(|| lb_testkit::lab::http_get(np, "/", t));
     assert!(r.is_err(), "NodePort must not answer after detach: {r:?}");
 }
 
@@ -191,7 +191,7 @@ fn tcx_egress_programs(lab: &Lab) -> usize {
 
 #[test]
 fn reset_svc_stats_zeroes_every_cpu() {
-    use tests::{
+    use lb_testkit::{
         harness::{FrontendSpec, Prog},
         packet::{Pkt, TCP_SYN},
     };

@@ -27,16 +27,16 @@ use std::os::fd::AsFd;
 use std::time::Instant;
 
 use lb_agent::loader::Capacities;
+use lb_bench::schema::{PartResult, Row, Stat};
 use lb_common::{
     conntrack::{CT_FORWARD, CT_REPLY},
     service::flags,
     Backend4, Ct4Key, Ct4Value, Frontend4Key, Reason, Service4Value, IPPROTO_TCP,
 };
-use tests::harness::{stat_deltas, Harness, Prog, TC_ACT_OK, XDP_PASS};
-use tests::lab::NODE_IP;
-use tests::packet::{Pkt, TCP_ACK, TCP_SYN};
+use lb_testkit::harness::{stat_deltas, Harness, Prog, TC_ACT_OK, XDP_PASS};
+use lb_testkit::lab::NODE_IP;
+use lb_testkit::packet::{Pkt, TCP_ACK, TCP_SYN};
 
-use crate::schema::{PartResult, Row, Stat};
 use crate::services::{self, Position, ServiceSet};
 use crate::{bpf_batch, Progress};
 
