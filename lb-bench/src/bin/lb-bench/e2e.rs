@@ -337,7 +337,6 @@ fn rows_for(n: usize, pl: &PathLab, before: Option<Stats>, plan: &Plan) -> Vec<R
     rows
 }
 
-// Not `mod tests`: that name would shadow the `tests` crate in this module's `use`s.
 #[cfg(test)]
 mod unit {
     use super::*;
