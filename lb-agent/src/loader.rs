@@ -304,12 +304,22 @@ pub fn detach(dir: &Path, iface: &str) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Detach from every interface and remove every pin (maps included) under `dir`.
+/// Detach from every interface and remove every pin (maps included) under `dir`, then `dir`
+/// itself. Refuses, removing nothing, when `dir` holds anything but this tool's pin layout
+/// ([`PinLayout::owned_entries`]): `--bpffs /sys/fs/bpf` must never remove other programs'
+/// pins.
 pub fn teardown(dir: &Path) -> Result<(), LoadError> {
     if !dir.exists() {
         return Ok(());
     }
-    std::fs::remove_dir_all(dir).map_err(io_err(format!("remove {}", dir.display())))
+    for entry in PinLayout::new(dir).owned_entries()? {
+        if entry.is_dir() {
+            std::fs::remove_dir(&entry).map_err(io_err(format!("remove {}", entry.display())))?;
+        } else {
+            remove_pin(&entry)?;
+        }
+    }
+    std::fs::remove_dir(dir).map_err(io_err(format!("remove {}", dir.display())))
 }
 
 /// Interfaces with pinned links under `dir`.

@@ -30,6 +30,15 @@ pub enum LoadError {
     NoSuchInterface(String),
     #[error("{0} is not on a bpffs mount (mount -t bpf bpf /sys/fs/bpf)")]
     NotBpffs(PathBuf),
+    #[error(
+        "{dir} does not hold lb-agent's pin layout (maps/, progs/, links/ with its own pin \
+         names); refusing to remove it. Unexpected: {}",
+        unexpected.join(", ")
+    )]
+    NotOurPins {
+        dir: PathBuf,
+        unexpected: Vec<String>,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -147,8 +156,154 @@ impl PinLayout {
     }
 }
 
+impl PinLayout {
+    /// Every pin under the directory, after checking that it holds this tool's layout and
+    /// nothing else: at most `maps/`, `progs/` and `links/`, holding only pins named as the
+    /// maps and programs of `lb_common::maps`, `links/xdp-<if>` and `links/tc-egress-<if>`.
+    /// Anything else (another program's pins, a bpffs root such as `/sys/fs/bpf`) is
+    /// [`LoadError::NotOurPins`]. Returns the pins, then the sub-directories, in removal order.
+    pub fn owned_entries(&self) -> Result<Vec<PathBuf>, LoadError> {
+        let read = |d: &std::path::Path| -> Result<Vec<String>, LoadError> {
+            let rd = std::fs::read_dir(d).map_err(|source| LoadError::Io {
+                what: format!("reading {}", d.display()),
+                source,
+            })?;
+            let mut names = Vec::new();
+            for e in rd {
+                let e = e.map_err(|source| LoadError::Io {
+                    what: format!("reading {}", d.display()),
+                    source,
+                })?;
+                names.push(e.file_name().to_string_lossy().into_owned());
+            }
+            names.sort();
+            Ok(names)
+        };
+        let mut unexpected = Vec::new();
+        let mut pins = Vec::new();
+        let mut dirs = Vec::new();
+        for top in read(&self.dir)? {
+            let path = self.dir.join(&top);
+            let allowed: fn(&str) -> bool = match top.as_str() {
+                "maps" => |n| maps::ALL_MAPS.contains(&n),
+                "progs" => |n| n == maps::PROG_XDP_INGRESS || n == maps::PROG_TC_EGRESS,
+                "links" => |n| {
+                    n.strip_prefix("xdp-")
+                        .or_else(|| n.strip_prefix("tc-egress-"))
+                        .is_some_and(|iface| !iface.is_empty())
+                },
+                _ => {
+                    unexpected.push(top);
+                    continue;
+                }
+            };
+            if !path.is_dir() {
+                unexpected.push(top);
+                continue;
+            }
+            for name in read(&path)? {
+                if allowed(&name) {
+                    pins.push(path.join(&name));
+                } else {
+                    unexpected.push(format!("{top}/{name}"));
+                }
+            }
+            dirs.push(path);
+        }
+        if !unexpected.is_empty() {
+            return Err(LoadError::NotOurPins {
+                dir: self.dir.clone(),
+                unexpected,
+            });
+        }
+        pins.extend(dirs);
+        Ok(pins)
+    }
+}
+
 /// Open a pinned map of `dir` by name (used by `BpfDataplane` and `status`).
 pub fn open_pinned_map(pins: &PinLayout, name: &'static str) -> Result<MapData, LoadError> {
     MapData::from_pin(pins.map(name))
         .map_err(|source| classify(format!("opening pinned map {name}"), map_err(name, source)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(name: &str, files: &[&str]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("lb-pins-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for f in files {
+            let p = dir.join(f);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            if !f.ends_with('/') {
+                std::fs::write(&p, b"").expect("write");
+            }
+        }
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        dir
+    }
+
+    #[test]
+    fn own_layout_is_listed_pins_first() {
+        let dir = tree(
+            "own",
+            &[
+                "maps/LB4_CT_V1",
+                "maps/LB_STATS_V1",
+                "progs/lb_xdp_ingress",
+                "links/xdp-eth0",
+                "links/tc-egress-eth0",
+            ],
+        );
+        let entries = PinLayout::new(&dir).owned_entries().expect("own layout");
+        let rel: Vec<String> = entries
+            .iter()
+            .map(|p| {
+                p.strip_prefix(&dir)
+                    .expect("under dir")
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            rel,
+            [
+                "links/tc-egress-eth0",
+                "links/xdp-eth0",
+                "maps/LB4_CT_V1",
+                "maps/LB_STATS_V1",
+                "progs/lb_xdp_ingress",
+                "links",
+                "maps",
+                "progs"
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_foreign_directory_is_refused_with_what_is_foreign() {
+        let dir = tree(
+            "foreign",
+            &[
+                "maps/LB4_CT_V1",
+                "maps/cilium_lb4_services_v2",
+                "tc/globals/",
+                "links/xdp-",
+                "progs/lb_xdp_ingress",
+            ],
+        );
+        let err = PinLayout::new(&dir)
+            .owned_entries()
+            .expect_err("foreign pins");
+        let msg = err.to_string();
+        for foreign in ["maps/cilium_lb4_services_v2", "tc", "links/xdp-"] {
+            assert!(msg.contains(foreign), "{foreign} not named in: {msg}");
+        }
+        assert!(!msg.contains("LB4_CT_V1"), "{msg}");
+        assert!(msg.contains("refusing to remove it"), "{msg}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -180,6 +180,32 @@ fn detach_removes_the_programs_and_the_pins() {
     assert!(r.is_err(), "NodePort must not answer after detach: {r:?}");
 }
 
+/// `detach` without `--iface` removes a whole pin directory, so it must refuse one that holds
+/// anything but its own layout (`--bpffs /sys/fs/bpf` must not remove other programs' pins),
+/// and remove nothing.
+#[test]
+fn detach_refuses_a_directory_that_is_not_its_pin_layout() {
+    lb_testkit::lab::require_root();
+    let pins = PinDir::new("foreign");
+    let foreign = pins.path().join("tc").join("globals");
+    std::fs::create_dir_all(&foreign).expect("mkdir on bpffs");
+    std::fs::create_dir_all(pins.path().join("maps")).expect("mkdir on bpffs");
+    let bin = workspace_bin("lb-agent");
+    let out = std::process::Command::new(&bin)
+        .args(["detach", "--bpffs"])
+        .arg(pins.path())
+        .output()
+        .expect("run lb-agent detach");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "detach must fail: {stderr}");
+    assert!(
+        stderr.contains("does not hold lb-agent's pin layout") && stderr.contains("tc"),
+        "{stderr}"
+    );
+    assert!(foreign.is_dir(), "the foreign pins were removed");
+    assert!(pins.path().join("maps").is_dir(), "nothing may be removed");
+}
+
 /// Programs attached to the node uplink's TCX egress hook.
 fn tcx_egress_programs(lab: &Lab) -> usize {
     use aya::programs::{SchedClassifier, TcAttachType};
