@@ -46,9 +46,14 @@ enum Cmd {
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["kubeconfig", "in_cluster", "manifests"])))]
 pub struct RunArgs {
-    /// This node's name (Pods' spec.nodeName, EndpointSlice nodeName, the Node object).
+    /// This node's name (Pods' spec.nodeName, EndpointSlice nodeName, the Node object). The
+    /// agent reads every Node and takes this one's InternalIP/ExternalIP as NodePort addresses.
     #[arg(long)]
     node_name: String,
+    /// Extra IPv4 addresses of this node that NodePorts answer on, besides its Node object's
+    /// (repeat or separate with commas).
+    #[arg(long, value_delimiter = ',')]
+    node_addr: Vec<std::net::Ipv4Addr>,
     /// Uplink interfaces to attach to (XDP ingress + TC egress).
     #[arg(long, value_delimiter = ',', required = true)]
     iface: Vec<String>,

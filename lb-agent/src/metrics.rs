@@ -27,6 +27,10 @@ pub struct Metrics {
     /// (svc_id, frontend, owner) of every synced frontend.
     pub frontends: Vec<(u32, String, String)>,
     pub problems: usize,
+    /// Whether this node's own Node object was found in the last model.
+    pub own_node_found: bool,
+    /// Nodes known besides this one.
+    pub peer_nodes: usize,
 }
 
 impl Metrics {
@@ -38,6 +42,8 @@ impl Metrics {
         self.puts += r.puts as u64;
         self.deletes += r.deletes as u64;
         self.problems = d.problems.len();
+        self.own_node_found = d.own_node_found;
+        self.peer_nodes = d.peer_nodes.len();
         self.frontends = d
             .frontends
             .iter()
@@ -78,6 +84,15 @@ pub fn render(m: &Metrics, dp: &BpfDataplane) -> String {
     let _ = writeln!(o, "lb_sync_map_writes_total{{op=\"delete\"}} {}", m.deletes);
     let _ = writeln!(o, "# TYPE lb_model_problems gauge");
     let _ = writeln!(o, "lb_model_problems {}", m.problems);
+    let _ = writeln!(
+        o,
+        "# HELP lb_node_found 1 when this node's own Node object is known (else NodePorts answer only on --node-addr addresses)"
+    );
+    let _ = writeln!(o, "# TYPE lb_node_found gauge");
+    let _ = writeln!(o, "lb_node_found {}", u8::from(m.own_node_found));
+    let _ = writeln!(o, "# HELP lb_peer_nodes Other Nodes known to this agent");
+    let _ = writeln!(o, "# TYPE lb_peer_nodes gauge");
+    let _ = writeln!(o, "lb_peer_nodes {}", m.peer_nodes);
     let _ = writeln!(o, "# HELP lb_map_entries Entries per BPF map.");
     let _ = writeln!(o, "# TYPE lb_map_entries gauge");
     for (map, n) in &m.entries {

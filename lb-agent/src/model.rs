@@ -49,8 +49,9 @@ pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
     pub pods: Vec<Pod>,
-    /// This node (its addresses are the NodePort addresses).
-    pub node: Option<Node>,
+    /// The cluster's Nodes. This node's own (by [`ModelConfig::node_name`]) gives the NodePort
+    /// addresses; the others are the peers that remote endpoints live on.
+    pub nodes: Vec<Node>,
 }
 
 /// Per-node settings of the model.
@@ -60,7 +61,8 @@ pub struct ModelConfig {
     pub node_name: String,
     /// The cluster's `--service-node-port-range`.
     pub nodeport_range: RangeInclusive<u16>,
-    /// Addresses NodePorts answer on in addition to the Node's InternalIP/ExternalIP.
+    /// Addresses NodePorts answer on in addition to the Node's InternalIP/ExternalIP
+    /// (`--node-addr`).
     pub extra_node_addrs: Vec<Ipv4Addr>,
 }
 
@@ -199,6 +201,14 @@ impl fmt::Display for Problem {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     pub node_addrs: BTreeSet<Ipv4Addr>,
+    /// Whether this node's own Node object was found (false: NodePorts answer only on the
+    /// `--node-addr` addresses, and [`Desired::node_warning`] says so).
+    pub own_node_found: bool,
+    /// Why this node has no Node object, for the log, `/metrics` (`lb_node_found`) and
+    /// `status`. A node-level condition, not a problem of one object.
+    pub node_warning: Option<String>,
+    /// The other Nodes by name: their first IPv4 InternalIP (ExternalIP when there is none).
+    pub peer_nodes: BTreeMap<String, Ipv4Addr>,
     pub frontends: BTreeMap<FrontendId, Frontend>,
     pub problems: Vec<Problem>,
 }
@@ -210,7 +220,25 @@ pub fn compute(objs: &Objects, cfg: &ModelConfig) -> Desired {
         problems: Vec::new(),
         seen: BTreeSet::new(),
     };
-    let node_addrs = node_addrs(objs.node.as_ref(), &mut cx);
+    let (node_addrs, own_node_found, peer_nodes) = nodes(&objs.nodes, &mut cx);
+    let node_warning = (!own_node_found && !cfg.node_name.is_empty()).then(|| {
+        let extra: Vec<String> = cfg
+            .extra_node_addrs
+            .iter()
+            .map(Ipv4Addr::to_string)
+            .collect();
+        format!(
+            "Node {}: this node's own Node object was not found among {} Node(s); NodePorts \
+             answer only on the --node-addr addresses ({})",
+            cfg.node_name,
+            objs.nodes.len(),
+            if extra.is_empty() {
+                "none".to_string()
+            } else {
+                extra.join(", ")
+            }
+        )
+    });
     let slices = index_slices(&objs.slices);
 
     // Older objects claim first, so a new object never takes over an existing frontend.
@@ -238,6 +266,9 @@ pub fn compute(objs: &Objects, cfg: &ModelConfig) -> Desired {
     }
     Desired {
         node_addrs,
+        own_node_found,
+        node_warning,
+        peer_nodes,
         frontends,
         problems: cx.problems,
     }
@@ -363,31 +394,56 @@ fn parse_ipv4(s: &str) -> Result<Option<Ipv4Addr>, ()> {
     }
 }
 
-fn node_addrs(node: Option<&Node>, cx: &mut Cx<'_>) -> BTreeSet<Ipv4Addr> {
-    let mut out: BTreeSet<Ipv4Addr> = cx.cfg.extra_node_addrs.iter().copied().collect();
-    let Some(node) = node else {
-        return out;
-    };
-    let object = format!("Node {}", name(&node.metadata));
-    if !cx.cfg.node_name.is_empty() && name(&node.metadata) != cx.cfg.node_name {
-        cx.problem(
-            &object,
-            format!(
-                "is not this node ({}); its addresses are ignored",
-                cx.cfg.node_name
-            ),
-        );
-        return out;
+/// This node's addresses (its own Node's InternalIP/ExternalIP plus `--node-addr`), whether
+/// its own Node was found, and the other Nodes' addresses by name.
+///
+/// The own Node is the one named [`ModelConfig::node_name`]; with no name configured (tests
+/// of a one-node world), a single Node is taken as the own one.
+fn nodes(
+    nodes: &[Node],
+    cx: &mut Cx<'_>,
+) -> (BTreeSet<Ipv4Addr>, bool, BTreeMap<String, Ipv4Addr>) {
+    let mut own: BTreeSet<Ipv4Addr> = cx.cfg.extra_node_addrs.iter().copied().collect();
+    let mut peers = BTreeMap::new();
+    let want = cx.cfg.node_name.clone();
+    let mut found = false;
+    for node in nodes {
+        let node_name = name(&node.metadata);
+        let is_own = if want.is_empty() {
+            nodes.len() == 1
+        } else {
+            node_name == want
+        };
+        let addrs = node_addresses(node, cx);
+        if is_own {
+            found = true;
+            own.extend(addrs.iter().map(|(_, ip)| *ip));
+        } else {
+            let pick = addrs
+                .iter()
+                .find(|(t, _)| *t == "InternalIP")
+                .or_else(|| addrs.first());
+            if let Some((_, ip)) = pick {
+                peers.insert(node_name.to_string(), *ip);
+            }
+        }
     }
+    (own, found, peers)
+}
+
+/// A Node's IPv4 InternalIP and ExternalIP addresses, in status order, with their type.
+fn node_addresses(node: &Node, cx: &mut Cx<'_>) -> Vec<(&'static str, Ipv4Addr)> {
+    let object = format!("Node {}", name(&node.metadata));
+    let mut out = Vec::new();
     let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
     for a in addresses.into_iter().flatten() {
-        if a.type_ != "InternalIP" && a.type_ != "ExternalIP" {
-            continue;
-        }
+        let kind = match a.type_.as_str() {
+            "InternalIP" => "InternalIP",
+            "ExternalIP" => "ExternalIP",
+            _ => continue,
+        };
         match parse_ipv4(&a.address) {
-            Ok(Some(ip)) => {
-                out.insert(ip);
-            }
+            Ok(Some(ip)) => out.push((kind, ip)),
             Ok(None) => {}
             Err(()) => cx.problem(
                 &object,

@@ -54,7 +54,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = ModelConfig {
         node_name: args.node_name.clone(),
         nodeport_range: args.nodeport_range.clone(),
-        extra_node_addrs: Vec::new(),
+        extra_node_addrs: args.node_addr.clone(),
     };
     let mut objects_rx = start_source(&args).await?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -62,6 +62,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut backoff = BACKOFF_MIN;
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut last: Option<Arc<Objects>> = None;
+    let mut last_node_warning: Option<String> = None;
     loop {
         let retry = async {
             match retry_at {
@@ -89,6 +90,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let Some(objs) = last.clone() else { continue };
         let started = Instant::now();
         let desired = model::compute(&objs, &cfg);
+        if desired.node_warning != last_node_warning {
+            match &desired.node_warning {
+                Some(w) => log::warn!("{w}"),
+                None if last_node_warning.is_some() => {
+                    log::info!("Node {}: found", cfg.node_name);
+                }
+                None => {}
+            }
+            last_node_warning = desired.node_warning.clone();
+        }
         let report = syncer.apply(&desired, &mut dp);
         let took = started.elapsed();
         for f in &report.failures {
@@ -175,15 +186,11 @@ async fn watch_manifests(dir: PathBuf, tx: tokio::sync::watch::Sender<Option<Arc
                         log::warn!("manifests: {p}");
                     }
                     log::info!(
-                        "manifests: {} services, {} endpointslices, {} pods, node {}",
+                        "manifests: {} services, {} endpointslices, {} pods, {} nodes",
                         objs.services.len(),
                         objs.slices.len(),
                         objs.pods.len(),
-                        if objs.node.is_some() {
-                            "found"
-                        } else {
-                            "missing"
-                        }
+                        objs.nodes.len(),
                     );
                     seen = Some(fp);
                     if tx.send(Some(Arc::new(objs))).is_err() {

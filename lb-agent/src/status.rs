@@ -162,12 +162,23 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
                 } else {
                     ifaces.join(",")
                 },
-                node_addrs
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
+                if node_addrs.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    node_addrs
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                }
             );
+            if node_addrs.is_empty() {
+                println!(
+                    "warning: no node addresses: NodePorts and wildcard hostPorts answer nowhere. \
+                     Is this node's own Node object missing (--node-name must match it; see \
+                     lb_node_found in /metrics and the agent's log), or add --node-addr.\n"
+                );
+            }
             table(
                 &["FRONTEND", "KIND", "SVC-ID", "BACKENDS", "PACKETS", "BYTES"],
                 &fe_rows,

@@ -79,19 +79,29 @@ fn summary(s: &Snapshot) -> String {
         names(&s.objects.services),
         names(&s.objects.slices),
         names(&s.objects.pods),
-        s.objects.node.as_ref().map(|n| n.name_any()),
+        node_names(s),
     )
 }
 
+fn node_names(s: &Snapshot) -> Vec<String> {
+    s.objects.nodes.iter().map(|n| n.name_any()).collect()
+}
+
+/// This node's own Node among the cluster-wide list.
+fn own_node(s: &Snapshot) -> Option<&Node> {
+    node_named(s, NODE)
+}
+
+fn node_named<'a>(s: &'a Snapshot, name: &str) -> Option<&'a Node> {
+    s.objects.nodes.iter().find(|n| n.name_any() == name)
+}
+
 fn node_ip(s: &Snapshot) -> Option<String> {
-    let addrs = s
-        .objects
-        .node
-        .as_ref()?
-        .status
-        .as_ref()?
-        .addresses
-        .as_ref()?;
+    address_of(own_node(s)?)
+}
+
+fn address_of(node: &Node) -> Option<String> {
+    let addrs = node.status.as_ref()?.addresses.as_ref()?;
     addrs.first().map(|a| a.address.clone())
 }
 
@@ -132,7 +142,7 @@ async fn ready_only_after_every_kind_is_listed() {
             summary(&snap)
         );
         assert_eq!(snap.generation, 0);
-        assert!(snap.objects.services.is_empty() && snap.objects.node.is_none());
+        assert!(snap.objects.services.is_empty() && snap.objects.nodes.is_empty());
     }
     server.hold_lists(Kind::Node, false);
     let snap = wait_snapshot(&mut rx, "ready", |s| s.ready).await;
@@ -174,10 +184,7 @@ async fn snapshot_has_only_this_nodes_pods_and_node_without_managed_fields() {
         names(&snap.objects.pods),
         ["default/b-second", "default/hostport"]
     );
-    assert_eq!(
-        snap.objects.node.as_ref().map(|n| n.name_any()).as_deref(),
-        Some(NODE)
-    );
+    assert_eq!(own_node(&snap).map(|n| n.name_any()).as_deref(), Some(NODE));
     for pod in &snap.objects.pods {
         let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
         assert_eq!(node, Some(NODE));
@@ -191,7 +198,7 @@ async fn snapshot_has_only_this_nodes_pods_and_node_without_managed_fields() {
         .map(|o| o.meta())
         .chain(snap.objects.slices.iter().map(|o| o.meta()))
         .chain(snap.objects.pods.iter().map(|o| o.meta()))
-        .chain(snap.objects.node.iter().map(|o| o.meta()));
+        .chain(snap.objects.nodes.iter().map(|o| o.meta()));
     for m in all_meta {
         assert!(m.managed_fields.as_ref().is_none_or(Vec::is_empty), "{m:?}");
         assert!(m.resource_version.is_some() && m.uid.is_some(), "{m:?}");
@@ -238,20 +245,24 @@ async fn added_modified_deleted_converge() {
     })
     .await;
 
-    // The other node changing is invisible; this node changing is seen.
+    // Every Node is watched: another node changing is seen, and so is this one.
     server.apply(&node("node-b", "192.168.1.99"));
+    wait_snapshot(&mut rx, "other node added", |s| {
+        node_named(s, "node-b").and_then(address_of).as_deref() == Some("192.168.1.99")
+    })
+    .await;
     server.apply(&node(NODE, "192.168.1.20"));
     let s4 = wait_snapshot(&mut rx, "node modified", |s| {
         node_ip(s).as_deref() == Some("192.168.1.20")
     })
     .await;
-    assert_eq!(
-        s4.objects.node.as_ref().map(|n| n.name_any()).as_deref(),
-        Some(NODE)
-    );
+    assert_eq!(node_names(&s4), [NODE, "node-b"], "sorted by name");
 
     assert!(server.delete::<Node>(None, NODE));
-    wait_snapshot(&mut rx, "node deleted", |s| s.objects.node.is_none()).await;
+    wait_snapshot(&mut rx, "own node deleted", |s| {
+        own_node(s).is_none() && node_names(s) == ["node-b"]
+    })
+    .await;
 
     // The watches were never restarted.
     for (kind, st) in server.all_stats() {
@@ -482,10 +493,11 @@ fn expected(server: &FakeApiServer, cfg: &ModelConfig) -> MapView {
             .into_iter()
             .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(NODE))
             .collect(),
-        node: server
-            .objects::<Node>()
-            .into_iter()
-            .find(|n| n.name_any() == NODE),
+        nodes: {
+            let mut nodes = server.objects::<Node>();
+            nodes.sort_by_key(|n| n.name_any());
+            nodes
+        },
     };
     desired_view(&model::compute(&objects, cfg))
 }

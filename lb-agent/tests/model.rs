@@ -249,7 +249,7 @@ fn objs(services: Vec<Service>, slices: Vec<EndpointSlice>, pods: Vec<Pod>) -> O
         services,
         slices,
         pods,
-        node: None,
+        nodes: Vec::new(),
     }
 }
 
@@ -451,7 +451,7 @@ fn named_target_port_resolves_per_slice() {
 #[test]
 fn node_fixture_gives_ipv4_internal_and_external_addresses() {
     let mut o = fixture("node-a.yaml");
-    assert!(o.node.is_some());
+    assert_eq!(o.nodes.len(), 1);
     o.services.clear();
     let mut c = cfg();
     c.extra_node_addrs = vec![ip("10.0.0.1")];
@@ -465,12 +465,19 @@ fn node_fixture_gives_ipv4_internal_and_external_addresses() {
 }
 
 #[test]
-fn node_of_another_name_is_ignored_with_a_problem() {
+fn node_of_another_name_is_a_peer_and_the_own_node_is_reported_missing() {
     let mut o = fixture("node-a.yaml");
     o.services.clear();
     let d = compute(&o, &ModelConfig::new("node-b"));
     assert!(d.node_addrs.is_empty());
-    assert!(has_problem(&d, "Node node-a", "not this node"));
+    assert!(!d.own_node_found);
+    assert_eq!(d.peer_nodes.get("node-a"), Some(&ip("192.168.1.10")));
+    let w = d.node_warning.as_deref().unwrap_or_default();
+    assert!(
+        w.contains("Node node-b: this node's own Node object was not found"),
+        "{w}"
+    );
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
 }
 
 #[test]
@@ -1484,7 +1491,7 @@ fn node_addresses_from_builder_malformed_and_other_types() {
         ],
     );
     let o = Objects {
-        node: Some(n),
+        nodes: vec![n],
         ..Objects::default()
     };
     let d = compute(&o, &cfg());

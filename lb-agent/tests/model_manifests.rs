@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lb_agent::model::{compute, ModelConfig, Objects, Problem};
-use lb_agent::source::manifests::{load_dir, load_dir_for_node, load_str, ManifestError};
+use lb_agent::source::manifests::{load_dir, load_str, ManifestError};
 
 /// A directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -234,39 +234,73 @@ fn unreadable_directory_is_an_error() {
     }
 }
 
+/// A cluster-wide Node dump is the normal input: every agent reading the same directory finds
+/// its own Node by name and knows the others; a missing own Node is a reported problem.
 #[test]
-fn nodes_first_kept_or_picked_by_name() {
+fn every_agent_finds_its_own_node_in_a_cluster_wide_dump() {
     let dir = TempDir::new();
     let node = |name: &str, addr: &str| {
-        format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {addr}\n")
+        format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {addr}\n  - type: Hostname\n    address: {name}\n")
     };
     dir.write(
         "nodes.yaml",
         &format!(
-            "{}---\n{}",
+            "{}---\n{}---\n{}",
             node("node-a", "192.168.1.10"),
-            node("node-b", "192.168.1.11")
+            node("node-b", "192.168.1.11"),
+            node("node-a", "192.168.1.99"),
         ),
     );
     let (o, problems) = load(&dir);
-    assert_eq!(
-        o.node
-            .as_ref()
-            .and_then(|n| n.metadata.name.clone())
-            .as_deref(),
-        Some("node-a")
-    );
-    assert!(problem_at(&problems, "nodes.yaml document 2")
+    let names: Vec<_> = o
+        .nodes
+        .iter()
+        .filter_map(|n| n.metadata.name.clone())
+        .collect();
+    assert_eq!(names, ["node-a", "node-b"]);
+    assert!(problem_at(&problems, "nodes.yaml document 3")
         .reason
-        .contains("node-b"));
+        .contains("Node node-a is defined again"));
 
-    let (o, problems) = load_dir_for_node(dir.path(), "node-b").expect("dir");
-    assert!(problems.is_empty(), "{problems:?}");
-    let d = compute(&o, &ModelConfig::new("node-b"));
+    let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().expect("ip");
+    for (me, mine, peer, peer_ip) in [
+        ("node-a", "192.168.1.10", "node-b", "192.168.1.11"),
+        ("node-b", "192.168.1.11", "node-a", "192.168.1.10"),
+    ] {
+        let d = compute(&o, &ModelConfig::new(me));
+        assert!(d.own_node_found, "{me}");
+        assert!(d.problems.is_empty(), "{me}: {:?}", d.problems);
+        assert_eq!(
+            d.node_addrs.into_iter().collect::<Vec<_>>(),
+            vec![ip(mine)],
+            "{me}"
+        );
+        assert_eq!(
+            d.peer_nodes.into_iter().collect::<Vec<_>>(),
+            vec![(peer.to_string(), ip(peer_ip))],
+            "{me}"
+        );
+    }
+
+    // No Node for this agent: a reported condition, and only the --node-addr addresses.
+    let mut cfg = ModelConfig::new("node-c");
+    cfg.extra_node_addrs = vec![ip("10.0.0.7")];
+    let d = compute(&o, &cfg);
+    assert!(!d.own_node_found);
     assert_eq!(
         d.node_addrs.into_iter().collect::<Vec<_>>(),
-        vec!["192.168.1.11".parse::<std::net::Ipv4Addr>().expect("ip")]
+        vec![ip("10.0.0.7")]
     );
+    assert_eq!(d.peer_nodes.len(), 2);
+    let w = d.node_warning.expect("a warning for the missing Node");
+    assert!(
+        w.starts_with("Node node-c:")
+            && w.contains("not found among 2 Node(s)")
+            && w.contains("10.0.0.7"),
+        "{w}"
+    );
+    let d = compute(&o, &ModelConfig::new("node-a"));
+    assert_eq!(d.node_warning, None);
 }
 
 #[test]

@@ -54,7 +54,7 @@ fn desired(frontends: Vec<(FrontendId, Vec<Backend>)>, node_addrs: &[&str]) -> D
             .into_iter()
             .map(|(id, b)| (id, frontend(b)))
             .collect(),
-        problems: Vec::new(),
+        ..Desired::default()
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     bpffs::PinDir,
-    lab::{Lab, Proc},
+    lab::{Lab, Netns, Proc},
 };
 
 /// The node name the lab's manifests use.
@@ -50,6 +50,18 @@ pub fn start_agent(lab: &Lab, pins: &PinDir, manifests: &Path) -> Agent {
 }
 
 pub fn start_agent_with(lab: &Lab, pins: &PinDir, manifests: &Path, extra: &[&str]) -> Agent {
+    start_agent_in(&lab.node, NODE_NAME, pins, manifests, extra)
+}
+
+/// Start `lb-agent run --node-name <node_name>` in the namespace `node` on its `up0`, reading
+/// `manifests`, and wait (bounded) for its first sync. For one node of a multi-node lab.
+pub fn start_agent_in(
+    node: &Netns,
+    node_name: &str,
+    pins: &PinDir,
+    manifests: &Path,
+    extra: &[&str],
+) -> Agent {
     let bin = workspace_bin("lb-agent");
     let pins_s = pins.path().to_string_lossy().to_string();
     let man = manifests.to_string_lossy().to_string();
@@ -57,7 +69,7 @@ pub fn start_agent_with(lab: &Lab, pins: &PinDir, manifests: &Path, extra: &[&st
         bin.to_str().expect("utf-8 path"),
         "run",
         "--node-name",
-        NODE_NAME,
+        node_name,
         "--iface",
         crate::lab::NODE_UPLINK,
         "--bpffs",
@@ -66,7 +78,7 @@ pub fn start_agent_with(lab: &Lab, pins: &PinDir, manifests: &Path, extra: &[&st
         &man,
     ];
     args.extend_from_slice(extra);
-    let proc = lab.node.spawn(&args);
+    let proc = node.spawn(&args);
     proc.wait_for_log("sync:", Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("lb-agent did not sync within 20 s: {e}\n{}", proc.log()));
     Agent { proc }

@@ -156,17 +156,19 @@ fn spawn(
         watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
         &notify,
     );
-    let (node, w4) = spawn_reflector::<Node>(
+    // Every Node: this node's own gives the NodePort addresses, the others are where remote
+    // endpoints live.
+    let (nodes, w4) = spawn_reflector::<Node>(
         "nodes",
         Api::all(client),
-        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        watcher::Config::default(),
         &notify,
     );
     let stores = Stores {
         services,
         slices,
         pods,
-        node,
+        nodes,
     };
     let (tx, rx) = watch::channel(Snapshot::default());
     let task = tokio::spawn(publish(
@@ -208,7 +210,7 @@ struct Stores {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     pods: Store<Pod>,
-    node: Store<Node>,
+    nodes: Store<Node>,
 }
 
 impl Stores {
@@ -217,7 +219,7 @@ impl Stores {
             self.services.wait_until_ready(),
             self.slices.wait_until_ready(),
             self.pods.wait_until_ready(),
-            self.node.wait_until_ready(),
+            self.nodes.wait_until_ready(),
         )?;
         Ok(())
     }
@@ -232,7 +234,7 @@ impl Stores {
                 self.slices.wait_until_ready().now_or_never(),
             ),
             ("pods", self.pods.wait_until_ready().now_or_never()),
-            ("nodes", self.node.wait_until_ready().now_or_never()),
+            ("nodes", self.nodes.wait_until_ready().now_or_never()),
         ]
         .into_iter()
         .filter(|(_, ready)| !matches!(ready, Some(Ok(()))))
@@ -245,7 +247,7 @@ impl Stores {
             services: sorted(&self.services),
             slices: sorted(&self.slices),
             pods: sorted(&self.pods),
-            node: sorted(&self.node).into_iter().next(),
+            nodes: sorted(&self.nodes),
         }
     }
 }
@@ -261,7 +263,7 @@ where
 }
 
 fn same_objects(a: &Objects, b: &Objects) -> bool {
-    a.services == b.services && a.slices == b.slices && a.pods == b.pods && a.node == b.node
+    a.services == b.services && a.slices == b.slices && a.pods == b.pods && a.nodes == b.nodes
 }
 
 /// Start one reflector; returns its store and the task feeding it.
@@ -337,7 +339,11 @@ async fn publish(
             objects.slices.len(),
             objects.pods.len(),
         );
-        let has_node = objects.node.is_some();
+        let own_node = objects
+            .nodes
+            .iter()
+            .any(|n| n.metadata.name.as_deref() == Some(node_name.as_str()));
+        let nodes = objects.nodes.len();
         let sent = tx.send_if_modified(|snap| {
             if snap.ready && same_objects(&snap.objects, &objects) {
                 return false;
@@ -355,9 +361,10 @@ async fn publish(
         });
         if sent {
             debug!(
-                "snapshot {}: {services} services, {slices} endpointslices, {pods} pods, node {}",
+                "snapshot {}: {services} services, {slices} endpointslices, {pods} pods, \
+                 {nodes} nodes (own Node {node_name} {})",
                 tx.borrow().generation,
-                if has_node { "present" } else { "absent" }
+                if own_node { "present" } else { "absent" }
             );
         }
         tokio::select! {

@@ -32,22 +32,9 @@ pub enum ManifestError {
     },
 }
 
-/// Load every manifest under `dir`. The first Node found is kept as `Objects::node`; see
-/// [`load_dir_for_node`] to pick one by name.
+/// Load every manifest under `dir`. Every Node is kept (a `kubectl get nodes -o yaml` dump
+/// of the whole cluster is the normal input); the model picks this node's own by name.
 pub fn load_dir(dir: &Path) -> Result<(Objects, Vec<Problem>), ManifestError> {
-    load(dir, None)
-}
-
-/// Like [`load_dir`], but keeps the Node named `node_name` and ignores other Nodes (a
-/// `kubectl get nodes -o yaml` dump of the whole cluster).
-pub fn load_dir_for_node(
-    dir: &Path,
-    node_name: &str,
-) -> Result<(Objects, Vec<Problem>), ManifestError> {
-    load(dir, Some(node_name))
-}
-
-fn load(dir: &Path, node_name: Option<&str>) -> Result<(Objects, Vec<Problem>), ManifestError> {
     let err = |source| ManifestError::ReadDir {
         dir: dir.to_path_buf(),
         source,
@@ -66,7 +53,7 @@ fn load(dir: &Path, node_name: Option<&str>) -> Result<(Objects, Vec<Problem>), 
     }
     files.sort();
 
-    let mut loader = Loader::new(node_name);
+    let mut loader = Loader::default();
     for (name, path) in files {
         match fs::read_to_string(&path) {
             Ok(text) => loader.load_str(&name, &text),
@@ -78,28 +65,22 @@ fn load(dir: &Path, node_name: Option<&str>) -> Result<(Objects, Vec<Problem>), 
 
 /// Parse the documents of one YAML text (`origin` names it in problems) into `objects`.
 pub fn load_str(origin: &str, text: &str, objects: &mut Objects, problems: &mut Vec<Problem>) {
-    let mut loader = Loader::new(None);
-    loader.objects = std::mem::take(objects);
+    let mut loader = Loader {
+        objects: std::mem::take(objects),
+        ..Loader::default()
+    };
     loader.load_str(origin, text);
     *objects = loader.objects;
     problems.append(&mut loader.problems);
 }
 
-struct Loader<'a> {
+#[derive(Default)]
+struct Loader {
     objects: Objects,
     problems: Vec<Problem>,
-    node_name: Option<&'a str>,
 }
 
-impl<'a> Loader<'a> {
-    fn new(node_name: Option<&'a str>) -> Self {
-        Self {
-            objects: Objects::default(),
-            problems: Vec::new(),
-            node_name,
-        }
-    }
-
+impl Loader {
     fn problem(&mut self, origin: &str, reason: impl Into<String>) {
         let p = Problem::new(origin, reason);
         log::warn!("{p}");
@@ -219,17 +200,19 @@ impl<'a> Loader<'a> {
 
     fn add_node(&mut self, origin: &str, node: Node) {
         let name = node.metadata.name.clone().unwrap_or_default();
-        match (self.node_name, &self.objects.node) {
-            (Some(want), _) if want != name => {}
-            (_, None) => self.objects.node = Some(node),
-            (_, Some(kept)) => {
-                let kept = kept.metadata.name.clone().unwrap_or_default();
-                self.problem(
-                    origin,
-                    format!("another Node ({name}); keeping the first one ({kept})"),
-                );
-            }
+        if self
+            .objects
+            .nodes
+            .iter()
+            .any(|n| n.metadata.name.as_deref() == Some(name.as_str()))
+        {
+            self.problem(
+                origin,
+                format!("Node {name} is defined again; keeping the first definition"),
+            );
+            return;
         }
+        self.objects.nodes.push(node);
     }
 }
 
