@@ -1,6 +1,8 @@
 //! lb-agent: loads and pins the datapath, and keeps its maps equal to this node's desired
 //! state derived from Kubernetes objects.
 pub mod dataplane;
+pub mod health;
+pub mod http;
 pub mod loader;
 pub mod model;
 pub mod pins;

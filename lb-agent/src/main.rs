@@ -72,6 +72,11 @@ pub struct RunArgs {
     /// Serve Prometheus metrics on this address.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
+    /// Serve the node's /healthz and /livez here, like kube-proxy's :10256 (`off` to disable).
+    /// healthCheckNodePorts of externalTrafficPolicy Local Services are served on their own
+    /// ports on every address of the node.
+    #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_listen)]
+    healthz_addr: Listen,
     /// The cluster's NodePort range.
     #[arg(long, default_value = "30000-32767", value_parser = parse_range)]
     nodeport_range: RangeInclusive<u16>,
@@ -87,6 +92,19 @@ pub struct RunArgs {
     /// Most frontends (one per-frontend counter slot each; first creation only).
     #[arg(long, default_value_t = lb_common::maps::LB_SVC_STATS_MAX)]
     frontends_size: u32,
+}
+
+/// A listen address, or `off`.
+#[derive(Clone, Copy, Debug)]
+pub struct Listen(pub Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (expected ADDRESS:PORT or off)"))
 }
 
 fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {

@@ -5,14 +5,12 @@ use std::{fmt::Write as _, net::SocketAddr, path::PathBuf, sync::Arc, time::Dura
 use anyhow::Context as _;
 use lb_agent::{
     dataplane::{BpfDataplane, Dataplane as _},
+    http::{self, Response},
     loader::PinLayout,
     model::Desired,
     sync::{SyncReport, Syncer},
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    sync::Mutex,
-};
+use tokio::sync::Mutex;
 
 /// What the sync loop records for the metrics endpoint.
 #[derive(Default)]
@@ -31,6 +29,9 @@ pub struct Metrics {
     pub own_node_found: bool,
     /// Nodes known besides this one.
     pub peer_nodes: usize,
+    /// healthCheckNodePorts served, and those that could not be bound.
+    pub health_checks: usize,
+    pub health_check_bind_failures: usize,
 }
 
 impl Metrics {
@@ -93,6 +94,22 @@ pub fn render(m: &Metrics, dp: &BpfDataplane) -> String {
     let _ = writeln!(o, "# HELP lb_peer_nodes Other Nodes known to this agent");
     let _ = writeln!(o, "# TYPE lb_peer_nodes gauge");
     let _ = writeln!(o, "lb_peer_nodes {}", m.peer_nodes);
+    let _ = writeln!(
+        o,
+        "# HELP lb_health_check_node_ports healthCheckNodePorts served (externalTrafficPolicy Local)"
+    );
+    let _ = writeln!(o, "# TYPE lb_health_check_node_ports gauge");
+    let _ = writeln!(o, "lb_health_check_node_ports {}", m.health_checks);
+    let _ = writeln!(
+        o,
+        "# HELP lb_health_check_bind_failures healthCheckNodePorts that could not be bound"
+    );
+    let _ = writeln!(o, "# TYPE lb_health_check_bind_failures gauge");
+    let _ = writeln!(
+        o,
+        "lb_health_check_bind_failures {}",
+        m.health_check_bind_failures
+    );
     let _ = writeln!(o, "# HELP lb_map_entries Entries per BPF map.");
     let _ = writeln!(o, "# TYPE lb_map_entries gauge");
     for (map, n) in &m.entries {
@@ -147,33 +164,18 @@ pub async fn serve(addr: SocketAddr, bpffs: PathBuf, m: Arc<Mutex<Metrics>>) -> 
         .with_context(|| format!("binding the metrics address {addr}"))?;
     // One set of map fds for every scrape; the agent pinned these maps before serving.
     let dp = Arc::new(BpfDataplane::open(&PinLayout::new(bpffs))?);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                continue;
-            };
-            let m = m.clone();
-            let dp = dp.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 2048];
-                let n =
-                    match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
-                        Ok(Ok(n)) => n,
-                        _ => return,
-                    };
-                let req = String::from_utf8_lossy(&buf[..n]);
-                let (status, body) = if req.starts_with("GET /metrics") {
-                    ("200 OK", render(&*m.lock().await, &dp))
-                } else {
-                    ("404 Not Found", "try /metrics\n".to_string())
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-            });
-        }
+    let handler: http::Handler = Arc::new(move |path| {
+        let (m, dp) = (m.clone(), dp.clone());
+        Box::pin(async move {
+            if path == "/metrics" {
+                let body = render(&*m.lock().await, &dp);
+                Response::new(200, "text/plain; version=0.0.4", body)
+            } else {
+                Response::new(404, "text/plain", "try /metrics\n".into())
+            }
+        })
     });
+    // Runs for the agent's lifetime.
+    drop(http::serve(listener, handler));
     Ok(())
 }

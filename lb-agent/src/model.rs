@@ -209,8 +209,20 @@ pub struct Desired {
     pub node_warning: Option<String>,
     /// The other Nodes by name: their first IPv4 InternalIP (ExternalIP when there is none).
     pub peer_nodes: BTreeMap<String, Ipv4Addr>,
+    /// healthCheckNodePorts this node serves (externalTrafficPolicy Local Services), by port.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     pub frontends: BTreeMap<FrontendId, Frontend>,
     pub problems: Vec<Problem>,
+}
+
+/// One healthCheckNodePort, as kube-proxy serves it: 200 while this node has local
+/// endpoints for the Service, 503 when it has none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints of the Service on this node (distinct addresses).
+    pub local_endpoints: usize,
 }
 
 /// Compute this node's desired state from `objs`.
@@ -252,19 +264,25 @@ pub fn compute(objs: &Objects, cfg: &ModelConfig) -> Desired {
     claimants.sort_by(|a, b| a.0.cmp(&b.0));
 
     let mut frontends = BTreeMap::new();
+    let mut services_by_age = Vec::new();
     for (_, c) in claimants {
         let (object, claims) = match c {
-            Claimant::Service(svc) => (
-                object_id("Service", &svc.metadata),
-                service_frontends(svc, &slices, &mut cx),
-            ),
+            Claimant::Service(svc) => {
+                services_by_age.push(svc);
+                (
+                    object_id("Service", &svc.metadata),
+                    service_frontends(svc, &slices, &mut cx),
+                )
+            }
             Claimant::Pod(pod) => (object_id("Pod", &pod.metadata), pod_frontends(pod, &mut cx)),
         };
         for (id, fe) in claims {
             claim(&mut frontends, &object, id, fe, &mut cx);
         }
     }
+    let health_checks = health_checks(&services_by_age, &slices, &frontends, &mut cx);
     Desired {
+        health_checks,
         node_addrs,
         own_node_found,
         node_warning,
@@ -791,6 +809,83 @@ fn service_frontends(
                 fe(flags::LOADBALANCER | ext_flag, external),
             ));
         }
+    }
+    out
+}
+
+/// The healthCheckNodePorts of externalTrafficPolicy Local Services (oldest Service first),
+/// with their local ready endpoints. A port that another Service's health check or a TCP
+/// NodePort/hostPort frontend on the node's addresses already uses is a problem and is not
+/// served; the rest still are.
+fn health_checks(
+    services: &[&Service],
+    slices: &HashMap<(&str, &str), Vec<&EndpointSlice>>,
+    frontends: &BTreeMap<FrontendId, Frontend>,
+    cx: &mut Cx<'_>,
+) -> BTreeMap<u16, HealthCheck> {
+    let mut out: BTreeMap<u16, HealthCheck> = BTreeMap::new();
+    for svc in services {
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
+        let typed = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+        if !typed || spec.external_traffic_policy.as_deref() != Some("Local") {
+            continue;
+        }
+        let Some(hc) = spec.health_check_node_port else {
+            continue;
+        };
+        let object = object_id("Service", &svc.metadata);
+        let Some(port) = u16::try_from(hc).ok().filter(|p| *p != 0) else {
+            cx.problem(
+                &object,
+                format!("invalid healthCheckNodePort {hc}; not served"),
+            );
+            continue;
+        };
+        let wildcard = FrontendId::new(Ipv4Addr::UNSPECIFIED, port, Proto::Tcp);
+        if let Some(fe) = frontends.get(&wildcard) {
+            cx.problem(
+                &object,
+                format!(
+                    "healthCheckNodePort {port} collides with the frontend {wildcard} ({}); \
+                     not served",
+                    fe.owner
+                ),
+            );
+            continue;
+        }
+        let (ns, svc_name) = (namespace(&svc.metadata), name(&svc.metadata));
+        if let Some(other) = out.get(&port) {
+            cx.problem(
+                &object,
+                format!(
+                    "healthCheckNodePort {port} is already the health check of {}/{}; not \
+                     served",
+                    other.namespace, other.name
+                ),
+            );
+            continue;
+        }
+        let mut local = BTreeSet::new();
+        for slice in slices.get(&(ns, svc_name)).into_iter().flatten() {
+            for ep in slice.endpoints.iter().flatten() {
+                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                let here = !cx.cfg.node_name.is_empty()
+                    && ep.node_name.as_deref() == Some(cx.cfg.node_name.as_str());
+                if let (true, true, Some(addr)) = (ready, here, ep.addresses.first()) {
+                    local.insert(addr.as_str());
+                }
+            }
+        }
+        out.insert(
+            port,
+            HealthCheck {
+                namespace: ns.to_string(),
+                name: svc_name.to_string(),
+                local_endpoints: local.len(),
+            },
+        );
     }
     out
 }

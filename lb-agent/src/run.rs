@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use lb_agent::health::{HealthServers, NodeHealth};
 use lb_agent::{
     loader::{Capacities, Datapath},
     model::{self, ModelConfig, Objects},
@@ -51,6 +52,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         crate::metrics::serve(addr, args.bpffs.clone(), metrics.clone()).await?;
         log::info!("metrics on http://{addr}/metrics");
     }
+    let node_health = Arc::new(std::sync::RwLock::new(NodeHealth::default()));
+    if let Some(addr) = args.healthz_addr.0 {
+        lb_agent::health::serve_node_health(addr, node_health.clone())
+            .await
+            .with_context(|| format!("binding the --healthz-addr {addr}"))?;
+        log::info!("node health on http://{addr}/healthz and /livez");
+    }
+    let mut health_servers = HealthServers::default();
     let cfg = ModelConfig {
         node_name: args.node_name.clone(),
         nodeport_range: args.nodeport_range.clone(),
@@ -113,12 +122,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             report.failures.len(),
             took.as_secs_f64() * 1e3
         );
+        let hc_failed = health_servers.set(&desired.health_checks).await;
+        for (port, why) in &hc_failed {
+            log::warn!("healthCheckNodePort {port}: {why}; retried on the next sync");
+        }
+        if report.is_ok() {
+            if let Ok(mut h) = node_health.write() {
+                h.last_sync = Some(std::time::SystemTime::now());
+            }
+        }
         {
             let mut m = metrics.lock().await;
             m.record_sync(took, &report, &desired, &syncer);
             m.entries = syncer.entry_counts().to_vec();
+            m.health_checks = health_servers.ports().len();
+            m.health_check_bind_failures = hc_failed.len();
         }
-        if !report.is_ok() {
+        if !report.is_ok() || !hc_failed.is_empty() {
             log::warn!("sync: retrying failed entries in {backoff:?}");
             retry_at = Some(tokio::time::Instant::now() + backoff);
             backoff = (backoff * 2).min(BACKOFF_MAX);

@@ -346,3 +346,94 @@ fn byte_order_mark_and_merge_keys() {
     let labels = b.metadata.labels.as_ref().expect("merged labels");
     assert_eq!(labels.get("app").map(String::as_str), Some("y"));
 }
+
+/// A Local Service with a healthCheckNodePort and its EndpointSlice (endpoints on `nodes`).
+fn local_svc(name: &str, node_port: u16, hc: u16, nodes: &[(&str, &str, bool)]) -> String {
+    let mut s = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.{}\n  externalTrafficPolicy: Local\n  healthCheckNodePort: {hc}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n    nodePort: {node_port}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n- name: http\n  port: 8080\n  protocol: TCP\nendpoints:\n",
+        name.len()
+    );
+    for (ip, node, ready) in nodes {
+        s.push_str(&format!(
+            "- addresses: [\"{ip}\"]\n  nodeName: {node}\n  conditions:\n    ready: {ready}\n"
+        ));
+    }
+    s
+}
+
+/// healthCheckNodePort: served for Local Services with the count of this node's ready
+/// endpoints (distinct addresses); a port that collides with a NodePort frontend or another
+/// Service's health check is a problem and not served, the rest still are.
+#[test]
+fn health_check_node_ports_count_local_ready_endpoints_and_report_collisions() {
+    let dir = TempDir::new();
+    dir.write(
+        "svcs.yaml",
+        &[
+            local_svc(
+                "web",
+                30080,
+                32000,
+                &[
+                    ("10.244.0.10", "node-a", true),
+                    ("10.244.0.11", "node-a", false),
+                    ("10.244.1.10", "node-b", true),
+                ],
+            ),
+            local_svc("api", 30081, 32000, &[("10.244.0.12", "node-a", true)]),
+            local_svc("clash", 30082, 30080, &[("10.244.0.13", "node-a", true)]),
+        ]
+        .join("---\n"),
+    );
+    let (o, problems) = load(&dir);
+    assert!(problems.is_empty(), "{problems:?}");
+    let d = compute(&o, &ModelConfig::new("node-a"));
+    let served: Vec<_> = d
+        .health_checks
+        .iter()
+        .map(|(p, h)| (*p, h.namespace.as_str(), h.name.as_str(), h.local_endpoints))
+        .collect();
+    // Services without a creationTimestamp claim in namespace/name order: api before web.
+    assert_eq!(served, [(32000, "default", "api", 1)]);
+    let reasons: Vec<_> = d
+        .problems
+        .iter()
+        .map(|p| (p.object.as_str(), p.reason.as_str()))
+        .collect();
+    assert!(
+        reasons.iter().any(|(o, r)| *o == "Service default/web"
+            && r.contains("healthCheckNodePort 32000 is already the health check of default/api")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|(o, r)| *o == "Service default/clash"
+            && r.contains("healthCheckNodePort 30080 collides with the frontend")
+            && r.contains("default/web")),
+        "{reasons:?}"
+    );
+
+    // Another node: web's only ready endpoint there counts; api has none there (503 later).
+    let dir = TempDir::new();
+    dir.write(
+        "svcs.yaml",
+        &local_svc(
+            "web",
+            30080,
+            32000,
+            &[
+                ("10.244.0.10", "node-a", true),
+                ("10.244.1.10", "node-b", true),
+                ("10.244.1.11", "node-b", false),
+            ],
+        ),
+    );
+    let (o, _) = load(&dir);
+    for (node, want) in [("node-a", 1), ("node-b", 1), ("node-c", 0)] {
+        let d = compute(&o, &ModelConfig::new(node));
+        assert_eq!(
+            d.health_checks.get(&32000).map(|h| h.local_endpoints),
+            Some(want),
+            "{node}"
+        );
+    }
+}

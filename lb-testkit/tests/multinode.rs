@@ -15,17 +15,42 @@ const T: Duration = Duration::from_secs(3);
 const HTTP: u16 = 8080;
 const NODE_PORT: u16 = 30080;
 const METRICS: u16 = 9464;
+const HC_PORT: u16 = 32000;
+const ONE_NODE_PORT: u16 = 30081;
+const ONE_HC_PORT: u16 = 32001;
+/// kube-proxy's node health port, the agent's default `--healthz-addr`.
+const HEALTHZ: u16 = 10256;
+
+/// Adds `healthCheckNodePort: PORT` to a Local Service's YAML.
+fn with_health_check(yaml: String, port: u16) -> String {
+    yaml.replacen(
+        "  externalTrafficPolicy: Local\n",
+        &format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {port}\n"),
+        1,
+    )
+}
+
+fn web_port(node_port: u16) -> SvcPort {
+    SvcPort {
+        name: "http",
+        proto: "TCP",
+        port: 80,
+        target: HTTP,
+        node_port: Some(node_port),
+    }
+}
 
 fn podserver() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_lb-podserver"))
 }
 
-/// Upstream: "ESIPP [Slow] should work for type=NodePort" (test/e2e/network/loadbalancer.go):
-/// externalTrafficPolicy Local on every node, each node answering with its own endpoint and
-/// the client's own address kept. Before the agents read the whole Node list, the second
+/// Upstream: "ESIPP [Slow] should work for type=NodePort" and "should only target nodes with
+/// endpoints" (test/e2e/network/loadbalancer.go): externalTrafficPolicy Local on every node,
+/// each node answering with its own endpoint and the client's own address kept, a node without
+/// a local endpoint not answering, and the healthCheckNodePorts saying which is which. Before the agents read the whole Node list, the second
 /// node's agent kept the first Node it read, had no node address and served no NodePort.
 #[test]
-fn esipp_should_work_for_type_nodeport_on_every_node_of_a_cluster_wide_dump() {
+fn esipp_should_work_for_type_nodeport_and_health_check_node_ports_on_every_node() {
     let mut cluster = Topology::new().nodes(2).pods_per_node(1).build();
     cluster.wait_reachable();
     cluster.start_pod_servers_with(podserver(), &[HTTP], &[], &[]);
@@ -48,23 +73,38 @@ fn esipp_should_work_for_type_nodeport_on_every_node_of_a_cluster_wide_dump() {
             node: name,
         })
         .collect();
+    let only_node0 = [Endpoint {
+        ip: cluster.nodes[0].pods[0].ip,
+        ready: true,
+        node: names[0],
+    }];
     write_manifest(
         dir.path(),
         "web.yaml",
-        &[service_yaml(
-            "web",
-            "NodePort",
-            Ipv4Addr::new(10, 96, 0, 80),
-            true,
-            &[SvcPort {
-                name: "http",
-                proto: "TCP",
-                port: 80,
-                target: HTTP,
-                node_port: Some(NODE_PORT),
-            }],
-            &endpoints,
-        )],
+        &[
+            with_health_check(
+                service_yaml(
+                    "web",
+                    "NodePort",
+                    Ipv4Addr::new(10, 96, 0, 80),
+                    true,
+                    &[web_port(NODE_PORT)],
+                    &endpoints,
+                ),
+                HC_PORT,
+            ),
+            with_health_check(
+                service_yaml(
+                    "one",
+                    "NodePort",
+                    Ipv4Addr::new(10, 96, 0, 81),
+                    true,
+                    &[web_port(ONE_NODE_PORT)],
+                    &only_node0,
+                ),
+                ONE_HC_PORT,
+            ),
+        ],
     );
     let metrics_addr = format!("127.0.0.1:{METRICS}");
     let pins: Vec<PinDir> = names.iter().map(|n| PinDir::new(n)).collect();
@@ -132,6 +172,68 @@ fn esipp_should_work_for_type_nodeport_on_every_node_of_a_cluster_wide_dump() {
                 "via {np}: pod saw {peer}"
             );
         }
+    }
+
+    // healthCheckNodePort, as kube-proxy serves it: 200 with the local endpoint count on a
+    // node that has local endpoints, 503 on one that has none.
+    let get = |addr: SocketAddrV4, path: &str| {
+        cluster
+            .client
+            .enter(|| http_request(addr, path, T))
+            .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+    };
+    for (node, port, status, count, svc) in [
+        (0, HC_PORT, 200, 1, "web"),
+        (1, HC_PORT, 200, 1, "web"),
+        (0, ONE_HC_PORT, 200, 1, "one"),
+        (1, ONE_HC_PORT, 503, 0, "one"),
+    ] {
+        let addr = SocketAddrV4::new(cluster.nodes[node].ip, port);
+        let resp = get(addr, "/");
+        assert_eq!(resp.status, status, "{addr}: {}", resp.body);
+        let want = format!(
+            "{{\"localEndpoints\":{count},\"service\":{{\"name\":\"{svc}\",\"namespace\":\"default\"}},\"serviceProxyHealthy\":true}}"
+        );
+        assert_eq!(resp.body, want, "{addr}");
+    }
+    // The node without a local endpoint does not serve the Service at all.
+    let np1 = SocketAddrV4::new(cluster.nodes[1].ip, ONE_NODE_PORT);
+    let r = cluster
+        .client
+        .enter(|| http_request(np1, "/", Duration::from_millis(500)));
+    assert!(r.is_err(), "{np1} must not answer: {r:?}");
+    let np0 = SocketAddrV4::new(cluster.nodes[0].ip, ONE_NODE_PORT);
+    assert_eq!(
+        get(np0, "/").body,
+        format!("{}\n", cluster.nodes[0].pods[0].name)
+    );
+    // The node-level health endpoints, like kube-proxy's :10256.
+    for node in &cluster.nodes {
+        for path in ["/healthz", "/livez"] {
+            let resp = get(SocketAddrV4::new(node.ip, HEALTHZ), path);
+            assert_eq!(resp.status, 200, "{} {path}: {}", node.name, resp.body);
+            assert!(resp.body.contains("\"lastUpdated\":\"20"), "{}", resp.body);
+        }
+    }
+    for node in &cluster.nodes {
+        let metrics = node
+            .ns
+            .enter(|| {
+                http_get(
+                    SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
+                    "/metrics",
+                    T,
+                )
+            })
+            .expect("GET /metrics");
+        assert!(
+            metrics.contains("\nlb_health_check_node_ports 2\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("\nlb_health_check_bind_failures 0\n"),
+            "{metrics}"
+        );
     }
 }
 
