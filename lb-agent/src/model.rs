@@ -161,6 +161,8 @@ pub struct Frontend {
     pub owner: String,
     /// Sorted, deduplicated: the backends that take new flows. Empty = drop.
     pub backends: Vec<Backend>,
+    /// sessionAffinity ClientIP timeout in seconds; 0 = no affinity.
+    pub affinity_timeout_s: u32,
 }
 
 /// One backend of a frontend.
@@ -730,6 +732,7 @@ fn service_frontends(
         return out;
     }
     let addrs = service_addrs(spec, svc, is_lb, &object, cx);
+    let affinity = session_affinity(spec, &object, cx);
     let ext_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let int_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let ext_flag = if ext_local { flags::EXT_LOCAL } else { 0 };
@@ -764,6 +767,7 @@ fn service_frontends(
             flags,
             owner: owner.clone(),
             backends: backends.clone(),
+            affinity_timeout_s: affinity,
         };
 
         let internal = if int_local { &local } else { &cluster };
@@ -811,6 +815,48 @@ fn service_frontends(
         }
     }
     out
+}
+
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours), and the API's maximum.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// The sessionAffinity ClientIP timeout of a Service in seconds, 0 for none. An invalid
+/// timeout is a problem and the default is used.
+fn session_affinity(spec: &ServiceSpec, object: &str, cx: &mut Cx<'_>) -> u32 {
+    match spec.session_affinity.as_deref() {
+        None | Some("None") | Some("") => 0,
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match t {
+                None => DEFAULT_AFFINITY_TIMEOUT_S,
+                Some(t) if (1..=i64::from(MAX_AFFINITY_TIMEOUT_S)).contains(&i64::from(t)) => {
+                    t as u32
+                }
+                Some(t) => {
+                    cx.problem(
+                        object,
+                        format!(
+                            "sessionAffinityConfig.clientIP.timeoutSeconds {t} is not in \
+                             1..={MAX_AFFINITY_TIMEOUT_S}; using {DEFAULT_AFFINITY_TIMEOUT_S}"
+                        ),
+                    );
+                    DEFAULT_AFFINITY_TIMEOUT_S
+                }
+            }
+        }
+        Some(other) => {
+            cx.problem(
+                object,
+                format!("unsupported sessionAffinity {other:?}; no affinity"),
+            );
+            0
+        }
+    }
 }
 
 /// The healthCheckNodePorts of externalTrafficPolicy Local Services (oldest Service first),
@@ -993,6 +1039,7 @@ fn pod_frontends(pod: &Pod, cx: &mut Cx<'_>) -> Vec<(FrontendId, Frontend)> {
                     remote: false,
                     terminating: false,
                 }],
+                affinity_timeout_s: 0,
             },
         ));
     }

@@ -39,6 +39,16 @@ fn frontend_name(k: &Frontend4Key) -> String {
     format!("{addr}:{}/{}", u16::from_be(k.port), proto(k.proto))
 }
 
+/// The kind, with `ClientIP affinity <timeout>s` when the frontend has session affinity.
+fn kind_with_affinity(v: &Service4Value) -> String {
+    let k = kind(v.flags);
+    if v.affinity_timeout_s == 0 {
+        k
+    } else {
+        format!("{k}, ClientIP affinity {}s", v.affinity_timeout_s)
+    }
+}
+
 fn kind(f: u16) -> String {
     let mut v = Vec::new();
     for (bit, name) in [
@@ -122,7 +132,7 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
         let c = dp.svc_stats(v.svc_id).unwrap_or_default();
         fe_rows.push(vec![
             frontend_name(k),
-            kind(v.flags),
+            kind_with_affinity(v),
             v.svc_id.to_string(),
             if bs.is_empty() {
                 "<none: drop>".to_string()
@@ -133,7 +143,7 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
             c.bytes.to_string(),
         ]);
         fe_json.push(json!({
-            "frontend": frontend_name(k), "kind": kind(v.flags), "svc_id": v.svc_id,
+            "frontend": frontend_name(k), "kind": kind(v.flags), "affinity_timeout_s": v.affinity_timeout_s, "svc_id": v.svc_id,
             "backends": bs, "packets": c.packets, "bytes": c.bytes,
         }));
     }

@@ -437,3 +437,63 @@ fn health_check_node_ports_count_local_ready_endpoints_and_report_collisions() {
         );
     }
 }
+
+/// sessionAffinity ClientIP: every frontend of the Service carries the timeout (default
+/// 10800 s); an out-of-range timeout is a problem and the default is used.
+#[test]
+fn session_affinity_client_ip_timeout_on_every_frontend() {
+    let svc = |name: &str, affinity: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.{}\n{affinity}  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n    nodePort: 3008{}\n",
+            name.len(),
+            name.len()
+        )
+    };
+    let dir = TempDir::new();
+    dir.write(
+        "svcs.yaml",
+        &[
+            svc("a", "  sessionAffinity: ClientIP\n"),
+            svc("bb", "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 60\n"),
+            svc("ccc", "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 90000\n"),
+            svc("dddd", "  sessionAffinity: None\n"),
+        ]
+        .join("---\n"),
+    );
+    let (o, problems) = load(&dir);
+    assert!(problems.is_empty(), "{problems:?}");
+    let d = compute(&o, &ModelConfig::new("node-a"));
+    let mut by_owner: std::collections::BTreeMap<String, std::collections::BTreeSet<u32>> =
+        Default::default();
+    for fe in d.frontends.values() {
+        by_owner
+            .entry(fe.owner.clone())
+            .or_default()
+            .insert(fe.affinity_timeout_s);
+    }
+    let got: Vec<(String, Vec<u32>)> = by_owner
+        .into_iter()
+        .map(|(k, v)| (k, v.into_iter().collect()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("default/a:http".to_string(), vec![10_800]),
+            ("default/bb:http".to_string(), vec![60]),
+            ("default/ccc:http".to_string(), vec![10_800]),
+            ("default/dddd:http".to_string(), vec![0]),
+        ]
+    );
+    assert_eq!(
+        d.frontends.len(),
+        8,
+        "a ClusterIP and a NodePort frontend each"
+    );
+    assert!(
+        d.problems.iter().any(|p| p.object == "Service default/ccc"
+            && p.reason
+                .contains("timeoutSeconds 90000 is not in 1..=86400")),
+        "{:?}",
+        d.problems
+    );
+}

@@ -44,6 +44,7 @@ fn frontend(backends: Vec<Backend>) -> Frontend {
         flags: flags::CLUSTERIP,
         owner: "default/web:http".to_string(),
         backends,
+        affinity_timeout_s: 0,
     }
 }
 
@@ -1171,4 +1172,32 @@ fn random_sequences_under_tight_capacity_never_half_apply() {
     assert!(r.is_ok(), "{:?}", r.failures);
     assert_state(&dp, &last);
     let _ = s;
+}
+
+/// sessionAffinity ClientIP: the timeout is written into the master entry, and changing it
+/// (or turning affinity off) rewrites only the master.
+#[test]
+fn affinity_timeout_is_written_to_the_master_and_changes_rewrite_only_it() {
+    let id = fid("10.96.0.1", 80);
+    let mut d = desired(vec![(id, bes(1..=3))], &[]);
+    let mut s = Syncer::new(Limits::default());
+    let mut dp = MemDataplane::default();
+    if let Some(fe) = d.frontends.get_mut(&id) {
+        fe.affinity_timeout_s = 10_800;
+    }
+    assert!(apply(&mut s, &d, &mut dp).is_ok());
+    assert_eq!(master_of(&dp, &id).affinity_timeout_s, 10_800);
+    assert_eq!(master_of(&dp, &id).count, 3);
+    for (timeout, want) in [(60, 60), (0, 0)] {
+        if let Some(fe) = d.frontends.get_mut(&id) {
+            fe.affinity_timeout_s = timeout;
+        }
+        let start = dp.log.len();
+        let r = apply(&mut s, &d, &mut dp);
+        assert!(r.is_ok());
+        assert_eq!(master_of(&dp, &id).affinity_timeout_s, want);
+        let ops = ops_since(&dp, start);
+        assert_eq!(ops.len(), 1, "{ops:?}");
+        assert!(is_master_put(&ops[0]), "{ops:?}");
+    }
 }

@@ -15,7 +15,7 @@ pub mod service;
 pub mod stats;
 
 pub use conntrack::{Ct4Key, Ct4Value};
-pub use service::{Backend4, Frontend4Key, LbConfig, Service4Value};
+pub use service::{Affinity4Key, Affinity4Value, Backend4, Frontend4Key, LbConfig, Service4Value};
 pub use stats::{Counter, Reason};
 
 /// IP protocol numbers used in keys.
@@ -31,6 +31,8 @@ const _: () = {
     assert!(core::mem::size_of::<Ct4Value>() == 32);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<LbConfig>() == 16);
+    assert!(core::mem::size_of::<Affinity4Key>() == 12);
+    assert!(core::mem::size_of::<Affinity4Value>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -45,4 +47,6 @@ mod user {
     unsafe impl aya::Pod for Ct4Value {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for LbConfig {}
+    unsafe impl aya::Pod for Affinity4Key {}
+    unsafe impl aya::Pod for Affinity4Value {}
 }

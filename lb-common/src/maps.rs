@@ -15,6 +15,10 @@ pub const LB4_BACKENDS_MAX: u32 = 65_536;
 pub const LB4_CT: &str = "LB4_CT_V1";
 pub const LB4_CT_MAX: u32 = 262_144;
 
+/// sessionAffinity ClientIP, LRU: [`crate::Affinity4Key`] -> [`crate::Affinity4Value`].
+pub const LB4_AFFINITY: &str = "LB4_AFFINITY_V1";
+pub const LB4_AFFINITY_MAX: u32 = 65_536;
+
 /// The node's own IPv4 addresses (network order) -> flags (0). NodePort and wildcard
 /// hostPort frontends (address 0) match only packets addressed to one of these.
 pub const LB4_NODE_ADDRS: &str = "LB4_NODE_ADDRS_V1";
@@ -33,10 +37,11 @@ pub const LB_CONFIG: &str = "LB_CONFIG_V1";
 pub const LB_CONFIG_MAX: u32 = 1;
 
 /// Every map the agent pins, for sweeps and `status`.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_CT,
+    LB4_AFFINITY,
     LB4_NODE_ADDRS,
     LB_STATS,
     LB_SVC_STATS,

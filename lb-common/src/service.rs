@@ -67,8 +67,33 @@ pub struct Service4Value {
     pub flags: u16,
     /// Master entry: index into `LB_SVC_STATS` (per-frontend counters).
     pub svc_id: u32,
-    /// Reserved (session affinity timeout, maglev table id, ...); 0 today.
-    pub reserved: u32,
+    /// Master entry: sessionAffinity ClientIP timeout in seconds (`LB4_AFFINITY`); 0 = none.
+    pub affinity_timeout_s: u32,
+}
+
+/// Key of `LB4_AFFINITY` (LRU): one client address at one frontend (its master key's
+/// address, port and protocol). Network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Affinity4Key {
+    pub client: u32,
+    pub fe_addr: u32,
+    pub fe_port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `LB4_AFFINITY`: the backend (and the slot it was found in) a client's new flows
+/// go to while `bpf_ktime_get_ns() - last_used_ns` is below the frontend's timeout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Affinity4Value {
+    pub backend_id: u32,
+    /// Host order. The affinity holds only while this slot still points at `backend_id`.
+    pub slot: u16,
+    pub _pad: [u8; 2],
+    /// `bpf_ktime_get_ns()` of the client's last new flow to this frontend.
+    pub last_used_ns: u64,
 }
 
 /// Backend flags, stored in [`Backend4::flags`].

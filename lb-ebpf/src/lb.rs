@@ -42,8 +42,9 @@ pub fn flow_hash_v4(flow: &Flow4) -> u32 {
 }
 
 /// Pick a backend for a new flow: slot `hash % count + 1`, then the backend it points at.
+/// Returns the backend id, the backend and the slot.
 #[inline(always)]
-pub fn select_backend_v4(fe: &Frontend, flow: &Flow4) -> Result<(u32, Backend4), Reason> {
+pub fn select_backend_v4(fe: &Frontend, flow: &Flow4) -> Result<(u32, Backend4, u16), Reason> {
     let slot =
         select::slot_for(flow_hash_v4(flow), fe.svc.count).ok_or(Reason::XdpDropNoBackend)?;
     // SAFETY: plain data written whole by the agent.
@@ -52,7 +53,7 @@ pub fn select_backend_v4(fe: &Frontend, flow: &Flow4) -> Result<(u32, Backend4),
     let id = slot_val.backend_id;
     // SAFETY: as above.
     let backend = unsafe { BACKENDS.get(id) }.ok_or(Reason::XdpDropBackendMissing)?;
-    Ok((id, *backend))
+    Ok((id, *backend, slot))
 }
 
 /// Whether backend `id` still exists (a removed backend keeps only its established flows).

@@ -2,16 +2,17 @@
 //! Each thin entry calls a `try_` function; every verdict, pass or drop, is counted by reason.
 //!
 //! One module per concern, Cilium/Katran style: `parse` (headers, both programs), `lb`
-//! (frontend lookup, backend choice), `conntrack` (forward and reply entries), `nat`
-//! (rewrites), `stats` (verdict counters), `maps`. The pure arithmetic (checksums, flow hash,
-//! slot choice) lives in `lb_common::{csum, select}` and is property-tested on the host.
-//! Coming modules slot in beside these: `nodeport` (SNAT and forwarding to remote backends,
+//! (frontend lookup, backend choice), `affinity` (sessionAffinity ClientIP), `conntrack`
+//! (forward and reply entries), `nat` (rewrites), `stats` (verdict counters), `maps`. The
+//! pure arithmetic (checksums, flow hash, slot choice) lives in `lb_common::{csum, select}`
+//! and is property-tested on the host. Coming modules slot in beside these: `nodeport` (SNAT and forwarding to remote backends,
 //! after `lb`), `icmp` (error translation, looked up through `conntrack`), `frag` (fragment
 //! tracking, before the L4 part of `parse`) and `sock` (the cgroup socket hooks, sharing
 //! `lb` and `conntrack`).
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod conntrack;
 mod lb;
 mod maps;
@@ -68,7 +69,12 @@ fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Reason, Reason> {
     let (nat_addr, nat_port, reason) = match conntrack::lookup_v4(&flow) {
         Some(ct) => (ct.nat_addr, ct.nat_port, Reason::XdpFwdTracked),
         None => {
-            let (id, backend) = lb::select_backend_v4(&fe, &flow)?;
+            let (id, backend) = if fe.svc.affinity_timeout_s != 0 {
+                affinity::select_backend_v4(&fe, &flow)?
+            } else {
+                let (id, backend, _slot) = lb::select_backend_v4(&fe, &flow)?;
+                (id, backend)
+            };
             let ct = conntrack::create_v4(&flow, &fe, id, &backend)?;
             (ct.nat_addr, ct.nat_port, Reason::XdpFwdNewFlow)
         }

@@ -4,7 +4,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    maps::*, Backend4, Counter, Ct4Key, Ct4Value, Frontend4Key, LbConfig, Service4Value,
+    maps::*, Affinity4Key, Affinity4Value, Backend4, Counter, Ct4Key, Ct4Value, Frontend4Key,
+    LbConfig, Service4Value,
 };
 
 #[map(name = "LB4_SERVICES_V1")]
@@ -15,6 +16,10 @@ pub static BACKENDS: HashMap<u32, Backend4> = HashMap::pinned(LB4_BACKENDS_MAX, 
 
 #[map(name = "LB4_CT_V1")]
 pub static CT: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(LB4_CT_MAX, 0);
+
+#[map(name = "LB4_AFFINITY_V1")]
+pub static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> =
+    LruHashMap::pinned(LB4_AFFINITY_MAX, 0);
 
 #[map(name = "LB4_NODE_ADDRS_V1")]
 pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(LB4_NODE_ADDRS_MAX, 0);

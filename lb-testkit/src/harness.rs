@@ -6,9 +6,12 @@ use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
     dataplane::{BpfDataplane, Dataplane},
-    loader::{Capacities, Datapath},
+    loader::{open_pinned_map, Capacities, Datapath, PinLayout},
 };
-use lb_common::{service, Backend4, Counter, Frontend4Key, Reason, Service4Value};
+use lb_common::{
+    maps, service, Affinity4Key, Affinity4Value, Backend4, Counter, Frontend4Key, Reason,
+    Service4Value,
+};
 
 use crate::bpffs::PinDir;
 
@@ -40,6 +43,8 @@ pub struct FrontendSpec {
     pub flags: u16,
     pub svc_id: u32,
     pub backends: Vec<SocketAddrV4>,
+    /// sessionAffinity ClientIP timeout in seconds (0 = none).
+    pub affinity_timeout_s: u32,
 }
 
 impl FrontendSpec {
@@ -51,6 +56,15 @@ impl FrontendSpec {
             flags: service::flags::NODEPORT,
             svc_id,
             backends: backends.to_vec(),
+            affinity_timeout_s: 0,
+        }
+    }
+
+    /// The same frontend with sessionAffinity ClientIP for `secs` seconds.
+    pub fn with_affinity(self, secs: u32) -> Self {
+        Self {
+            affinity_timeout_s: secs,
+            ..self
         }
     }
 
@@ -68,6 +82,7 @@ impl FrontendSpec {
             flags: service::flags::HOSTPORT,
             svc_id,
             backends: vec![backend],
+            affinity_timeout_s: 0,
         }
     }
 
@@ -130,7 +145,7 @@ impl Harness {
             count: spec.backends.len() as u16,
             flags: spec.flags,
             svc_id: spec.svc_id,
-            reserved: 0,
+            affinity_timeout_s: spec.affinity_timeout_s,
         };
         self.maps.put_service(key, master).expect("put master");
         ids
@@ -182,7 +197,17 @@ impl Harness {
     pub fn ct_len(&self) -> usize {
         self.maps.conntrack().expect("read conntrack").len()
     }
+
+    /// The pinned `LB4_AFFINITY` map, for reading and planting entries.
+    pub fn affinity(&self) -> AffinityMap {
+        let pins = PinLayout::new(self._pins.path());
+        let data = open_pinned_map(&pins, maps::LB4_AFFINITY).expect("open LB4_AFFINITY");
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("LB4_AFFINITY")
+    }
 }
+
+/// The affinity map as the tests see it.
+pub type AffinityMap = aya::maps::HashMap<aya::maps::MapData, Affinity4Key, Affinity4Value>;
 
 /// Per-reason packet deltas between two stats snapshots (only non-zero ones).
 pub fn stat_deltas(

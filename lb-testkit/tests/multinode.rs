@@ -283,3 +283,87 @@ fn a_missing_own_node_is_reported_not_silent() {
     assert!(status.contains("NODE ADDRESSES: <none>"), "{status}");
     assert!(status.contains("warning: no node addresses"), "{status}");
 }
+
+/// Upstream: "should have session affinity work for NodePort service"
+/// (test/e2e/network/service.go): 50 connections from different source ports all reach the
+/// same pod; without affinity the same 50 spread over both.
+#[test]
+fn should_have_session_affinity_work_for_nodeport_service() {
+    let mut cluster = Topology::new().nodes(1).pods_per_node(2).build();
+    cluster.wait_reachable();
+    cluster.start_pod_servers_with(podserver(), &[HTTP], &[], &[]);
+    let node = &cluster.nodes[0];
+    let dir = ManifestDir::new("affinity");
+    write_manifest(dir.path(), "nodes.yaml", &[node_yaml("node0", node.ip)]);
+    let endpoints: Vec<Endpoint> = node
+        .pods
+        .iter()
+        .map(|p| Endpoint {
+            ip: p.ip,
+            ready: true,
+            node: "node0",
+        })
+        .collect();
+    let svc = |name: &str, node_port: u16, affinity: bool| {
+        let yaml = service_yaml(
+            name,
+            "NodePort",
+            Ipv4Addr::new(10, 96, 0, node_port as u8),
+            false,
+            &[web_port(node_port)],
+            &endpoints,
+        );
+        if affinity {
+            yaml.replacen(
+                "  sessionAffinity: None\n",
+                "  sessionAffinity: ClientIP\n",
+                1,
+            )
+        } else {
+            yaml
+        }
+    };
+    write_manifest(
+        dir.path(),
+        "svcs.yaml",
+        &[
+            svc("sticky", NODE_PORT, true),
+            svc("spread", ONE_NODE_PORT, false),
+        ],
+    );
+    let pins = PinDir::new("affinity");
+    let _agent = start_agent_in(&node.ns, "node0", &pins, dir.path(), &[]);
+    let status = node.ns.run(&[
+        workspace_bin("lb-agent").to_str().expect("utf-8 path"),
+        "status",
+        "--bpffs",
+        pins.path().to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        status.contains("NodePort, ClientIP affinity 10800s"),
+        "{status}"
+    );
+    for (port, sticky) in [(NODE_PORT, true), (ONE_NODE_PORT, false)] {
+        let np = SocketAddrV4::new(node.ip, port);
+        let mut served = std::collections::BTreeMap::new();
+        let mut peers = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            let resp = cluster
+                .client
+                .enter(|| http_request(np, "/", T))
+                .unwrap_or_else(|e| panic!("GET http://{np}/: {e}"));
+            *served.entry(resp.body.clone()).or_insert(0) += 1;
+            peers.insert(resp.header("x-peer").unwrap_or_default().to_string());
+        }
+        assert_eq!(peers.len(), 50, "50 different source ports: {peers:?}");
+        if sticky {
+            assert_eq!(served.len(), 1, "affinity broken: {served:?}");
+        } else {
+            assert_eq!(
+                served.len(),
+                2,
+                "no affinity, yet one pod took all: {served:?}"
+            );
+        }
+    }
+}

@@ -374,7 +374,7 @@ impl Syncer {
             count: c1,
             flags: t.fe.flags,
             svc_id,
-            reserved: 0,
+            affinity_timeout_s: t.fe.affinity_timeout_s,
         };
         let slot_value = |id: u32| Service4Value {
             backend_id: id,

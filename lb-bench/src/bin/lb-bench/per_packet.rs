@@ -179,7 +179,7 @@ fn entries_for(n: usize) -> anyhow::Result<(services::Entries, usize)> {
             count: 1,
             flags: flags::HOSTPORT,
             svc_id: set.ports.len() as u32 + 1,
-            reserved: 0,
+            affinity_timeout_s: 0,
         },
     ));
     Ok((e, set.ports.len() + 2))

@@ -259,7 +259,7 @@ pub fn entries(set: &ServiceSet) -> Entries {
                     count: ids.len() as u16,
                     flags: kind,
                     svc_id: j as u32 + 1,
-                    reserved: 0,
+                    affinity_timeout_s: 0,
                 },
             ));
         }
