@@ -304,6 +304,82 @@ pub fn detach(dir: &Path, iface: &str) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// `lb_xdp_pass` attached to veth peers: the far end of a veth uplink needs an XDP program
+/// for the frames the datapath sends with XDP_TX or XDP_REDIRECT to be received promptly
+/// (a veth schedules its peer's NAPI for XDP frames only then). Detached when dropped.
+pub struct XdpPass {
+    _ebpf: Ebpf,
+}
+
+impl XdpPass {
+    /// Load `lb_xdp_pass` (its object's maps sized to one entry and pinned under
+    /// `pin_dir/maps`, never created at the bpffs root) and attach it in native mode to each
+    /// of `ifaces` in the calling thread's network namespace.
+    pub fn attach(ifaces: &[&str], pin_dir: &Path) -> Result<Self, LoadError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        let pins = PinLayout::new(pin_dir);
+        for d in [pins.dir.clone(), pins.maps()] {
+            ensure_bpffs(&d)?;
+        }
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pins.maps());
+        for name in maps::ALL_MAPS {
+            if name != maps::LB_CONFIG {
+                loader.map_max_entries(name, 1);
+            }
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|e| classify("loading the eBPF object", e.into()))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(maps::PROG_XDP_PASS)
+            .ok_or(LoadError::MissingProgram(maps::PROG_XDP_PASS))?
+            .try_into()
+            .map_err(|source| prog_err(maps::PROG_XDP_PASS, source))?;
+        prog.load().map_err(|source| {
+            classify("loading lb_xdp_pass", prog_err(maps::PROG_XDP_PASS, source))
+        })?;
+        for iface in ifaces {
+            prog.attach(iface, XdpMode::Driver).map_err(|source| {
+                classify(
+                    format!("attaching lb_xdp_pass to {iface}"),
+                    prog_err(maps::PROG_XDP_PASS, source),
+                )
+            })?;
+        }
+        Ok(Self { _ebpf: ebpf })
+    }
+}
+
+/// Set the SNAT source address (`None`: the address each client connected to) and port
+/// range of flows to remote backends in the pinned `LB_CONFIG`, keeping the hash seed.
+pub fn set_snat(
+    pins: &PinLayout,
+    addr: Option<std::net::Ipv4Addr>,
+    ports: &std::ops::RangeInclusive<u16>,
+) -> Result<(), LoadError> {
+    let data = open_pinned_map(pins, maps::LB_CONFIG)?;
+    let map = aya::maps::Map::Array(data);
+    let mut cfg: Array<MapData, LbConfig> =
+        Array::try_from(map).map_err(|source| map_err(maps::LB_CONFIG, source))?;
+    let cur = cfg
+        .get(&0, 0)
+        .map_err(|source| map_err(maps::LB_CONFIG, source))?;
+    let new = LbConfig {
+        snat_addr: addr.map_or(0, |a| u32::from(a).to_be()),
+        snat_port_min: *ports.start(),
+        snat_port_max: *ports.end(),
+        ..cur
+    };
+    if new != cur {
+        cfg.set(0, new, 0)
+            .map_err(|source| map_err(maps::LB_CONFIG, source))?;
+    }
+    Ok(())
+}
+
 /// Detach from every interface and remove every pin (maps included) under `dir`, then `dir`
 /// itself. Refuses, removing nothing, when `dir` holds anything but this tool's pin layout
 /// ([`PinLayout::owned_entries`]): `--bpffs /sys/fs/bpf` must never remove other programs'

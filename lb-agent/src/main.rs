@@ -80,6 +80,12 @@ pub struct RunArgs {
     /// The cluster's NodePort range.
     #[arg(long, default_value = "30000-32767", value_parser = parse_range)]
     nodeport_range: RangeInclusive<u16>,
+    /// Source ports of SNATed flows to remote backends (externalTrafficPolicy Cluster). The
+    /// default lies above Linux's default ip_local_port_range (32768-60999) and the NodePort
+    /// range, so it never collides with the node's own connections; keep it disjoint from
+    /// both. Each (remote backend, node address) pair can have this many flows at once.
+    #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
+    snat_ports: RangeInclusive<u16>,
     /// Conntrack map capacity (applies when the map is first created).
     #[arg(long, default_value_t = lb_common::maps::LB4_CT_MAX)]
     ct_size: u32,

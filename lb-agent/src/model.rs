@@ -203,6 +203,9 @@ impl fmt::Display for Problem {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     pub node_addrs: BTreeSet<Ipv4Addr>,
+    /// This node's primary address: its Node's first InternalIP (else first address), or the
+    /// first `--node-addr`. The source of SNATed flows to remote backends.
+    pub primary_addr: Option<Ipv4Addr>,
     /// Whether this node's own Node object was found (false: NodePorts answer only on the
     /// `--node-addr` addresses, and [`Desired::node_warning`] says so).
     pub own_node_found: bool,
@@ -234,7 +237,7 @@ pub fn compute(objs: &Objects, cfg: &ModelConfig) -> Desired {
         problems: Vec::new(),
         seen: BTreeSet::new(),
     };
-    let (node_addrs, own_node_found, peer_nodes) = nodes(&objs.nodes, &mut cx);
+    let (node_addrs, own_node_found, peer_nodes, primary_addr) = nodes(&objs.nodes, &mut cx);
     let node_warning = (!own_node_found && !cfg.node_name.is_empty()).then(|| {
         let extra: Vec<String> = cfg
             .extra_node_addrs
@@ -284,6 +287,7 @@ pub fn compute(objs: &Objects, cfg: &ModelConfig) -> Desired {
     }
     let health_checks = health_checks(&services_by_age, &slices, &frontends, &mut cx);
     Desired {
+        primary_addr,
         health_checks,
         node_addrs,
         own_node_found,
@@ -422,11 +426,17 @@ fn parse_ipv4(s: &str) -> Result<Option<Ipv4Addr>, ()> {
 fn nodes(
     nodes: &[Node],
     cx: &mut Cx<'_>,
-) -> (BTreeSet<Ipv4Addr>, bool, BTreeMap<String, Ipv4Addr>) {
+) -> (
+    BTreeSet<Ipv4Addr>,
+    bool,
+    BTreeMap<String, Ipv4Addr>,
+    Option<Ipv4Addr>,
+) {
     let mut own: BTreeSet<Ipv4Addr> = cx.cfg.extra_node_addrs.iter().copied().collect();
     let mut peers = BTreeMap::new();
     let want = cx.cfg.node_name.clone();
     let mut found = false;
+    let mut primary = cx.cfg.extra_node_addrs.first().copied();
     for node in nodes {
         let node_name = name(&node.metadata);
         let is_own = if want.is_empty() {
@@ -435,20 +445,20 @@ fn nodes(
             node_name == want
         };
         let addrs = node_addresses(node, cx);
+        let pick = addrs
+            .iter()
+            .find(|(t, _)| *t == "InternalIP")
+            .or_else(|| addrs.first())
+            .map(|(_, ip)| *ip);
         if is_own {
             found = true;
             own.extend(addrs.iter().map(|(_, ip)| *ip));
-        } else {
-            let pick = addrs
-                .iter()
-                .find(|(t, _)| *t == "InternalIP")
-                .or_else(|| addrs.first());
-            if let Some((_, ip)) = pick {
-                peers.insert(node_name.to_string(), *ip);
-            }
+            primary = pick.or(primary);
+        } else if let Some(ip) = pick {
+            peers.insert(node_name.to_string(), ip);
         }
     }
-    (own, found, peers)
+    (own, found, peers, primary)
 }
 
 /// A Node's IPv4 InternalIP and ExternalIP addresses, in status order, with their type.

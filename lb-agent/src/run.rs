@@ -72,6 +72,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut last: Option<Arc<Objects>> = None;
     let mut last_node_warning: Option<String> = None;
+    let mut snat_addr: Option<Option<std::net::Ipv4Addr>> = None;
     loop {
         let retry = async {
             match retry_at {
@@ -108,6 +109,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 None => {}
             }
             last_node_warning = desired.node_warning.clone();
+        }
+        if snat_addr != Some(desired.primary_addr) {
+            let pins = lb_agent::loader::PinLayout::new(&args.bpffs);
+            match lb_agent::loader::set_snat(&pins, desired.primary_addr, &args.snat_ports) {
+                Ok(()) => {
+                    log::info!(
+                        "SNAT for remote backends: source {}, ports {}-{}",
+                        desired
+                            .primary_addr
+                            .map_or("the address each client used".to_string(), |a| a
+                                .to_string()),
+                        args.snat_ports.start(),
+                        args.snat_ports.end()
+                    );
+                    snat_addr = Some(desired.primary_addr);
+                }
+                Err(e) => log::warn!("setting the SNAT configuration: {e}"),
+            }
         }
         let report = syncer.apply(&desired, &mut dp);
         let took = started.elapsed();

@@ -31,6 +31,30 @@ pub struct Ct4Key {
 pub mod ct_flags {
     /// A FIN or RST was seen on the flow; a new SYN on the same tuple picks afresh.
     pub const CLOSING: u16 = 1 << 0;
+    /// The flow goes to a remote backend through SNAT (its `LB4_SNAT` entries).
+    pub const SNAT: u16 = 1 << 1;
+}
+
+/// Value of `LB4_SNAT` (LRU, key [`Ct4Key`]), the SNAT of flows to remote backends:
+///
+/// * forward, keyed by the client's tuple as it arrived: the source to rewrite to
+///   (`addr:port` = this node's address and the allocated SNAT port);
+/// * reply, keyed by the remote backend's reply tuple (backend -> `addr:port` above): the
+///   client to send it back to (`addr:port`) and the frontend it connected to
+///   (`fe_addr:fe_port`), the reply's new source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Snat4Value {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: [u8; 2],
+    pub fe_addr: u32,
+    pub fe_port: u16,
+    pub _pad2: [u8; 2],
+    pub svc_id: u32,
+    pub _pad3: [u8; 4],
+    /// `bpf_ktime_get_ns()` at creation.
+    pub created_ns: u64,
 }
 
 /// Value of `LB4_CT`.

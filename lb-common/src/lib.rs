@@ -14,7 +14,7 @@ pub mod select;
 pub mod service;
 pub mod stats;
 
-pub use conntrack::{Ct4Key, Ct4Value};
+pub use conntrack::{Ct4Key, Ct4Value, Snat4Value};
 pub use service::{Affinity4Key, Affinity4Value, Backend4, Frontend4Key, LbConfig, Service4Value};
 pub use stats::{Counter, Reason};
 
@@ -33,6 +33,7 @@ const _: () = {
     assert!(core::mem::size_of::<LbConfig>() == 16);
     assert!(core::mem::size_of::<Affinity4Key>() == 12);
     assert!(core::mem::size_of::<Affinity4Value>() == 16);
+    assert!(core::mem::size_of::<Snat4Value>() == 32);
 };
 
 #[cfg(feature = "user")]
@@ -49,4 +50,5 @@ mod user {
     unsafe impl aya::Pod for LbConfig {}
     unsafe impl aya::Pod for Affinity4Key {}
     unsafe impl aya::Pod for Affinity4Value {}
+    unsafe impl aya::Pod for Snat4Value {}
 }

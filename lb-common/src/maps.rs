@@ -15,6 +15,14 @@ pub const LB4_BACKENDS_MAX: u32 = 65_536;
 pub const LB4_CT: &str = "LB4_CT_V1";
 pub const LB4_CT_MAX: u32 = 262_144;
 
+/// SNAT of flows to remote backends, LRU: [`crate::Ct4Key`] -> [`crate::Snat4Value`].
+pub const LB4_SNAT: &str = "LB4_SNAT_V1";
+pub const LB4_SNAT_MAX: u32 = 131_072;
+
+/// Default SNAT source ports: above Linux's default `ip_local_port_range` (32768-60999) and
+/// the NodePort range, so they never collide with the node's own connections.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
+
 /// sessionAffinity ClientIP, LRU: [`crate::Affinity4Key`] -> [`crate::Affinity4Value`].
 pub const LB4_AFFINITY: &str = "LB4_AFFINITY_V1";
 pub const LB4_AFFINITY_MAX: u32 = 65_536;
@@ -37,10 +45,11 @@ pub const LB_CONFIG: &str = "LB_CONFIG_V1";
 pub const LB_CONFIG_MAX: u32 = 1;
 
 /// Every map the agent pins, for sweeps and `status`.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 9] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_CT,
+    LB4_SNAT,
     LB4_AFFINITY,
     LB4_NODE_ADDRS,
     LB_STATS,
@@ -51,3 +60,5 @@ pub const ALL_MAPS: [&str; 8] = [
 /// Program names, as the kernel objects name them (`#[xdp]`/`#[classifier]` fn names).
 pub const PROG_XDP_INGRESS: &str = "lb_xdp_ingress";
 pub const PROG_TC_EGRESS: &str = "lb_tc_egress";
+/// An XDP program that passes every frame, for the far end of veth uplinks.
+pub const PROG_XDP_PASS: &str = "lb_xdp_pass";

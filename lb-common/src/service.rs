@@ -128,5 +128,11 @@ pub struct LbConfig {
     pub hash_seed: u32,
     /// Reserved feature flags; 0 today.
     pub flags: u32,
-    pub reserved: u64,
+    /// Source address of SNATed flows to remote backends (network order); 0 = the address
+    /// the client connected to.
+    pub snat_addr: u32,
+    /// SNAT source ports, host order, inclusive; `snat_port_max == 0` disables SNAT (flows to
+    /// remote backends are then passed to the stack untranslated at the source).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
 }

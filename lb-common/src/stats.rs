@@ -55,10 +55,24 @@ pub enum Reason {
     TcPassMalformed = 19,
     /// TC egress: a checksum/store helper failed, dropped.
     TcDropRewrite = 20,
+    /// XDP: DNAT + SNAT of a flow to a remote backend, sent back out with XDP_TX.
+    XdpSnatTx = 21,
+    /// XDP: DNAT + SNAT to a remote backend, sent out another interface (XDP_REDIRECT).
+    XdpSnatRedirect = 22,
+    /// XDP: DNAT + SNAT to a remote backend, no FIB/neighbour result: passed to the stack.
+    XdpSnatPass = 23,
+    /// XDP: a remote backend's reply, reverse SNAT + DNAT, sent back out with XDP_TX.
+    XdpRevSnatTx = 24,
+    /// XDP: a remote backend's reply, reverse-translated, sent out another interface.
+    XdpRevSnatRedirect = 25,
+    /// XDP: a remote backend's reply, reverse-translated, passed to the stack (no FIB result).
+    XdpRevSnatPass = 26,
+    /// XDP: no free SNAT port for a new flow to a remote backend, dropped.
+    XdpDropSnatExhausted = 27,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 24] = [
         Reason::XdpPassNonIpv4,
         Reason::XdpPassNotService,
         Reason::XdpPassFragment,
@@ -76,6 +90,13 @@ impl Reason {
         Reason::TcPassOther,
         Reason::TcPassMalformed,
         Reason::TcDropRewrite,
+        Reason::XdpSnatTx,
+        Reason::XdpSnatRedirect,
+        Reason::XdpSnatPass,
+        Reason::XdpRevSnatTx,
+        Reason::XdpRevSnatRedirect,
+        Reason::XdpRevSnatPass,
+        Reason::XdpDropSnatExhausted,
     ];
 
     /// A stable snake_case name for tables and metrics.
@@ -98,6 +119,13 @@ impl Reason {
             Reason::TcPassOther => "tc_pass_other",
             Reason::TcPassMalformed => "tc_pass_malformed",
             Reason::TcDropRewrite => "tc_drop_rewrite",
+            Reason::XdpSnatTx => "xdp_snat_tx",
+            Reason::XdpSnatRedirect => "xdp_snat_redirect",
+            Reason::XdpSnatPass => "xdp_snat_pass",
+            Reason::XdpRevSnatTx => "xdp_revsnat_tx",
+            Reason::XdpRevSnatRedirect => "xdp_revsnat_redirect",
+            Reason::XdpRevSnatPass => "xdp_revsnat_pass",
+            Reason::XdpDropSnatExhausted => "xdp_drop_snat_exhausted",
         }
     }
 
@@ -112,6 +140,7 @@ impl Reason {
                 | Reason::XdpDropCtInsert
                 | Reason::XdpDropBackendMissing
                 | Reason::TcDropRewrite
+                | Reason::XdpDropSnatExhausted
         )
     }
 }

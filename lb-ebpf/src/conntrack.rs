@@ -77,20 +77,29 @@ pub fn lookup_reply_v4(flow: &Flow4) -> Option<Ct4Value> {
     unsafe { CT.get(reply_key_v4(flow)) }.copied()
 }
 
+/// Remove the forward entry of `flow` (a new flow that could not be completed).
+#[inline(always)]
+pub fn remove_v4(flow: &Flow4) {
+    let _ = CT.remove(forward_key_v4(flow));
+}
+
 /// Create the forward and reply entries of a new flow. On failure nothing is left behind.
+/// A SNATed flow (`flags` has [`ct_flags::SNAT`]) gets no reply entry here: its reply comes
+/// back to this node's address and is found through `LB4_SNAT`.
 #[inline(always)]
 pub fn create_v4(
     flow: &Flow4,
     fe: &Frontend,
     backend_id: u32,
     backend: &Backend4,
+    flags: u16,
 ) -> Result<Ct4Value, Reason> {
     let now = unsafe { bpf_ktime_get_ns() };
     let fwd_key = forward_key_v4(flow);
     let fwd = Ct4Value {
         nat_addr: backend.addr,
         nat_port: backend.port,
-        flags: 0,
+        flags,
         backend_id,
         svc_id: fe.svc.svc_id,
         created_ns: now,
@@ -98,6 +107,9 @@ pub fn create_v4(
     };
     CT.insert(fwd_key, fwd, BPF_ANY)
         .map_err(|_| Reason::XdpDropCtInsert)?;
+    if flags & ct_flags::SNAT != 0 {
+        return Ok(fwd);
+    }
     let rev_key = reply_key_v4(&Flow4 {
         saddr: backend.addr,
         daddr: flow.saddr,

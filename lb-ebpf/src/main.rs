@@ -3,12 +3,12 @@
 //!
 //! One module per concern, Cilium/Katran style: `parse` (headers, both programs), `lb`
 //! (frontend lookup, backend choice), `affinity` (sessionAffinity ClientIP), `conntrack`
-//! (forward and reply entries), `nat` (rewrites), `stats` (verdict counters), `maps`. The
-//! pure arithmetic (checksums, flow hash, slot choice) lives in `lb_common::{csum, select}`
-//! and is property-tested on the host. Coming modules slot in beside these: `nodeport` (SNAT and forwarding to remote backends,
-//! after `lb`), `icmp` (error translation, looked up through `conntrack`), `frag` (fragment
-//! tracking, before the L4 part of `parse`) and `sock` (the cgroup socket hooks, sharing
-//! `lb` and `conntrack`).
+//! (forward and reply entries), `nat` (rewrites), `nodeport` (SNAT for remote backends and
+//! forwarding from XDP), `stats` (verdict counters), `maps`. The pure arithmetic (checksums,
+//! flow hash, slot choice) lives in `lb_common::{csum, select}` and is property-tested on the
+//! host. Coming modules slot in beside these: `icmp` (error translation, looked up through
+//! `conntrack`), `frag` (fragment tracking, before the L4 part of `parse`) and `sock` (the
+//! cgroup socket hooks, sharing `lb` and `conntrack`).
 #![no_std]
 #![no_main]
 
@@ -17,6 +17,7 @@ mod conntrack;
 mod lb;
 mod maps;
 mod nat;
+mod nodeport;
 mod parse;
 mod stats;
 
@@ -25,9 +26,12 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::Reason;
+use lb_common::{conntrack::ct_flags, Backend4, Reason};
 
-use crate::parse::{Malformed, Mode, Parsed, Skip};
+use crate::{
+    parse::{Malformed, Mode, Parsed, Skip},
+    stats::Verdict,
+};
 
 /// XDP on the node's uplinks: DNAT packets addressed to a NodePort/hostPort frontend to the
 /// flow's backend.
@@ -41,33 +45,37 @@ use crate::parse::{Malformed, Mode, Parsed, Skip};
 #[xdp]
 pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    match try_xdp_ingress(&ctx, bytes) {
-        Ok(reason) => {
-            stats::count(reason, bytes);
-            xdp_action::XDP_PASS
-        }
-        Err(reason) => {
-            stats::count(reason, bytes);
-            xdp_action::XDP_DROP
-        }
-    }
+    let (reason, action) = match try_xdp_ingress(&ctx, bytes) {
+        Ok(v) => (v.reason, v.action),
+        Err(reason) => (reason, xdp_action::XDP_DROP),
+    };
+    stats::count(reason, bytes);
+    action
 }
 
-/// `Ok(reason)`: pass with that reason. `Err(reason)`: drop with that reason.
+/// `Ok(verdict)`: pass, TX or redirect with that reason. `Err(reason)`: drop with that reason.
 #[inline(always)]
-fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Reason, Reason> {
+fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Verdict, Reason> {
     let flow = match parse::parse_v4(ctx, Mode::Strict) {
         Ok(Parsed::Flow(flow)) => flow,
-        Ok(Parsed::Skip(skip)) => return Ok(xdp_skip_reason(skip)),
+        Ok(Parsed::Skip(skip)) => return Ok(Verdict::pass(xdp_skip_reason(skip))),
         Err(Malformed::L2) => return Err(Reason::XdpDropMalformedL2),
         Err(Malformed::L3) => return Err(Reason::XdpDropMalformedL3),
         Err(Malformed::L4) => return Err(Reason::XdpDropMalformedL4),
     };
     let Some(fe) = lb::lookup_frontend_v4(&flow) else {
-        return Ok(Reason::XdpPassNotService);
+        // Not a frontend: perhaps a remote backend's reply to a SNATed flow.
+        return match nodeport::reverse_v4(ctx, &flow) {
+            Some(r) => {
+                let (verdict, svc_id) = r?;
+                stats::count_svc(svc_id, bytes);
+                Ok(verdict)
+            }
+            None => Ok(Verdict::pass(Reason::XdpPassNotService)),
+        };
     };
-    let (nat_addr, nat_port, reason) = match conntrack::lookup_v4(&flow) {
-        Some(ct) => (ct.nat_addr, ct.nat_port, Reason::XdpFwdTracked),
+    let (ct, new) = match conntrack::lookup_v4(&flow) {
+        Some(ct) => (ct, false),
         None => {
             let (id, backend) = if fe.svc.affinity_timeout_s != 0 {
                 affinity::select_backend_v4(&fe, &flow)?
@@ -75,13 +83,37 @@ fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Reason, Reason> {
                 let (id, backend, _slot) = lb::select_backend_v4(&fe, &flow)?;
                 (id, backend)
             };
-            let ct = conntrack::create_v4(&flow, &fe, id, &backend)?;
-            (ct.nat_addr, ct.nat_port, Reason::XdpFwdNewFlow)
+            let flags = if nodeport::needs_snat(&fe, &backend) {
+                ct_flags::SNAT
+            } else {
+                0
+            };
+            (conntrack::create_v4(&flow, &fe, id, &backend, flags)?, true)
         }
     };
-    nat::dnat_v4(ctx, flow.proto, nat_addr, nat_port)?;
+    nat::dnat_v4(ctx, flow.proto, ct.nat_addr, ct.nat_port)?;
     stats::count_svc(fe.svc.svc_id, bytes);
-    Ok(reason)
+    if ct.flags & ct_flags::SNAT != 0 {
+        let backend = Backend4 {
+            addr: ct.nat_addr,
+            port: ct.nat_port,
+            ..Backend4::default()
+        };
+        let snat = if new {
+            nodeport::create_v4(&flow, &backend, fe.svc.svc_id).inspect_err(|_| {
+                // No SNAT port: leave no half-made flow behind.
+                conntrack::remove_v4(&flow);
+            })?
+        } else {
+            nodeport::lookup_v4(&flow, &backend, fe.svc.svc_id)?
+        };
+        return nodeport::forward_v4(ctx, &flow, &backend, &snat);
+    }
+    Ok(Verdict::pass(if new {
+        Reason::XdpFwdNewFlow
+    } else {
+        Reason::XdpFwdTracked
+    }))
 }
 
 #[inline(always)]
@@ -92,6 +124,15 @@ fn xdp_skip_reason(skip: Skip) -> Reason {
         Skip::IpOptions => Reason::XdpPassIpOptions,
         Skip::OtherProto => Reason::XdpPassNotService,
     }
+}
+
+/// Passes every frame. Attached to the far end of a veth uplink (a kind node's host side, the
+/// lab's bridge ports), so that frames `lb_xdp_ingress` sends with XDP_TX or XDP_REDIRECT are
+/// received at once: a veth wakes its peer for XDP frames only when the peer runs an XDP
+/// program. Also the floor of the per-packet benchmark.
+#[xdp]
+pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 /// TC egress on the node's uplinks: replies from backends get the frontend address and port

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::*, Affinity4Key, Affinity4Value, Backend4, Counter, Ct4Key, Ct4Value, Frontend4Key,
-    LbConfig, Service4Value,
+    LbConfig, Service4Value, Snat4Value,
 };
 
 #[map(name = "LB4_SERVICES_V1")]
@@ -16,6 +16,9 @@ pub static BACKENDS: HashMap<u32, Backend4> = HashMap::pinned(LB4_BACKENDS_MAX, 
 
 #[map(name = "LB4_CT_V1")]
 pub static CT: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(LB4_CT_MAX, 0);
+
+#[map(name = "LB4_SNAT_V1")]
+pub static SNAT: LruHashMap<Ct4Key, Snat4Value> = LruHashMap::pinned(LB4_SNAT_MAX, 0);
 
 #[map(name = "LB4_AFFINITY_V1")]
 pub static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> =

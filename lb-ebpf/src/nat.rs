@@ -9,36 +9,70 @@ use crate::parse::{
     L4_OFF,
 };
 
-/// Rewrite the destination of an IPv4 TCP/UDP packet already validated by `parse_v4` in
-/// strict mode (no IP options, so L4 starts at `L4_OFF`). The IP header checksum and the L4
-/// checksum (pseudo-header address + port) are updated incrementally; a UDP checksum of 0
-/// stays 0.
+/// Which end of a packet a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Src,
+    Dst,
+}
+
+/// Rewrite the source or destination address and port of an IPv4 TCP/UDP packet already
+/// validated by `parse_v4` in strict mode (no IP options, so L4 starts at `L4_OFF`). The IP
+/// header checksum and the L4 checksum (pseudo-header address + port) are updated
+/// incrementally; a UDP checksum of 0 stays 0.
 #[inline(always)]
-pub fn dnat_v4(ctx: &XdpContext, proto: u8, new_addr: u32, new_port: u16) -> Result<(), Reason> {
+pub fn rewrite_v4(
+    ctx: &XdpContext,
+    proto: u8,
+    end: End,
+    new_addr: u32,
+    new_port: u16,
+) -> Result<(), Reason> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(Reason::XdpDropMalformedL3)?;
     // SAFETY: bounds checked by ptr_at; alignment 1; the packet is ours to write in XDP.
     let ip = unsafe { &mut *ip };
-    let old_addr = raw32(ip.daddr);
+    let field = if end == End::Src {
+        &mut ip.saddr
+    } else {
+        &mut ip.daddr
+    };
+    let old_addr = raw32(*field);
+    *field = new_addr.to_ne_bytes();
     ip.check = csum::replace4(raw16(ip.check), old_addr, new_addr).to_ne_bytes();
-    ip.daddr = new_addr.to_ne_bytes();
     if proto == IPPROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, L4_OFF).ok_or(Reason::XdpDropMalformedL4)?;
         // SAFETY: as above.
         let tcp = unsafe { &mut *tcp };
+        let port = if end == End::Src {
+            &mut tcp.sport
+        } else {
+            &mut tcp.dport
+        };
         let c = csum::replace4(raw16(tcp.check), old_addr, new_addr);
-        tcp.check = csum::replace2(c, raw16(tcp.dport), new_port).to_ne_bytes();
-        tcp.dport = new_port.to_ne_bytes();
+        tcp.check = csum::replace2(c, raw16(*port), new_port).to_ne_bytes();
+        *port = new_port.to_ne_bytes();
     } else {
         let udp: *mut UdpHdr = ptr_at(ctx, L4_OFF).ok_or(Reason::XdpDropMalformedL4)?;
         // SAFETY: as above.
         let udp = unsafe { &mut *udp };
+        let port = if end == End::Src {
+            &mut udp.sport
+        } else {
+            &mut udp.dport
+        };
         let old = raw16(udp.check);
         let c = csum::replace4(old, old_addr, new_addr);
-        let c = csum::replace2(c, raw16(udp.dport), new_port);
+        let c = csum::replace2(c, raw16(*port), new_port);
         udp.check = csum::udp_fixup(old, c).to_ne_bytes();
-        udp.dport = new_port.to_ne_bytes();
+        *port = new_port.to_ne_bytes();
     }
     Ok(())
+}
+
+/// DNAT: rewrite the destination (see [`rewrite_v4`]).
+#[inline(always)]
+pub fn dnat_v4(ctx: &XdpContext, proto: u8, new_addr: u32, new_port: u16) -> Result<(), Reason> {
+    rewrite_v4(ctx, proto, End::Dst, new_addr, new_port)
 }
 
 /// `bpf_l4_csum_replace` flag: the field is part of the pseudo-header (addresses).

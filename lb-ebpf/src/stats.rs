@@ -25,3 +25,22 @@ pub fn count(reason: Reason, bytes: u64) {
 pub fn count_svc(svc_id: u32, bytes: u64) {
     add(SVC_STATS.get_ptr_mut(svc_id), bytes);
 }
+
+/// What the XDP program does with a packet, and the reason it is counted under.
+#[derive(Clone, Copy)]
+pub struct Verdict {
+    pub reason: Reason,
+    /// `XDP_PASS`, `XDP_TX` or `XDP_REDIRECT`.
+    pub action: u32,
+}
+
+impl Verdict {
+    /// Hand the packet to the kernel stack.
+    #[inline(always)]
+    pub fn pass(reason: Reason) -> Self {
+        Self {
+            reason,
+            action: aya_ebpf::bindings::xdp_action::XDP_PASS,
+        }
+    }
+}

@@ -45,6 +45,8 @@ pub struct FrontendSpec {
     pub backends: Vec<SocketAddrV4>,
     /// sessionAffinity ClientIP timeout in seconds (0 = none).
     pub affinity_timeout_s: u32,
+    /// The backends run on another node (`backend_flags::REMOTE`).
+    pub remote: bool,
 }
 
 impl FrontendSpec {
@@ -57,6 +59,15 @@ impl FrontendSpec {
             svc_id,
             backends: backends.to_vec(),
             affinity_timeout_s: 0,
+            remote: false,
+        }
+    }
+
+    /// The same frontend with its backends on another node.
+    pub fn remote(self) -> Self {
+        Self {
+            remote: true,
+            ..self
         }
     }
 
@@ -83,6 +94,7 @@ impl FrontendSpec {
             svc_id,
             backends: vec![backend],
             affinity_timeout_s: 0,
+            remote: false,
         }
     }
 
@@ -127,7 +139,11 @@ impl Harness {
                 addr: u32::from(*b.ip()).to_be(),
                 port: b.port().to_be(),
                 proto: spec.proto,
-                flags: 0,
+                flags: if spec.remote {
+                    service::backend_flags::REMOTE
+                } else {
+                    0
+                },
                 node_addr: 0,
             };
             self.maps.put_backend(id, backend).expect("put backend");
@@ -196,6 +212,11 @@ impl Harness {
 
     pub fn ct_len(&self) -> usize {
         self.maps.conntrack().expect("read conntrack").len()
+    }
+
+    /// The pin directory of this datapath.
+    pub fn pin_dir(&self) -> &std::path::Path {
+        self._pins.path()
     }
 
     /// The pinned `LB4_AFFINITY` map, for reading and planting entries.

@@ -367,3 +367,159 @@ fn should_have_session_affinity_work_for_nodeport_service() {
         }
     }
 }
+
+/// A datapath verdict counter from `/metrics`.
+fn reason_count(metrics: &str, reason: &str) -> u64 {
+    let prefix = format!("lb_datapath_packets_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Upstream: "should be able to create a functioning NodePort service" and "should be able to
+/// switch session affinity for NodePort service" set-up (test/e2e/network/service.go), with
+/// externalTrafficPolicy Cluster and one endpoint per node: through every node's NodePort,
+/// 100 TCP connections each all succeed, both the local and the remote endpoint answer, the
+/// remote one sees the asked node's address (SNAT) and the local one the client's; UDP reaches
+/// the remote endpoint too. The translated packets leave from XDP (XDP_TX), counted.
+#[test]
+fn nodeport_cluster_policy_serves_local_and_remote_endpoints_through_snat() {
+    const UDP: u16 = 5353;
+    const UDP_NODE_PORT: u16 = 30083;
+    let mut cluster = Topology::new().nodes(2).pods_per_node(1).build();
+    cluster.wait_reachable();
+    cluster.start_pod_servers_with(podserver(), &[HTTP], &[UDP], &[]);
+    let names = ["node0", "node1"];
+    let dir = ManifestDir::new("snat");
+    let nodes: Vec<String> = cluster
+        .nodes
+        .iter()
+        .zip(names)
+        .map(|(n, name)| node_yaml(name, n.ip))
+        .collect();
+    write_manifest(dir.path(), "nodes.yaml", &nodes);
+    let endpoints: Vec<Endpoint> = cluster
+        .nodes
+        .iter()
+        .zip(names)
+        .map(|(n, name)| Endpoint {
+            ip: n.pods[0].ip,
+            ready: true,
+            node: name,
+        })
+        .collect();
+    let ports = [
+        web_port(NODE_PORT),
+        SvcPort {
+            name: "dns",
+            proto: "UDP",
+            port: 53,
+            target: UDP,
+            node_port: Some(UDP_NODE_PORT),
+        },
+    ];
+    let yaml = service_yaml(
+        "web",
+        "NodePort",
+        Ipv4Addr::new(10, 96, 0, 82),
+        false,
+        &ports,
+        &endpoints,
+    );
+    write_manifest(dir.path(), "web.yaml", &[yaml]);
+    let metrics_addr = format!("127.0.0.1:{METRICS}");
+    let pins: Vec<PinDir> = names.iter().map(|n| PinDir::new(n)).collect();
+    let mut agents = Vec::new();
+    for ((node, name), pins) in cluster.nodes.iter().zip(names).zip(&pins) {
+        agents.push(start_agent_in(
+            &node.ns,
+            name,
+            pins,
+            dir.path(),
+            &["--metrics-addr", &metrics_addr],
+        ));
+    }
+    for (k, node) in cluster.nodes.iter().enumerate() {
+        let np = SocketAddrV4::new(node.ip, NODE_PORT);
+        let mut served = std::collections::BTreeMap::<String, usize>::new();
+        for i in 0..100 {
+            let resp = cluster
+                .client
+                .enter(|| http_request(np, "/", T))
+                .unwrap_or_else(|e| {
+                    let metrics = node.ns.enter(|| {
+                        http_get(
+                            SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
+                            "/metrics",
+                            T,
+                        )
+                    });
+                    let counters: Vec<String> = metrics
+                        .unwrap_or_default()
+                        .lines()
+                        .filter(|l| l.starts_with("lb_datapath_packets") && !l.ends_with(" 0"))
+                        .map(str::to_string)
+                        .collect();
+                    panic!("connection {i} via {np} failed: {e}\ncounters: {counters:#?}")
+                });
+            assert_eq!(resp.status, 200);
+            let pod = resp.body.trim().to_string();
+            let peer = resp.header("x-peer").unwrap_or_default().to_string();
+            let local = pod == node.pods[0].name;
+            let want = if local { CLIENT_IP } else { node.ip };
+            assert!(
+                peer.starts_with(&format!("{want}:")),
+                "via {np}: {pod} saw {peer}, expected {want}"
+            );
+            *served.entry(pod).or_default() += 1;
+        }
+        assert_eq!(
+            served.len(),
+            2,
+            "via {np}, not both endpoints answered: {served:?}"
+        );
+        // UDP: new flows (a new source port each) reach the remote endpoint too.
+        let remote = &cluster.nodes[1 - k].pods[0].name;
+        let udp_np = SocketAddrV4::new(node.ip, UDP_NODE_PORT);
+        let mut remote_answers = 0;
+        for i in 0..20 {
+            let reply = cluster
+                .client
+                .enter(|| lb_testkit::lab::udp_request(udp_np, b"q", T))
+                .unwrap_or_else(|e| panic!("UDP {i} via {udp_np}: {e}"));
+            if reply == format!("{remote}:q").into_bytes() {
+                remote_answers += 1;
+            }
+        }
+        assert!(
+            remote_answers > 0,
+            "no UDP answer from {remote} via {udp_np}"
+        );
+        let metrics = node
+            .ns
+            .enter(|| {
+                http_get(
+                    SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
+                    "/metrics",
+                    T,
+                )
+            })
+            .expect("GET /metrics");
+        for reason in ["xdp_snat_tx", "xdp_revsnat_tx"] {
+            assert!(
+                reason_count(&metrics, reason) > 0,
+                "{}: no {reason}:\n{metrics}",
+                node.name
+            );
+        }
+        for reason in [
+            "xdp_drop_snat_exhausted",
+            "xdp_snat_pass",
+            "xdp_revsnat_pass",
+        ] {
+            assert_eq!(reason_count(&metrics, reason), 0, "{}: {reason}", node.name);
+        }
+    }
+}

@@ -17,6 +17,10 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
+use lb_agent::loader::XdpPass;
+
+use crate::bpffs::PinDir;
+
 use super::{
     disable_tx_csum, netns::Netns, ping_all, podserver_bin, require_root, require_tools,
     start_pod_servers_in, sweep_stale_namespaces, wire_pod, PodNs, Procs, CLIENT_IF, CLIENT_IP,
@@ -124,6 +128,7 @@ impl Topology {
         let client = Netns::new(format!("{prefix}client"));
         let mut cluster = Cluster {
             procs: Procs::default(),
+            xdp_pass: None,
             prefix,
             l2,
             client,
@@ -140,6 +145,21 @@ impl Topology {
             cluster.add_node(k, self.pods_per_node);
         }
         cluster.route_pod_cidrs();
+        // Frames a node's XDP program sends back out (XDP_TX) or redirects land on its bridge
+        // port, the veth peer of its uplink; a veth receives XDP frames promptly only when it
+        // runs an XDP program itself, as a kind node's host-side veth would need too.
+        let ports: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("p-{}", n.name))
+            .collect();
+        let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
+        let pins = PinDir::new("l2-xdp-pass");
+        let pass = cluster
+            .l2
+            .enter(|| XdpPass::attach(&ports, pins.path()))
+            .unwrap_or_else(|e| panic!("attaching lb_xdp_pass to the bridge ports: {e}"));
+        cluster.xdp_pass = Some((pass, pins));
         cluster
     }
 }
@@ -181,10 +201,11 @@ pub struct NodeNs {
 
 /// Nodes and a client on one L2 segment (see the module docs). Dropping it kills the
 /// processes it owns, then deletes all its namespaces.
-#[derive(Debug)]
 pub struct Cluster {
     /// Declared first so the processes die before any namespace goes.
     procs: Procs,
+    /// `lb_xdp_pass` on the bridge ports (detached when dropped), and its pins.
+    xdp_pass: Option<(XdpPass, PinDir)>,
     pub prefix: String,
     /// The namespace holding the bridge.
     pub l2: Netns,
