@@ -36,6 +36,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .attach(iface)
             .with_context(|| format!("attaching to {iface}"))?;
         log::info!("attached to {iface} ({mode:?})");
+        accept_local(iface);
     }
     let mut dp = datapath.dataplane()?;
     let caps = dp.capacities();
@@ -170,6 +171,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.bpffs.display()
     );
     Ok(())
+}
+
+/// `net.ipv4.conf.IFACE.accept_local=1`. Packets the datapath translated for a remote
+/// backend carry one of this node's addresses as source (or come from one of its frontend
+/// addresses); they normally leave from XDP, but when the FIB has no answer yet (a neighbour
+/// not resolved) they go to the stack, which would drop them as martian without this. With
+/// it, the stack routes them and resolves the neighbour.
+fn accept_local(iface: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
+    match std::fs::write(&path, "1") {
+        Ok(()) => log::info!("set {path}=1 (the XDP_PASS fallback of SNATed packets)"),
+        Err(e) => {
+            log::warn!("setting {path}=1: {e}; SNATed packets without a FIB result will be dropped")
+        }
+    }
 }
 
 /// A receiver of full object snapshots; `None` until every kind has been listed once.

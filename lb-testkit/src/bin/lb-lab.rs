@@ -1,7 +1,9 @@
-//! `lb-lab` (run by `cargo xtask run`): wires a client, a node and pods in network
-//! namespaces, writes sample manifests, starts `lb-agent run --manifests` in the node, sends
-//! requests through every frontend and prints who answered. Then it keeps the lab up
-//! (re-probing every few seconds) until Ctrl-C; `--once` checks and tears down.
+//! `lb-lab` (run by `cargo xtask run`): a multi-node lab. Three nodes and a client on one L2
+//! segment, each node with a routed pod CIDR, two pods and its own `lb-agent run --manifests`
+//! (its own pins), all agents reading the same cluster-wide manifests. It sends requests
+//! through every frontend on every node and prints which node was asked, which pod answered
+//! and which client address that pod saw. Then it keeps the lab up (re-probing every few
+//! seconds) until Ctrl-C; `--once` checks, prints and tears down.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
@@ -16,11 +18,11 @@ use std::{
 use anyhow::Context as _;
 use lb_testkit::{
     agent::{
-        node_yaml, pod_yaml, service_yaml, start_agent, workspace_bin, write_manifest, Endpoint,
-        ManifestDir, SvcPort, NODE_NAME,
+        node_yaml, pod_yaml, service_yaml, start_agent_in, workspace_bin, write_manifest, Agent,
+        Endpoint, ManifestDir, SvcPort,
     },
     bpffs::PinDir,
-    lab::{http_get, pod_ip, udp_request, Lab, LabConfig, NODE_IP},
+    lab::{http_request, udp_request, Cluster, Topology, CLIENT_IP},
 };
 
 /// Numbered step printer: `[k/N] what ... done in 0.3s (detail)`.
@@ -50,52 +52,108 @@ impl Steps {
 }
 
 const T: Duration = Duration::from_secs(2);
+const NODES: usize = 3;
+const NODE_NAMES: [&str; NODES] = ["node0", "node1", "node2"];
 const HOSTNET_PORT: u16 = 9100;
+const WEB: u16 = 30001;
+const DNS: u16 = 30053;
+const LOCAL_WEB: u16 = 30002;
+const LOCAL_WEB_HC: u16 = 32002;
+const STICKY: u16 = 30003;
 
-/// One probe: a frontend, what kind it is, and which answers are right.
+/// What a probe must see.
+#[derive(Clone, Copy)]
+enum Expect {
+    /// Any pod of the cluster; it sees the client when it runs on the asked node, the asked
+    /// node's address (SNAT) otherwise.
+    AnyPod,
+    /// This pod, seeing the client's own address.
+    Pod(&'static str),
+    /// No answer at all (externalTrafficPolicy Local without a local endpoint).
+    Nothing,
+    /// This HTTP status from a healthCheckNodePort.
+    Status(u16),
+}
+
+/// One probe: the node asked, the frontend port, what kind it is, and what is right.
 struct Probe {
-    frontend: SocketAddrV4,
+    node: usize,
+    port: u16,
     udp: bool,
     kind: &'static str,
-    expect: &'static [&'static str],
+    expect: Expect,
 }
 
 fn probes() -> Vec<Probe> {
-    let np = |port| SocketAddrV4::new(NODE_IP, port);
-    let p = |frontend, udp, kind, expect| Probe {
-        frontend,
+    let p = |node, port, udp, kind, expect| Probe {
+        node,
+        port,
         udp,
         kind,
         expect,
     };
-    // Four requests to the same NodePort, to show new connections spreading over both pods.
-    let mut v: Vec<Probe> = (0..4)
-        .map(|_| {
-            p(
-                np(30001),
-                false,
-                "NodePort web (Cluster)",
-                &["pod0", "pod1"],
-            )
-        })
-        .collect();
-    v.extend([
-        p(np(30053), true, "NodePort web dns/UDP", &["pod0", "pod1"]),
-        p(np(30002), false, "NodePort local-web (Local)", &["pod2"]),
-        p(np(8000), false, "hostPort 8000 -> pod0:80", &["pod0"]),
-        p(np(44300), false, "hostPort 44300 -> pod0:443", &["pod0"]),
-        p(
-            np(HOSTNET_PORT),
+    let mut v = Vec::new();
+    for k in 0..NODES {
+        // Two requests per node to the same NodePort: new connections spread over all pods.
+        v.push(p(k, WEB, false, "NodePort web (Cluster)", Expect::AnyPod));
+        v.push(p(k, WEB, false, "NodePort web (Cluster)", Expect::AnyPod));
+        v.push(p(k, DNS, true, "NodePort web dns/UDP", Expect::AnyPod));
+        let local = if k == 0 {
+            Expect::Pod("node0-pod1")
+        } else {
+            Expect::Nothing
+        };
+        v.push(p(k, LOCAL_WEB, false, "NodePort local-web (Local)", local));
+        let hc = if k == 0 { 200 } else { 503 };
+        v.push(p(
+            k,
+            LOCAL_WEB_HC,
             false,
-            "hostNetwork pod (no DNAT)",
-            &["hostnet-pod"],
-        ),
-    ]);
+            "healthCheckNodePort of local-web",
+            Expect::Status(hc),
+        ));
+    }
+    v.push(p(
+        0,
+        STICKY,
+        false,
+        "NodePort sticky (ClientIP)",
+        Expect::AnyPod,
+    ));
+    v.push(p(
+        0,
+        STICKY,
+        false,
+        "NodePort sticky (ClientIP)",
+        Expect::AnyPod,
+    ));
+    v.push(p(
+        0,
+        8000,
+        false,
+        "hostPort 8000 -> node0-pod0:80",
+        Expect::Pod("node0-pod0"),
+    ));
+    v.push(p(
+        0,
+        44300,
+        false,
+        "hostPort 44300 -> node0-pod0:443",
+        Expect::Pod("node0-pod0"),
+    ));
+    v.push(p(
+        1,
+        HOSTNET_PORT,
+        false,
+        "hostNetwork pod (no DNAT)",
+        Expect::Pod("hostnet-pod"),
+    ));
     v
 }
 
-/// The sample objects: what a small cluster would hold for this node.
-fn write_samples(dir: &Path) {
+/// The sample objects of a small cluster, the same for every node: every Node, the
+/// Services with their EndpointSlices, and the pods with hostPorts.
+fn write_samples(dir: &Path, cluster: &Cluster) {
     let http = |np| SvcPort {
         name: "http",
         proto: "TCP",
@@ -103,68 +161,89 @@ fn write_samples(dir: &Path) {
         target: 80,
         node_port: Some(np),
     };
-    let ep = |i, node| Endpoint {
-        ip: pod_ip(i),
-        ready: true,
-        node,
+    let nodes: Vec<String> = cluster
+        .nodes
+        .iter()
+        .zip(NODE_NAMES)
+        .map(|(n, name)| node_yaml(name, n.ip))
+        .collect();
+    write_manifest(dir, "nodes.yaml", &nodes);
+    let all: Vec<Endpoint> = cluster
+        .nodes
+        .iter()
+        .zip(NODE_NAMES)
+        .flat_map(|(n, name)| {
+            n.pods.iter().map(move |p| Endpoint {
+                ip: p.ip,
+                ready: true,
+                node: name,
+            })
+        })
+        .collect();
+    let dns = SvcPort {
+        name: "dns",
+        proto: "UDP",
+        port: 53,
+        target: 53,
+        node_port: Some(DNS),
     };
-    write_manifest(dir, "node.yaml", &[node_yaml(NODE_NAME, NODE_IP)]);
-    write_manifest(
-        dir,
-        "web.yaml",
-        &[service_yaml(
-            "web",
-            "NodePort",
-            Ipv4Addr::new(10, 96, 0, 10),
-            false,
-            &[
-                http(30001),
-                SvcPort {
-                    name: "dns",
-                    proto: "UDP",
-                    port: 53,
-                    target: 53,
-                    node_port: Some(30053),
-                },
-            ],
-            &[ep(0, NODE_NAME), ep(1, NODE_NAME)],
-        )],
+    let web = service_yaml(
+        "web",
+        "NodePort",
+        Ipv4Addr::new(10, 96, 0, 10),
+        false,
+        &[http(WEB), dns],
+        &all,
     );
-    // externalTrafficPolicy: Local with one endpoint here and one on another node: only the
-    // local one may answer on this node's NodePort.
-    let remote = Endpoint {
-        ip: Ipv4Addr::new(10, 244, 1, 7),
-        ready: true,
-        node: "node-b",
-    };
-    write_manifest(
-        dir,
-        "local-web.yaml",
-        &[service_yaml(
-            "local-web",
-            "NodePort",
-            Ipv4Addr::new(10, 96, 0, 11),
-            true,
-            &[http(30002)],
-            &[ep(2, NODE_NAME), remote],
-        )],
+    // externalTrafficPolicy Local with its only endpoint on node0: only node0 answers, and
+    // its healthCheckNodePort says so.
+    let local = service_yaml(
+        "local-web",
+        "NodePort",
+        Ipv4Addr::new(10, 96, 0, 11),
+        true,
+        &[http(LOCAL_WEB)],
+        &[Endpoint {
+            ip: cluster.nodes[0].pods[1].ip,
+            ready: true,
+            node: NODE_NAMES[0],
+        }],
+    )
+    .replacen(
+        "  externalTrafficPolicy: Local\n",
+        &format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {LOCAL_WEB_HC}\n"),
+        1,
     );
+    let sticky = service_yaml(
+        "sticky",
+        "NodePort",
+        Ipv4Addr::new(10, 96, 0, 12),
+        false,
+        &[http(STICKY)],
+        &all,
+    )
+    .replacen(
+        "  sessionAffinity: None\n",
+        "  sessionAffinity: ClientIP\n",
+        1,
+    );
+    write_manifest(dir, "services.yaml", &[web, local, sticky]);
     write_manifest(
         dir,
         "pods.yaml",
         &[
             pod_yaml(
-                "pod0",
-                pod_ip(0),
-                NODE_NAME,
+                "node0-pod0",
+                cluster.nodes[0].pods[0].ip,
+                NODE_NAMES[0],
                 false,
                 &[(80, 8000, "TCP"), (443, 44300, "TCP")],
             ),
             // hostNetwork wins over hostPort: its port is the node's own, no DNAT.
             pod_yaml(
                 "hostnet-pod",
-                NODE_IP,
-                NODE_NAME,
+                cluster.nodes[1].ip,
+                NODE_NAMES[1],
                 true,
                 &[(HOSTNET_PORT, HOSTNET_PORT, "TCP")],
             ),
@@ -172,71 +251,127 @@ fn write_samples(dir: &Path) {
     );
 }
 
-fn probe(lab: &Lab, p: &Probe) -> (String, Duration, bool) {
-    let to = p.frontend;
+/// One row of the table.
+struct Row {
+    asked: String,
+    frontend: String,
+    kind: &'static str,
+    answered: String,
+    client_seen: String,
+    latency: Duration,
+    ok: bool,
+}
+
+fn probe(cluster: &Cluster, p: &Probe) -> Row {
+    let node = &cluster.nodes[p.node];
+    let to = SocketAddrV4::new(node.ip, p.port);
     let udp = p.udp;
+    let timeout = match p.expect {
+        Expect::Nothing => Duration::from_millis(300),
+        _ => T,
+    };
     let start = Instant::now();
-    let r = lab.client.enter(move || {
+    // (who answered or the status, the address the pod saw)
+    let r = cluster.client.enter(move || {
         if udp {
-            udp_request(to, b"hello", T).map(|b| {
-                String::from_utf8_lossy(&b)
+            udp_request(to, b"hello", timeout).map(|b| {
+                let who = String::from_utf8_lossy(&b)
                     .split(':')
                     .next()
                     .unwrap_or_default()
-                    .to_string()
+                    .to_string();
+                (who, "-".to_string(), 200)
             })
         } else {
-            http_get(to, "/", T).map(|b| b.trim().to_string())
+            http_request(to, "/", timeout).map(|r| {
+                let peer = r.header("x-peer").unwrap_or("-").to_string();
+                (r.body.trim().to_string(), peer, r.status)
+            })
         }
     });
-    let took = start.elapsed();
-    match r {
-        Ok(who) => {
-            let ok = p.expect.contains(&who.as_str());
-            (who, took, ok)
+    let latency = start.elapsed();
+    let client_ip = |peer: &str| peer.split(':').next().unwrap_or_default().to_string();
+    let (answered, client_seen, ok) = match (&r, p.expect) {
+        (Err(_), Expect::Nothing) => ("(no answer)".to_string(), "-".to_string(), true),
+        (Err(e), _) => (format!("error: {e}"), "-".to_string(), false),
+        (Ok((body, _, status)), Expect::Status(want)) => {
+            (format!("{status} {body}"), "-".to_string(), *status == want)
         }
-        Err(e) => (format!("error: {e}"), took, false),
+        (Ok((who, peer, _)), Expect::Pod(want)) => {
+            let ok = who == want && (udp || client_ip(peer) == CLIENT_IP.to_string());
+            (who.clone(), client_ip(peer), ok)
+        }
+        (Ok((who, peer, _)), Expect::AnyPod) => {
+            let local = node.pods.iter().any(|pod| pod.name == *who);
+            let known = cluster.pods().any(|pod| pod.name == *who);
+            let want_seen = if local { CLIENT_IP } else { node.ip };
+            let ok = known && (udp || client_ip(peer) == want_seen.to_string());
+            (who.clone(), client_ip(peer), ok)
+        }
+        (Ok((who, _, _)), Expect::Nothing) => (who.clone(), "-".to_string(), false),
+    };
+    Row {
+        asked: format!("{} {}", node.name, node.ip),
+        frontend: format!(":{}/{}", p.port, if udp { "UDP" } else { "TCP" }),
+        kind: p.kind,
+        answered,
+        client_seen,
+        latency,
+        ok,
     }
 }
 
-fn table(lab: &Lab) -> bool {
-    let rows: Vec<(String, String, String, String, bool)> = probes()
+fn table(cluster: &Cluster) -> bool {
+    let rows: Vec<Row> = probes().iter().map(|p| probe(cluster, p)).collect();
+    let cells: Vec<[String; 7]> = rows
         .iter()
-        .map(|p| {
-            let (who, took, ok) = probe(lab, p);
-            let proto = if p.udp { "UDP" } else { "TCP" };
-            (
-                format!("{}/{proto}", p.frontend),
-                p.kind.to_string(),
-                who,
-                format!("{:.0} µs", took.as_secs_f64() * 1e6),
-                ok,
-            )
+        .map(|r| {
+            [
+                r.asked.clone(),
+                r.frontend.clone(),
+                r.kind.to_string(),
+                r.answered.clone(),
+                r.client_seen.clone(),
+                format!("{:.0} µs", r.latency.as_secs_f64() * 1e6),
+                if r.ok { "ok" } else { "WRONG" }.to_string(),
+            ]
         })
         .collect();
-    let w = |f: fn(&(String, String, String, String, bool)) -> usize, h: &str| {
-        rows.iter().map(f).max().unwrap_or(0).max(h.len())
+    let head = [
+        "NODE ASKED",
+        "FRONTEND",
+        "KIND",
+        "ANSWERED BY",
+        "CLIENT SEEN",
+        "LATENCY",
+        "CHECK",
+    ];
+    let widths: Vec<usize> = (0..head.len())
+        .map(|i| {
+            cells
+                .iter()
+                .map(|c| c[i].chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(head[i].len())
+        })
+        .collect();
+    let line = |c: &[&str]| {
+        let parts: Vec<String> = c
+            .iter()
+            .zip(&widths)
+            .map(|(s, w)| format!("{s:<w$}"))
+            .collect();
+        println!("{}", parts.join("   ").trim_end());
     };
-    let (w0, w1, w2) = (
-        w(|r| r.0.len(), "FRONTEND"),
-        w(|r| r.1.len(), "KIND"),
-        w(|r| r.2.len(), "ANSWERED BY"),
-    );
-    println!(
-        "\n{:<w0$}   {:<w1$}   {:<w2$}   {:>9}   CHECK",
-        "FRONTEND", "KIND", "ANSWERED BY", "LATENCY"
-    );
-    for r in &rows {
-        println!(
-            "{:<w0$}   {:<w1$}   {:<w2$}   {:>9}   {}",
-            r.0,
-            r.1,
-            r.2,
-            r.3,
-            if r.4 { "ok" } else { "WRONG" }
-        );
+    println!();
+    line(&head);
+    for c in &cells {
+        let refs: Vec<&str> = c.iter().map(String::as_str).collect();
+        line(&refs);
     }
-    rows.iter().all(|r| r.4)
+    println!("\n(the client is {CLIENT_IP}; a pod on another node than the one asked sees that node's address: SNAT)");
+    rows.iter().all(|r| r.ok)
 }
 
 fn main() -> ExitCode {
@@ -272,59 +407,71 @@ fn run(once: bool) -> anyhow::Result<ExitCode> {
     }
     // Everything below is owned by guards: dropping them (on return, error or Ctrl-C) kills
     // the processes, detaches the datapath, deletes the namespaces and the files.
-    let mut lab_slot = None;
-    p.step("create the netns lab (client, node, 3 pods)", || {
-        let mut lab = Lab::new(LabConfig { pods: 3 });
-        lab.wait_reachable();
-        lab.start_pod_servers(&[80, 443], &[53], &[]);
-        let bin = lb_testkit::lab::podserver_bin();
-        let hostnet = lab.node.spawn(&[
-            &bin.to_string_lossy(),
-            "--name",
-            "hostnet-pod",
-            "--http",
-            &HOSTNET_PORT.to_string(),
-        ]);
-        hostnet.wait_for_log("ready", Duration::from_secs(5))?;
-        lab.adopt("hostnet-pod", hostnet);
-        let prefix = lab.prefix().to_string();
-        lab_slot = Some(lab);
-        Ok(format!("namespaces {prefix}*"))
-    })?;
-    let lab = lab_slot.context("lab")?;
-    let manifests = ManifestDir::new("lab");
-    p.step("write sample manifests", || {
-        write_samples(manifests.path());
-        Ok(manifests.path().display().to_string())
-    })?;
-    let pins = PinDir::new("lab");
-    let mut agent_slot = None;
+    let mut cluster_slot = None;
     p.step(
-        "start lb-agent run --manifests in the node namespace",
+        "create the multi-node lab (client, 3 nodes on one bridge, 2 pods each)",
         || {
-            agent_slot = Some(start_agent(&lab, &pins, manifests.path()));
-            Ok(format!("pins {}", pins.path().display()))
+            let mut cluster = Topology::new().nodes(NODES).pods_per_node(2).build();
+            cluster.wait_reachable();
+            cluster.start_pod_servers(&[80, 443], &[53], &[]);
+            let bin = lb_testkit::lab::podserver_bin();
+            let hostnet = cluster.nodes[1].ns.spawn(&[
+                &bin.to_string_lossy(),
+                "--name",
+                "hostnet-pod",
+                "--http",
+                &HOSTNET_PORT.to_string(),
+            ]);
+            hostnet.wait_for_log("ready", Duration::from_secs(5))?;
+            cluster.adopt("hostnet-pod", hostnet);
+            let prefix = cluster.prefix().to_string();
+            cluster_slot = Some(cluster);
+            Ok(format!("namespaces {prefix}*"))
         },
     )?;
-    let agent = agent_slot.context("agent")?;
+    let cluster = cluster_slot.context("cluster")?;
+    let manifests = ManifestDir::new("lab");
+    p.step("write cluster-wide sample manifests", || {
+        write_samples(manifests.path(), &cluster);
+        Ok(manifests.path().display().to_string())
+    })?;
+    let pins: Vec<PinDir> = NODE_NAMES.iter().map(|n| PinDir::new(n)).collect();
+    let mut agents: Vec<Agent> = Vec::new();
+    p.step(
+        "start one lb-agent per node (same manifests, own pins)",
+        || {
+            for ((node, name), pins) in cluster.nodes.iter().zip(NODE_NAMES).zip(&pins) {
+                agents.push(start_agent_in(&node.ns, name, pins, manifests.path(), &[]));
+            }
+            Ok(format!("pins {}", pins[0].path().display()))
+        },
+    )?;
     let mut all_ok = true;
-    p.step("send requests through every frontend", || {
-        all_ok = table(&lab);
+    p.step("send requests through every frontend on every node", || {
+        all_ok = table(&cluster);
         Ok(String::new())
     })?;
-    let status = workspace_bin("lb-agent");
-    println!("\n$ lb-agent status   (in the node namespace)");
+    let agent_bin = workspace_bin("lb-agent");
+    let status_cmd = |k: usize| {
+        format!(
+            "nsenter --net=/run/netns/{ns} {agent} status --bpffs {pins}",
+            ns = cluster.nodes[k].ns.name(),
+            agent = agent_bin.display(),
+            pins = pins[k].path().display(),
+        )
+    };
+    println!("\n$ {}", status_cmd(0));
     print!(
         "{}",
-        lab.node.run(&[
-            &status.to_string_lossy(),
+        cluster.nodes[0].ns.run(&[
+            &agent_bin.to_string_lossy(),
             "status",
             "--bpffs",
-            &pins.path().to_string_lossy()
+            &pins[0].path().to_string_lossy()
         ])
     );
     if once {
-        drop(agent);
+        drop(agents);
         return Ok(if all_ok {
             ExitCode::SUCCESS
         } else {
@@ -332,27 +479,42 @@ fn run(once: bool) -> anyhow::Result<ExitCode> {
         });
     }
     println!(
-        "\nThe lab is up. Edit the manifests in {dir} — e.g. remove pod1's endpoint from web.yaml —\n\
-         and watch the answers change below (the agent re-reads within 1 s).\n\
-         Look inside: ip netns exec {node} {agent} status --bpffs {pins}\n\
-         Ctrl-C tears everything down.",
+        "\nThe lab is up. Edit the manifests in {dir} (e.g. remove an endpoint from \
+         services.yaml) and watch the answers change below (the agents re-read within 1 s).\n\
+         Look inside each node:",
         dir = manifests.path().display(),
-        node = lab.node.name(),
-        agent = status.display(),
-        pins = pins.path().display(),
     );
+    for k in 0..NODES {
+        println!("  {}", status_cmd(k));
+    }
+    println!("Ctrl-C tears everything down.");
+    let web = &probes()[0];
     while !stop.load(Ordering::SeqCst) {
         let start = Instant::now();
-        let mut answers = Vec::new();
-        for _ in 0..6 {
-            answers.push(probe(&lab, &probes()[0]).0);
-        }
-        println!("web NodePort 30001 answered by: {}", answers.join(" "));
+        let answers: Vec<String> = (0..NODES)
+            .map(|k| {
+                let row = probe(
+                    &cluster,
+                    &Probe {
+                        node: k,
+                        port: web.port,
+                        udp: false,
+                        kind: web.kind,
+                        expect: Expect::AnyPod,
+                    },
+                );
+                format!(
+                    "{} -> {} (saw {})",
+                    NODE_NAMES[k], row.answered, row.client_seen
+                )
+            })
+            .collect();
+        println!("web NodePort {WEB}: {}", answers.join("   "));
         while start.elapsed() < Duration::from_secs(3) && !stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
     println!("\ntearing down the lab");
-    drop(agent);
+    drop(agents);
     Ok(ExitCode::SUCCESS)
 }

@@ -293,7 +293,8 @@ impl Cluster {
         self.nodes.iter().flat_map(|n| n.pods.iter())
     }
 
-    /// Pings (bounded) client -> each node, each node -> its pods, client -> every pod
+    /// Pings (bounded) client -> each node, each node -> its pods and every other node,
+    /// client -> every pod
     /// (routed by its node), and the first pod -> every pod on other nodes (routed node to
     /// node). Panics naming the first path that does not answer.
     pub fn wait_reachable(&self) {
@@ -301,6 +302,13 @@ impl Cluster {
         for node in &self.nodes {
             paths.push((&self.client, node.ip));
             paths.extend(node.pods.iter().map(|p| (&node.ns, p.ip)));
+            // Node to node: every node has resolved every other one, as on a live cluster.
+            paths.extend(
+                self.nodes
+                    .iter()
+                    .filter(|o| o.name != node.name)
+                    .map(|o| (&node.ns, o.ip)),
+            );
         }
         paths.extend(self.pods().map(|p| (&self.client, p.ip)));
         if let Some(first) = self.nodes.first().and_then(|n| n.pods.first()) {
