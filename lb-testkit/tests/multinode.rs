@@ -381,7 +381,7 @@ fn reason_count(metrics: &str, reason: &str) -> u64 {
 /// Upstream: "should be able to create a functioning NodePort service" and "should be able to
 /// switch session affinity for NodePort service" set-up (test/e2e/network/service.go), with
 /// externalTrafficPolicy Cluster and one endpoint per node: through every node's NodePort,
-/// 100 TCP connections each all succeed, both the local and the remote endpoint answer, the
+/// 200 TCP connections each all succeed, both the local and the remote endpoint answer, the
 /// remote one sees the asked node's address (SNAT) and the local one the client's; UDP reaches
 /// the remote endpoint too. The translated packets leave from XDP (XDP_TX), counted.
 #[test]
@@ -444,7 +444,7 @@ fn nodeport_cluster_policy_serves_local_and_remote_endpoints_through_snat() {
     for (k, node) in cluster.nodes.iter().enumerate() {
         let np = SocketAddrV4::new(node.ip, NODE_PORT);
         let mut served = std::collections::BTreeMap::<String, usize>::new();
-        for i in 0..100 {
+        for i in 0..200 {
             let resp = cluster
                 .client
                 .enter(|| http_request(np, "/", T))
@@ -522,4 +522,300 @@ fn nodeport_cluster_policy_serves_local_and_remote_endpoints_through_snat() {
             assert_eq!(reason_count(&metrics, reason), 0, "{}: {reason}", node.name);
         }
     }
+}
+
+const LINE: u16 = 7000;
+const LINE_NODE_PORT: u16 = 30070;
+
+/// Two nodes with one pod each (HTTP, and a line server for long-lived connections), a
+/// cluster-wide dump, and an agent per node started with `extra` flags.
+struct TwoNodes {
+    cluster: lb_testkit::lab::Cluster,
+    dir: ManifestDir,
+    pins: Vec<PinDir>,
+    agents: Vec<lb_testkit::agent::Agent>,
+}
+
+impl TwoNodes {
+    /// `endpoints`: the nodes whose pod backs the Services; `lb_ip`: a LoadBalancer ingress IP.
+    fn start(what: &str, endpoints: &[usize], lb_ip: Option<Ipv4Addr>, extra: &[&str]) -> Self {
+        let mut cluster = Topology::new().nodes(2).pods_per_node(1).build();
+        cluster.wait_reachable();
+        cluster.start_pod_servers_with(podserver(), &[HTTP], &[], &[LINE]);
+        let dir = ManifestDir::new(what);
+        let env = TwoNodes {
+            cluster,
+            dir,
+            pins: Vec::new(),
+            agents: Vec::new(),
+        };
+        env.write_services(endpoints, lb_ip);
+        let nodes: Vec<String> = env
+            .cluster
+            .nodes
+            .iter()
+            .zip(NAMES)
+            .map(|(n, name)| node_yaml(name, n.ip))
+            .collect();
+        write_manifest(env.dir.path(), "nodes.yaml", &nodes);
+        let mut env = env;
+        for name in NAMES {
+            env.pins.push(PinDir::new(name));
+        }
+        let mut extra_all = vec!["--metrics-addr", "127.0.0.1:9464"];
+        extra_all.extend_from_slice(extra);
+        for (k, name) in NAMES.iter().enumerate() {
+            let agent = start_agent_in(
+                &env.cluster.nodes[k].ns,
+                name,
+                &env.pins[k],
+                env.dir.path(),
+                &extra_all,
+            );
+            env.agents.push(agent);
+        }
+        env
+    }
+
+    /// (Re)writes the Service `web` (HTTP and line ports) backed by the pods of `endpoints`.
+    fn write_services(&self, endpoints: &[usize], lb_ip: Option<Ipv4Addr>) {
+        let eps: Vec<Endpoint> = endpoints
+            .iter()
+            .map(|k| Endpoint {
+                ip: self.cluster.nodes[*k].pods[0].ip,
+                ready: true,
+                node: NAMES[*k],
+            })
+            .collect();
+        let ports = [
+            web_port(NODE_PORT),
+            SvcPort {
+                name: "line",
+                proto: "TCP",
+                port: 7000,
+                target: LINE,
+                node_port: Some(LINE_NODE_PORT),
+            },
+        ];
+        let (kind, ingress) = match lb_ip {
+            Some(ip) => (
+                "LoadBalancer",
+                format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {ip}\n"),
+            ),
+            None => ("NodePort", "status:\n  loadBalancer: {}\n".to_string()),
+        };
+        let yaml = service_yaml(
+            "web",
+            kind,
+            Ipv4Addr::new(10, 96, 0, 90),
+            false,
+            &ports,
+            &eps,
+        )
+        .replacen("status:\n  loadBalancer: {}\n", &ingress, 1);
+        write_manifest(self.dir.path(), "web.yaml", &[yaml]);
+    }
+
+    fn metrics(&self, k: usize) -> String {
+        self.cluster.nodes[k]
+            .ns
+            .enter(|| {
+                http_get(
+                    SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
+                    "/metrics",
+                    T,
+                )
+            })
+            .expect("GET /metrics")
+    }
+
+    fn get(&self, addr: SocketAddrV4) -> std::io::Result<lb_testkit::lab::HttpResponse> {
+        self.cluster.client.enter(|| http_request(addr, "/", T))
+    }
+}
+
+const NAMES: [&str; 2] = ["node0", "node1"];
+
+/// Upstream: "should be able to create LoadBalancer Service without NodePort and change it"
+/// and the ESIPP LoadBalancer cases (test/e2e/network/loadbalancer.go), as far as a lab
+/// without a cloud load balancer goes: the ingress IP routed to node0 is served there, by
+/// the local endpoint and, through SNAT, by the remote one.
+#[test]
+fn a_load_balancer_ingress_ip_routed_to_one_node_is_served() {
+    let vip = Ipv4Addr::new(192, 0, 2, 80);
+    let env = TwoNodes::start("lbip", &[0, 1], Some(vip), &[]);
+    let node0 = env.cluster.nodes[0].ip.to_string();
+    env.cluster
+        .client
+        .ip(&["route", "add", &format!("{vip}/32"), "via", &node0]);
+    let mut served = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        let resp = env
+            .get(SocketAddrV4::new(vip, 80))
+            .unwrap_or_else(|e| panic!("request {i} to {vip}:80: {e}"));
+        assert_eq!(resp.status, 200);
+        let pod = resp.body.trim().to_string();
+        let peer = resp.header("x-peer").unwrap_or_default();
+        let want = if pod == "node0-pod0" {
+            CLIENT_IP.to_string()
+        } else {
+            node0.clone()
+        };
+        assert!(peer.starts_with(&format!("{want}:")), "{pod} saw {peer}");
+        served.insert(pod);
+    }
+    assert_eq!(served.len(), 2, "{served:?}");
+    let m = env.metrics(0);
+    assert!(
+        reason_count(&m, "xdp_snat_tx") > 0 && reason_count(&m, "xdp_revsnat_tx") > 0,
+        "{m}"
+    );
+}
+
+/// Upstream: "should be able to update service type to NodePort listening on same port
+/// number but different protocols" is not datapath; this is kube-proxy's endpoint removal
+/// contract: a remote backend is removed, new flows avoid it within 2 s, and an established
+/// connection to the remaining (local) backend is unaffected.
+#[test]
+fn removing_a_remote_backend_moves_new_flows_within_2s_and_keeps_others() {
+    let env = TwoNodes::start("rmremote", &[0, 1], None, &[]);
+    let node0 = env.cluster.nodes[0].ip;
+    // An established connection through node0 that landed on the local pod.
+    let line_np = SocketAddrV4::new(node0, LINE_NODE_PORT);
+    let mut local_conn = None;
+    for _ in 0..40 {
+        let mut c = env
+            .cluster
+            .client
+            .enter(|| lb_testkit::lab::LineConn::connect(line_np, T))
+            .expect("line connect");
+        if c.request("hi")
+            .expect("line request")
+            .starts_with("node0-pod0:")
+        {
+            local_conn = Some(c);
+            break;
+        }
+    }
+    let mut local_conn = local_conn.expect("no connection landed on node0-pod0 in 40 tries");
+    env.write_services(&[0], None);
+    let removed_at = std::time::Instant::now();
+    let np = SocketAddrV4::new(node0, NODE_PORT);
+    // Wait (bounded) until 20 consecutive new flows avoid node1-pod0.
+    let mut streak = 0;
+    while streak < 20 {
+        assert!(
+            removed_at.elapsed() < Duration::from_secs(2) || streak > 0,
+            "new flows still reach the removed backend after 2 s"
+        );
+        assert!(
+            removed_at.elapsed() < Duration::from_secs(10),
+            "never converged"
+        );
+        let body = env.get(np).expect("GET").body;
+        streak = if body.trim() == "node0-pod0" {
+            streak + 1
+        } else {
+            0
+        };
+    }
+    let took = removed_at.elapsed();
+    println!("new flows avoided the removed remote backend {took:?} after the manifest edit");
+    for i in 0..10 {
+        let r = local_conn
+            .request(&format!("still {i}"))
+            .expect("established connection broke");
+        assert_eq!(r, format!("node0-pod0:still {i}"));
+    }
+}
+
+/// `kill -9` of the agent with SNATed connections to a remote backend open: every one of
+/// them keeps working while the agent is gone and after it restarts on the same pins.
+#[test]
+fn kill_9_of_an_agent_with_remote_flows_open_breaks_none() {
+    let mut env = TwoNodes::start("kill9snat", &[1], None, &[]);
+    let line_np = SocketAddrV4::new(env.cluster.nodes[0].ip, LINE_NODE_PORT);
+    let mut conns: Vec<lb_testkit::lab::LineConn> = (0..50)
+        .map(|_| {
+            env.cluster
+                .client
+                .enter(|| lb_testkit::lab::LineConn::connect(line_np, T))
+                .expect("line connect")
+        })
+        .collect();
+    for c in &mut conns {
+        assert_eq!(c.request("a").expect("request"), "node1-pod0:a");
+    }
+    let agent = env.agents.remove(0);
+    let mut proc = agent.proc;
+    proc.kill();
+    for (i, c) in conns.iter_mut().enumerate() {
+        let r = c
+            .request("b")
+            .unwrap_or_else(|e| panic!("connection {i} broke with the agent down: {e}"));
+        assert_eq!(r, "node1-pod0:b");
+    }
+    let again = start_agent_in(
+        &env.cluster.nodes[0].ns,
+        NAMES[0],
+        &env.pins[0],
+        env.dir.path(),
+        &[],
+    );
+    assert!(
+        again.proc.log().contains("(Replaced)"),
+        "{}",
+        again.proc.log()
+    );
+    for (i, c) in conns.iter_mut().enumerate() {
+        let r = c
+            .request("c")
+            .unwrap_or_else(|e| panic!("connection {i} broke after the restart: {e}"));
+        assert_eq!(r, "node1-pod0:c");
+    }
+    // And new connections still work.
+    assert_eq!(
+        env.get(SocketAddrV4::new(env.cluster.nodes[0].ip, NODE_PORT))
+            .expect("GET")
+            .body,
+        "node1-pod0\n"
+    );
+}
+
+/// A tiny `--snat-ports` range: flows beyond it are counted drops, and no packet is ever
+/// mis-translated (every open connection keeps answering with its own data).
+#[test]
+fn snat_port_exhaustion_is_a_counted_drop_and_never_mistranslates() {
+    let env = TwoNodes::start("snatfull", &[1], None, &["--snat-ports", "61000-61003"]);
+    let line_np = SocketAddrV4::new(env.cluster.nodes[0].ip, LINE_NODE_PORT);
+    let mut open = Vec::new();
+    let mut failed = 0;
+    for _ in 0..8 {
+        match env
+            .cluster
+            .client
+            .enter(|| lb_testkit::lab::LineConn::connect(line_np, Duration::from_millis(500)))
+        {
+            Ok(mut c) => {
+                assert_eq!(c.request("x").expect("request"), "node1-pod0:x");
+                open.push(c);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    assert_eq!(
+        open.len(),
+        4,
+        "4 SNAT ports carry 4 flows ({failed} failed)"
+    );
+    assert_eq!(failed, 4);
+    for (i, c) in open.iter_mut().enumerate() {
+        let line = format!("conn {i}");
+        assert_eq!(
+            c.request(&line).expect("request"),
+            format!("node1-pod0:{line}")
+        );
+    }
+    let m = env.metrics(0);
+    assert!(reason_count(&m, "xdp_drop_snat_exhausted") >= 4, "{m}");
 }
