@@ -175,6 +175,32 @@ impl Harness {
 
     /// Run one frame `repeat` times in the kernel (`BPF_PROG_RUN`); returns the verdict, the
     /// output frame and the kernel's average time per run.
+    /// Run one frame through the XDP program as if it arrived on interface `ifindex` of the
+    /// calling thread's network namespace (`xdp_md.ingress_ifindex`), so that FIB lookups
+    /// see that namespace's routes and neighbours and XDP_TX means "back out of `ifindex`".
+    pub fn run_xdp_on(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 512];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat: 1,
+            ..Default::default()
+        };
+        let res = self
+            .datapath
+            .xdp_program()
+            .expect("xdp program")
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_RUN on ifindex {ifindex}: {e}"));
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
     pub fn run_repeat(
         &mut self,
         prog: Prog,

@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_agent::loader::{set_snat, PinLayout};
-use lb_common::{service::backend_flags, Reason, IPPROTO_TCP};
+use lb_common::{Reason, IPPROTO_TCP};
 use lb_testkit::{
     harness::{stat_deltas, FrontendSpec, Harness, Prog, XDP_DROP, XDP_PASS},
     packet::{verify_checksums, Pkt, TCP_ACK, TCP_SYN},
@@ -149,5 +149,196 @@ fn local_backends_are_not_snated() {
         d.keys().copied().collect::<Vec<_>>(),
         [Reason::XdpFwdNewFlow]
     );
-    let _ = backend_flags::REMOTE;
+}
+
+/// One byte-exact fixture: {description, input frame, expected verdict, expected frame}.
+struct Fixture {
+    what: &'static str,
+    input: Vec<u8>,
+    verdict: u32,
+    output: Vec<u8>,
+}
+
+fn run_fixtures(
+    h: &mut Harness,
+    table: &[Fixture],
+    run: impl Fn(&mut Harness, &[u8]) -> (u32, Vec<u8>),
+) {
+    let mut failures = Vec::new();
+    for f in table {
+        let (v, out) = run(h, &f.input);
+        if v != f.verdict {
+            failures.push(format!("{}: verdict {v}, want {}", f.what, f.verdict));
+        } else if out != f.output {
+            failures.push(format!(
+                "{}:\n  got  {out:02x?}\n  want {:02x?}",
+                f.what, f.output
+            ));
+        } else if let Err(e) = verify_checksums(&out) {
+            failures.push(format!("{}: {e}", f.what));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The SNAT forward packet and the SNAT reply, TCP and UDP, byte for byte (one SNAT port,
+/// so the translation is deterministic). In the root namespace the FIB has no route to the
+/// lab's addresses: both go to the stack, TTL and MACs untouched.
+#[test]
+fn snat_fixtures_byte_exact() {
+    let mut h = Harness::new("snatfix", &Default::default());
+    h.add_node_addr(NODE);
+    set_snat(&PinLayout::new(h.pin_dir()), Some(NODE), &(61_000..=61_000)).expect("SNAT");
+    let tcp_be = sa(REMOTE_POD, 8080);
+    let udp_be = sa(REMOTE_POD, 53);
+    h.add_frontend(&FrontendSpec::nodeport(NODE_PORT, IPPROTO_TCP, 3, &[tcp_be]).remote());
+    h.add_frontend(&FrontendSpec::nodeport(30053, lb_common::IPPROTO_UDP, 4, &[udp_be]).remote());
+    let client = sa(CLIENT, 40_000);
+    let snat = sa(NODE, 61_000);
+    let fe_tcp = sa(NODE, NODE_PORT);
+    let fe_udp = sa(NODE, 30053);
+    let table = [
+        Fixture {
+            what: "SNAT forward: new TCP flow to a remote backend",
+            input: Pkt::tcp(client, fe_tcp, TCP_SYN).build(),
+            verdict: XDP_PASS,
+            output: Pkt::tcp(snat, tcp_be, TCP_SYN).build(),
+        },
+        Fixture {
+            what: "SNAT reply: the remote backend's SYN-ACK back to the client",
+            input: Pkt::tcp(tcp_be, snat, TCP_SYN | TCP_ACK).build(),
+            verdict: XDP_PASS,
+            output: Pkt::tcp(fe_tcp, client, TCP_SYN | TCP_ACK).build(),
+        },
+        Fixture {
+            what: "SNAT forward: tracked TCP ACK",
+            input: Pkt::tcp(client, fe_tcp, TCP_ACK).payload(b"GET /").build(),
+            verdict: XDP_PASS,
+            output: Pkt::tcp(snat, tcp_be, TCP_ACK).payload(b"GET /").build(),
+        },
+        Fixture {
+            what: "SNAT forward: new UDP flow",
+            input: Pkt::udp(client, fe_udp).payload(b"query").build(),
+            verdict: XDP_PASS,
+            output: Pkt::udp(snat, udp_be).payload(b"query").build(),
+        },
+        Fixture {
+            what: "SNAT reply: UDP answer",
+            input: Pkt::udp(udp_be, snat).payload(b"answer").build(),
+            verdict: XDP_PASS,
+            output: Pkt::udp(fe_udp, client).payload(b"answer").build(),
+        },
+        Fixture {
+            what: "a SNAT port with no flow: not ours, untouched",
+            input: Pkt::tcp(sa(REMOTE_POD, 9999), snat, TCP_ACK).build(),
+            verdict: XDP_PASS,
+            output: Pkt::tcp(sa(REMOTE_POD, 9999), snat, TCP_ACK).build(),
+        },
+    ];
+    let before = h.stats();
+    run_fixtures(&mut h, &table, |h, f| h.run(Prog::Xdp, f));
+    let d = stat_deltas(&before, &h.stats());
+    assert_eq!(d.get(&Reason::XdpSnatPass).map(|c| c.0), Some(3), "{d:?}");
+    assert_eq!(
+        d.get(&Reason::XdpRevSnatPass).map(|c| c.0),
+        Some(2),
+        "{d:?}"
+    );
+    assert_eq!(
+        d.get(&Reason::XdpPassNotService).map(|c| c.0),
+        Some(1),
+        "{d:?}"
+    );
+    assert_eq!(d.len(), 3, "{d:?}");
+}
+
+/// The MAC address of `dev` in a namespace, from `ip -o link show`.
+fn mac_of(ns: &lb_testkit::lab::Netns, dev: &str) -> [u8; 6] {
+    let out = ns.ip(&["-o", "link", "show", dev]);
+    let hex = out
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no MAC in {out}"));
+    let mut mac = [0u8; 6];
+    for (i, b) in hex.split(':').enumerate().take(6) {
+        mac[i] = u8::from_str_radix(b, 16).expect("hex");
+    }
+    mac
+}
+
+/// XDP_TX frames with the MACs from the FIB lookup, run as if received on node0's uplink of a
+/// two-node lab: the SNATed SYN goes back out to node1 (next hop of the remote pod CIDR), the
+/// reverse-translated SYN-ACK back out to the client, both with TTL 63.
+#[test]
+fn xdp_tx_frames_take_their_macs_from_the_fib() {
+    use lb_testkit::lab::{cluster::node_pod_cidr, Topology, NODE_UPLINK};
+    const XDP_TX: u32 = 3;
+    let cluster = Topology::new().nodes(2).pods_per_node(1).build();
+    cluster.wait_reachable();
+    let (node0, node1) = (&cluster.nodes[0], &cluster.nodes[1]);
+    assert_eq!(node1.pod_cidr, node_pod_cidr(1));
+    let up0 = mac_of(&node0.ns, NODE_UPLINK);
+    let next_hop = mac_of(&node1.ns, NODE_UPLINK);
+    let client_mac = mac_of(&cluster.client, lb_testkit::lab::CLIENT_IF);
+    let ifindex = node0.ns.enter(|| {
+        let name = std::ffi::CString::new(NODE_UPLINK).expect("name");
+        // SAFETY: a valid NUL-terminated name.
+        unsafe { libc::if_nametoindex(name.as_ptr()) }
+    });
+    assert!(ifindex > 0);
+
+    let mut h = Harness::new("xdptx", &Default::default());
+    h.add_node_addr(node0.ip);
+    set_snat(
+        &PinLayout::new(h.pin_dir()),
+        Some(node0.ip),
+        &(61_000..=61_000),
+    )
+    .expect("SNAT");
+    let backend = sa(node1.pods[0].ip, 8080);
+    h.add_frontend(&FrontendSpec::nodeport(NODE_PORT, IPPROTO_TCP, 3, &[backend]).remote());
+    let client = sa(lb_testkit::lab::CLIENT_IP, 40_000);
+    let fe = sa(node0.ip, NODE_PORT);
+    let snat = sa(node0.ip, 61_000);
+    let with_macs = |p: Pkt, src: [u8; 6], dst: [u8; 6], ttl: u8| {
+        let mut p = p;
+        p.src_mac = src;
+        p.dst_mac = dst;
+        p.ttl = ttl;
+        p.build()
+    };
+    let table = [
+        Fixture {
+            what: "SNAT forward SYN: XDP_TX to node1, MACs from the FIB",
+            input: with_macs(Pkt::tcp(client, fe, TCP_SYN), client_mac, up0, 64),
+            verdict: XDP_TX,
+            output: with_macs(Pkt::tcp(snat, backend, TCP_SYN), up0, next_hop, 63),
+        },
+        Fixture {
+            what: "SNAT reply SYN-ACK: XDP_TX to the client, MACs from the FIB",
+            input: with_macs(
+                Pkt::tcp(backend, snat, TCP_SYN | TCP_ACK),
+                next_hop,
+                up0,
+                64,
+            ),
+            verdict: XDP_TX,
+            output: with_macs(Pkt::tcp(fe, client, TCP_SYN | TCP_ACK), up0, client_mac, 63),
+        },
+        Fixture {
+            what: "TTL 1: to the stack (which answers time exceeded), untouched but for NAT",
+            input: with_macs(Pkt::tcp(client, fe, TCP_ACK), client_mac, up0, 1),
+            verdict: XDP_PASS,
+            output: with_macs(Pkt::tcp(snat, backend, TCP_ACK), client_mac, up0, 1),
+        },
+    ];
+    let before = h.stats();
+    run_fixtures(&mut h, &table, |h, f| {
+        node0.ns.enter(|| h.run_xdp_on(ifindex, f))
+    });
+    let d = stat_deltas(&before, &h.stats());
+    assert_eq!(d.get(&Reason::XdpSnatTx).map(|c| c.0), Some(1), "{d:?}");
+    assert_eq!(d.get(&Reason::XdpRevSnatTx).map(|c| c.0), Some(1), "{d:?}");
+    assert_eq!(d.get(&Reason::XdpSnatPass).map(|c| c.0), Some(1), "{d:?}");
 }
