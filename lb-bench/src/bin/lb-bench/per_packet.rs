@@ -26,12 +26,12 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::time::Instant;
 
-use lb_agent::loader::Capacities;
+use lb_agent::loader::{set_snat, Capacities};
 use lb_bench::schema::{PartResult, Row, Stat};
 use lb_common::{
     conntrack::{CT_FORWARD, CT_REPLY},
-    service::flags,
-    Backend4, Ct4Key, Ct4Value, Frontend4Key, Reason, Service4Value, IPPROTO_TCP,
+    service::{backend_flags, flags},
+    Backend4, Ct4Key, Ct4Value, Frontend4Key, Reason, Service4Value, Snat4Value, IPPROTO_TCP,
 };
 use lb_testkit::harness::{stat_deltas, Harness, Prog, TC_ACT_OK, XDP_PASS};
 use lb_testkit::lab::NODE_IP;
@@ -44,6 +44,14 @@ use crate::{bpf_batch, Progress};
 const NODE_PORT: u16 = 30080;
 /// hostPort of the measured pod (hostIP = the node address).
 const HOST_PORT: u16 = 8081;
+/// NodePort of a Service whose backends all run on another node (SNAT).
+const SNAT_NODE_PORT: u16 = 30081;
+/// SNAT source ports for the bench: wide, so the new-flow row never runs out.
+const SNAT_PORTS: std::ops::RangeInclusive<u16> = 1024..=65_535;
+/// The SNAT port of the planted self-looping reply entry.
+const SNAT_REPLY_PORT: u16 = 65_000;
+/// Most new SNAT flows per run (each holds two `LB4_SNAT` entries).
+const SNAT_FRAMES: usize = 2_000;
 /// A port nothing is configured on ("no service" frames).
 const NO_SERVICE_PORT: u16 = 22;
 /// Conntrack capacity of the normal configurations: room for every flow the miss case
@@ -182,7 +190,47 @@ fn entries_for(n: usize) -> anyhow::Result<(services::Entries, usize)> {
             affinity_timeout_s: 0,
         },
     ));
-    Ok((e, set.ports.len() + 2))
+    // A NodePort whose endpoints all run on another node: new flows are SNATed.
+    let snat_fe = Frontend4Key::new(0, SNAT_NODE_PORT.to_be(), IPPROTO_TCP, 0);
+    let first = e.backends.len() as u32 + 1;
+    for (i, id) in (first..first + REMOTE_BACKENDS).enumerate() {
+        e.backends.push((
+            id,
+            Backend4 {
+                addr: remote_backend(i).to_be(),
+                port: 8080u16.to_be(),
+                proto: IPPROTO_TCP,
+                flags: backend_flags::REMOTE,
+                node_addr: 0,
+            },
+        ));
+        e.slots.push((
+            snat_fe.with_slot(i as u16 + 1),
+            Service4Value {
+                backend_id: id,
+                ..Default::default()
+            },
+        ));
+    }
+    e.masters.push((
+        snat_fe,
+        Service4Value {
+            backend_id: 0,
+            count: REMOTE_BACKENDS as u16,
+            flags: flags::NODEPORT,
+            svc_id: set.ports.len() as u32 + 2,
+            affinity_timeout_s: 0,
+        },
+    ));
+    Ok((e, set.ports.len() + 3))
+}
+
+/// Remote backends of the SNAT frontend.
+const REMOTE_BACKENDS: u32 = 10;
+
+/// Address of remote backend `i` (10.128.0.1 and up; no route to it here).
+fn remote_backend(i: usize) -> u32 {
+    0x0a80_0001 + i as u32
 }
 
 fn measure(
@@ -323,6 +371,68 @@ fn measure(
         "the backend's reply of a tracked flow, repeated through TC egress",
     ));
 
+    // SNAT: a new flow to a remote backend (DNAT, SNAT port allocation with a BPF_NOEXIST
+    // insert, the FIB lookup), one fresh SYN per call. This namespace has no route to the
+    // backends, so the FIB lookup fails and the packet takes the counted XDP_PASS fallback.
+    set_snat(h.datapath.pins(), Some(NODE_IP), &SNAT_PORTS)?;
+    let snat_plan = Plan {
+        sizes: Vec::new(),
+        repeat: 1,
+        runs: plan.runs,
+        frames: plan.frames.min(SNAT_FRAMES),
+    };
+    rows.push(finish(
+        base(CASE_SNAT_NEW, Prog::Xdp).param("frames_per_run", snat_plan.frames),
+        per_frame(&mut h, Prog::Xdp, Reason::XdpSnatPass, &snat_plan, |_| {
+            Pkt::tcp(clients.next(), node(SNAT_NODE_PORT), TCP_SYN).build()
+        }),
+        "one fresh SYN per call to a NodePort whose backends are on another node: DNAT, \
+         SNAT port allocation (BPF_NOEXIST insert), FIB lookup (no route here: XDP_PASS \
+         fallback); includes the per-call overhead like the SYN row",
+    ));
+
+    // SNAT reply, repeated: a planted reply entry maps the frame onto itself (client = the
+    // SNAT address and port, frontend = the backend), so every repeat takes the same path.
+    let (b, bp) = (remote_backend(0).to_be(), 8080u16.to_be());
+    let (na, sp) = (u32::from(NODE_IP).to_be(), SNAT_REPLY_PORT.to_be());
+    let snat_map = bpf_batch::open(h.datapath.pins(), lb_common::maps::LB4_SNAT)?;
+    let key = Ct4Key {
+        saddr: b,
+        daddr: na,
+        sport: bp,
+        dport: sp,
+        proto: IPPROTO_TCP,
+        dir: CT_REPLY,
+        _pad: [0; 2],
+    };
+    let value = Snat4Value {
+        addr: na,
+        port: sp,
+        fe_addr: b,
+        fe_port: bp,
+        svc_id: 1,
+        ..Default::default()
+    };
+    bpf_batch::update_chunked(snat_map.fd().as_fd(), &[(key, value)], 1)?;
+    let reply_frame = Pkt::tcp(
+        SocketAddrV4::new(Ipv4Addr::from(remote_backend(0)), 8080),
+        node(SNAT_REPLY_PORT),
+        TCP_ACK,
+    )
+    .build();
+    rows.push(finish(
+        base(CASE_SNAT_REPLY, Prog::Xdp).param("repeat", plan.repeat),
+        repeated(
+            &mut h,
+            Prog::Xdp,
+            &reply_frame,
+            Reason::XdpRevSnatPass,
+            plan,
+        ),
+        "a remote backend's reply to a SNATed flow, repeated: LB4_SNAT lookup, source and \
+         destination rewrite, FIB lookup (no route here: XDP_PASS fallback)",
+    ));
+
     // No service: TCP to a node port nothing listens on.
     let none = Pkt::tcp(clients.next(), node(NO_SERVICE_PORT), TCP_SYN).build();
     rows.push(finish(
@@ -340,6 +450,8 @@ pub const CASE_HOSTPORT: &str = "hostPort TCP established";
 pub const CASE_UDP: &str = "NodePort UDP (tracked flow)";
 pub const CASE_REPLY: &str = "reply, reverse NAT (TC egress)";
 pub const CASE_NONE: &str = "no service match";
+pub const CASE_SNAT_NEW: &str = "NodePort TCP SYN to a remote backend (SNAT new flow)";
+pub const CASE_SNAT_REPLY: &str = "remote backend's reply, reverse SNAT (XDP)";
 
 /// A measured stat and the verification text, or why it failed.
 type Measured = anyhow::Result<(Stat, String)>;
