@@ -492,7 +492,10 @@ fn a_full_service_map_is_retried_logged_and_counted_without_crashing() {
             .find_map(|l| l.strip_prefix("lb_sync_failed_updates_total "))
             .and_then(|v| v.parse().ok())
             .expect("failed-updates metric");
-        if failed >= 2.0 || start.elapsed() > Duration::from_secs(5) {
+        // The metric is recorded before the retry is logged, and the log is read from the
+        // agent's output by another thread: wait for both.
+        let logged = agent.proc.log().contains("retrying failed entries");
+        if (failed >= 2.0 && logged) || start.elapsed() > Duration::from_secs(5) {
             break failed;
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -5,11 +5,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use lb_testkit::agent::{
-    node_yaml, service_yaml, start_agent_in, workspace_bin, write_manifest, Endpoint, ManifestDir,
-    SvcPort,
+    node_yaml, service_yaml, start_agent_in, workspace_bin, write_manifest, Agent, Endpoint,
+    ManifestDir, SvcPort,
 };
 use lb_testkit::bpffs::PinDir;
-use lb_testkit::lab::{http_get, http_request, Topology, CLIENT_IP};
+use lb_testkit::lab::{http_get, http_request, Cluster, Topology, CLIENT_IP};
 
 const T: Duration = Duration::from_secs(3);
 const HTTP: u16 = 8080;
@@ -44,6 +44,50 @@ fn podserver() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_lb-podserver"))
 }
 
+/// Node names of the two-node tests.
+const NAMES: [&str; 2] = ["node0", "node1"];
+
+/// `nodes.yaml`: every node of `cluster`, named as in [`NAMES`] (a cluster-wide dump).
+fn write_nodes(cluster: &Cluster, dir: &Path) {
+    let nodes: Vec<String> = cluster
+        .nodes
+        .iter()
+        .zip(NAMES)
+        .map(|(n, name)| node_yaml(name, n.ip))
+        .collect();
+    write_manifest(dir, "nodes.yaml", &nodes);
+}
+
+/// One ready endpoint per node: its first pod.
+fn first_pods(cluster: &Cluster) -> Vec<Endpoint> {
+    cluster
+        .nodes
+        .iter()
+        .zip(NAMES)
+        .map(|(n, name)| Endpoint {
+            ip: n.pods[0].ip,
+            ready: true,
+            node: name,
+        })
+        .collect()
+}
+
+/// An agent per node (own pins, metrics on [`METRICS`]) reading `dir`, with `extra` flags.
+fn start_agents(cluster: &Cluster, dir: &Path, extra: &[&str]) -> (Vec<PinDir>, Vec<Agent>) {
+    let metrics_addr = format!("127.0.0.1:{METRICS}");
+    let mut args = vec!["--metrics-addr", metrics_addr.as_str()];
+    args.extend_from_slice(extra);
+    let pins: Vec<PinDir> = NAMES.iter().map(|n| PinDir::new(n)).collect();
+    let agents = cluster
+        .nodes
+        .iter()
+        .zip(NAMES)
+        .zip(&pins)
+        .map(|((node, name), pins)| start_agent_in(&node.ns, name, pins, dir, &args))
+        .collect();
+    (pins, agents)
+}
+
 /// Upstream: "ESIPP [Slow] should work for type=NodePort" and "should only target nodes with
 /// endpoints" (test/e2e/network/loadbalancer.go): externalTrafficPolicy Local on every node,
 /// each node answering with its own endpoint and the client's own address kept, a node without
@@ -54,29 +98,13 @@ fn esipp_should_work_for_type_nodeport_and_health_check_node_ports_on_every_node
     let mut cluster = Topology::new().nodes(2).pods_per_node(1).build();
     cluster.wait_reachable();
     cluster.start_pod_servers_with(podserver(), &[HTTP], &[], &[]);
-    let names = ["node0", "node1"];
     let dir = ManifestDir::new("multinode");
-    let nodes: Vec<String> = cluster
-        .nodes
-        .iter()
-        .zip(names)
-        .map(|(n, name)| node_yaml(name, n.ip))
-        .collect();
-    write_manifest(dir.path(), "nodes.yaml", &nodes);
-    let endpoints: Vec<Endpoint> = cluster
-        .nodes
-        .iter()
-        .zip(names)
-        .map(|(n, name)| Endpoint {
-            ip: n.pods[0].ip,
-            ready: true,
-            node: name,
-        })
-        .collect();
+    write_nodes(&cluster, dir.path());
+    let endpoints = first_pods(&cluster);
     let only_node0 = [Endpoint {
         ip: cluster.nodes[0].pods[0].ip,
         ready: true,
-        node: names[0],
+        node: NAMES[0],
     }];
     write_manifest(
         dir.path(),
@@ -106,18 +134,7 @@ fn esipp_should_work_for_type_nodeport_and_health_check_node_ports_on_every_node
             ),
         ],
     );
-    let metrics_addr = format!("127.0.0.1:{METRICS}");
-    let pins: Vec<PinDir> = names.iter().map(|n| PinDir::new(n)).collect();
-    let mut agents = Vec::new();
-    for ((node, name), pins) in cluster.nodes.iter().zip(names).zip(&pins) {
-        agents.push(start_agent_in(
-            &node.ns,
-            name,
-            pins,
-            dir.path(),
-            &["--metrics-addr", &metrics_addr],
-        ));
-    }
+    let (pins, agents) = start_agents(&cluster, dir.path(), &[]);
 
     for (node, agent) in cluster.nodes.iter().zip(&agents) {
         let log = agent.proc.log();
@@ -391,25 +408,9 @@ fn nodeport_cluster_policy_serves_local_and_remote_endpoints_through_snat() {
     let mut cluster = Topology::new().nodes(2).pods_per_node(1).build();
     cluster.wait_reachable();
     cluster.start_pod_servers_with(podserver(), &[HTTP], &[UDP], &[]);
-    let names = ["node0", "node1"];
     let dir = ManifestDir::new("snat");
-    let nodes: Vec<String> = cluster
-        .nodes
-        .iter()
-        .zip(names)
-        .map(|(n, name)| node_yaml(name, n.ip))
-        .collect();
-    write_manifest(dir.path(), "nodes.yaml", &nodes);
-    let endpoints: Vec<Endpoint> = cluster
-        .nodes
-        .iter()
-        .zip(names)
-        .map(|(n, name)| Endpoint {
-            ip: n.pods[0].ip,
-            ready: true,
-            node: name,
-        })
-        .collect();
+    write_nodes(&cluster, dir.path());
+    let endpoints = first_pods(&cluster);
     let ports = [
         web_port(NODE_PORT),
         SvcPort {
@@ -429,18 +430,7 @@ fn nodeport_cluster_policy_serves_local_and_remote_endpoints_through_snat() {
         &endpoints,
     );
     write_manifest(dir.path(), "web.yaml", &[yaml]);
-    let metrics_addr = format!("127.0.0.1:{METRICS}");
-    let pins: Vec<PinDir> = names.iter().map(|n| PinDir::new(n)).collect();
-    let mut agents = Vec::new();
-    for ((node, name), pins) in cluster.nodes.iter().zip(names).zip(&pins) {
-        agents.push(start_agent_in(
-            &node.ns,
-            name,
-            pins,
-            dir.path(),
-            &["--metrics-addr", &metrics_addr],
-        ));
-    }
+    let (_pins, _agents) = start_agents(&cluster, dir.path(), &[]);
     for (k, node) in cluster.nodes.iter().enumerate() {
         let np = SocketAddrV4::new(node.ip, NODE_PORT);
         let mut served = std::collections::BTreeMap::<String, usize>::new();
@@ -530,10 +520,10 @@ const LINE_NODE_PORT: u16 = 30070;
 /// Two nodes with one pod each (HTTP, and a line server for long-lived connections), a
 /// cluster-wide dump, and an agent per node started with `extra` flags.
 struct TwoNodes {
-    cluster: lb_testkit::lab::Cluster,
+    cluster: Cluster,
     dir: ManifestDir,
     pins: Vec<PinDir>,
-    agents: Vec<lb_testkit::agent::Agent>,
+    agents: Vec<Agent>,
 }
 
 impl TwoNodes {
@@ -543,37 +533,15 @@ impl TwoNodes {
         cluster.wait_reachable();
         cluster.start_pod_servers_with(podserver(), &[HTTP], &[], &[LINE]);
         let dir = ManifestDir::new(what);
-        let env = TwoNodes {
+        write_nodes(&cluster, dir.path());
+        let mut env = TwoNodes {
             cluster,
             dir,
             pins: Vec::new(),
             agents: Vec::new(),
         };
         env.write_services(endpoints, lb_ip);
-        let nodes: Vec<String> = env
-            .cluster
-            .nodes
-            .iter()
-            .zip(NAMES)
-            .map(|(n, name)| node_yaml(name, n.ip))
-            .collect();
-        write_manifest(env.dir.path(), "nodes.yaml", &nodes);
-        let mut env = env;
-        for name in NAMES {
-            env.pins.push(PinDir::new(name));
-        }
-        let mut extra_all = vec!["--metrics-addr", "127.0.0.1:9464"];
-        extra_all.extend_from_slice(extra);
-        for (k, name) in NAMES.iter().enumerate() {
-            let agent = start_agent_in(
-                &env.cluster.nodes[k].ns,
-                name,
-                &env.pins[k],
-                env.dir.path(),
-                &extra_all,
-            );
-            env.agents.push(agent);
-        }
+        (env.pins, env.agents) = start_agents(&env.cluster, env.dir.path(), extra);
         env
     }
 
@@ -633,8 +601,6 @@ impl TwoNodes {
         self.cluster.client.enter(|| http_request(addr, "/", T))
     }
 }
-
-const NAMES: [&str; 2] = ["node0", "node1"];
 
 /// Upstream: "should be able to create LoadBalancer Service without NodePort and change it"
 /// and the ESIPP LoadBalancer cases (test/e2e/network/loadbalancer.go), as far as a lab

@@ -179,6 +179,14 @@ pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
         out.rows.extend(rows_for(*n, pl, before, &plan));
     }
     drop(labs);
+    // A NodePort whose endpoint runs on another node: SNAT (ours) against MASQUERADE.
+    out.rows.extend(crate::remote::rows(
+        &loadgen,
+        plan.rounds,
+        plan.crr,
+        plan.max_s,
+        p,
+    ));
     Ok(out)
 }
 
@@ -235,7 +243,7 @@ fn one_run(
     count: u64,
     max_s: f64,
 ) -> anyhow::Result<ClientResult> {
-    let res = labkit::client_run(lab, loadgen, arg, target, count, max_s)?;
+    let res = labkit::client_run(&lab.client, loadgen, arg, target, count, max_s)?;
     anyhow::ensure!(
         res.count > 0,
         "{mode} via {target}: no transaction completed ({} errors, last: {})",
@@ -314,18 +322,12 @@ fn rows_for(n: usize, pl: &PathLab, before: Option<Stats>, plan: &Plan) -> Vec<R
             rows.push(row.failed(format!("{e:#}")));
             continue;
         }
-        let col = |f: fn(&ClientResult) -> f64| Stat::of(&runs.iter().map(f).collect::<Vec<_>>());
-        let errors: u64 = runs.iter().map(|r| r.errors).sum();
         let verified = match &check {
             Some(Ok(s)) => s.as_str(),
             _ => "",
         };
         rows.push(
-            row.metric("p50_us", "µs", col(|r| r.p50_us))
-                .metric("p90_us", "µs", col(|r| r.p90_us))
-                .metric("p99_us", "µs", col(|r| r.p99_us))
-                .metric("tps", "1/s", col(|r| r.tps))
-                .param("errors", errors)
+            labkit::with_latency(row, runs)
                 .param("target", if arg == "udp_rr" { pl.udp } else { pl.tcp })
                 .note(format!(
                     "median over {} interleaved rounds of each round's percentile; every reply \

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use lb_agent::dataplane::{BpfDataplane, Dataplane};
 use lb_agent::loader::{Capacities, Datapath, XdpAttachMode};
+use lb_bench::schema::{Row, Stat};
 use lb_testkit::bpffs::PinDir;
 use lb_testkit::lab::netns::output_with_timeout;
-use lb_testkit::lab::{Lab, LabConfig, NODE_IP, NODE_UPLINK, POD_CIDR};
+use lb_testkit::lab::{Lab, LabConfig, Netns, Proc, NODE_IP, NODE_UPLINK, POD_CIDR};
 use serde::Deserialize;
 
 use crate::rules::{self, NodeConfig};
@@ -82,9 +83,8 @@ pub fn pod_endpoints(lab: &Lab, i: usize) -> Vec<SocketAddrV4> {
         .collect()
 }
 
-/// A wired lab with an `lb-loadgen server --id i` in every pod and the client's sysctls set
-/// for many short connections (`tcp_tw_reuse`, a wide ephemeral port range: TCP_CRR opens
-/// thousands of connections).
+/// A wired lab with an `lb-loadgen server --id i` in every pod and the client tuned for many
+/// short connections ([`tune_client`]).
 pub fn new_lab(pods: usize, loadgen: &Path) -> anyhow::Result<Lab> {
     let mut lab = std::panic::catch_unwind(|| {
         let lab = Lab::new(LabConfig { pods });
@@ -92,22 +92,47 @@ pub fn new_lab(pods: usize, loadgen: &Path) -> anyhow::Result<Lab> {
         lab
     })
     .map_err(|e| anyhow!("building the lab: {}", panic_text(&e)))?;
-    lab.client.enter(|| -> anyhow::Result<()> {
-        std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
-        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "10000 65000")?;
-        Ok(())
-    })?;
-    let bin = loadgen.to_string_lossy().into_owned();
-    let ports = format!("{SERVER_PORT}-{}", SERVER_PORT + SERVER_PORTS - 1);
+    tune_client(&lab.client)?;
     for i in 0..pods {
-        let id = i.to_string();
-        let proc = lab.pods[i].ns.spawn(&[
-            &bin, "server", "--id", &id, "--tcp", &ports, "--udp", &ports,
-        ]);
-        proc.wait_for_log("ready", Duration::from_secs(15))?;
+        let proc = loadgen_server(&lab.pods[i].ns, loadgen, i)?;
         lab.adopt(format!("loadgen-server:{i}"), proc);
     }
     Ok(lab)
+}
+
+/// The client's sysctls for many short connections: `tcp_tw_reuse` and a wide ephemeral port
+/// range (TCP_CRR opens thousands of connections).
+pub fn tune_client(client: &Netns) -> anyhow::Result<()> {
+    client.enter(|| -> anyhow::Result<()> {
+        std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
+        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "10000 65000")?;
+        Ok(())
+    })
+}
+
+/// Starts `lb-loadgen server --id ID` on the TCP and UDP server ports in `ns` and waits
+/// (bounded) for it to be ready.
+pub fn loadgen_server(ns: &Netns, loadgen: &Path, id: usize) -> anyhow::Result<Proc> {
+    let bin = loadgen.to_string_lossy().into_owned();
+    let ports = format!("{SERVER_PORT}-{}", SERVER_PORT + SERVER_PORTS - 1);
+    let id = id.to_string();
+    let proc = ns.spawn(&[
+        &bin, "server", "--id", &id, "--tcp", &ports, "--udp", &ports,
+    ]);
+    proc.wait_for_log("ready", Duration::from_secs(15))?;
+    Ok(proc)
+}
+
+/// `row` with the latency percentiles and transaction rate of `runs` (medians over the
+/// runs) and their error count.
+pub fn with_latency(row: Row, runs: &[ClientResult]) -> Row {
+    let col = |f: fn(&ClientResult) -> f64| Stat::of(&runs.iter().map(f).collect::<Vec<_>>());
+    let errors: u64 = runs.iter().map(|r| r.errors).sum();
+    row.metric("p50_us", "µs", col(|r| r.p50_us))
+        .metric("p90_us", "µs", col(|r| r.p90_us))
+        .metric("p99_us", "µs", col(|r| r.p99_us))
+        .metric("tps", "1/s", col(|r| r.tps))
+        .param("errors", errors)
 }
 
 pub fn panic_text(e: &Box<dyn std::any::Any + Send>) -> String {
@@ -196,7 +221,8 @@ pub fn ns_exec(ns: &str, args: &[&str], timeout: Duration) -> anyhow::Result<Str
 }
 
 /// Writes `text` to a temporary file and runs `tool... FILE` in the node namespace.
-fn apply_file(lab: &Lab, tool: &[&str], text: &str, tag: &str) -> anyhow::Result<f64> {
+/// Loads a rule file with `tool FILE` in the namespace `node`; returns the seconds it took.
+pub fn apply_file(node: &Netns, tool: &[&str], text: &str, tag: &str) -> anyhow::Result<f64> {
     let dir = std::env::temp_dir().join(format!("lb-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let file = dir.join(format!("{tag}.rules"));
@@ -208,7 +234,7 @@ fn apply_file(lab: &Lab, tool: &[&str], text: &str, tag: &str) -> anyhow::Result
     let mut args: Vec<&str> = tool.to_vec();
     args.push(&file_s);
     let t = Instant::now();
-    let r = ns_exec(lab.node.name(), &args, APPLY_TIMEOUT);
+    let r = ns_exec(node.name(), &args, APPLY_TIMEOUT);
     let took = t.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&file);
     let _ = std::fs::remove_dir(&dir); // only once empty
@@ -244,7 +270,7 @@ pub fn activate(
         PathKind::Iptables(_) => {
             let text = rules::iptables_restore(&set.ports, &node_config());
             let (filter, nat) = rules::count_iptables_rules(&text);
-            let took = apply_file(lab, &["iptables-restore"], &text, "iptables")?;
+            let took = apply_file(&lab.node, &["iptables-restore"], &text, "iptables")?;
             p.say(&format!(
                 "  iptables: {nat} nat + {filter} filter rules restored in {took:.2}s"
             ));
@@ -254,7 +280,7 @@ pub fn activate(
         PathKind::Nftables => {
             let text = rules::nftables_script(&set.ports, &node_config());
             let lines = text.lines().count();
-            let took = apply_file(lab, &["nft", "-f"], &text, "nftables")?;
+            let took = apply_file(&lab.node, &["nft", "-f"], &text, "nftables")?;
             p.say(&format!(
                 "  nftables: {lines}-line script loaded in {took:.2}s"
             ));
@@ -349,7 +375,7 @@ pub struct ClientResult {
 /// Runs `lb-loadgen args...` in the client namespace and parses its `RESULT` line; bounded by
 /// `max_s` plus a grace period.
 pub fn run_loadgen<T: serde::de::DeserializeOwned>(
-    lab: &Lab,
+    client: &Netns,
     loadgen: &Path,
     args: &[String],
     max_s: f64,
@@ -357,7 +383,7 @@ pub fn run_loadgen<T: serde::de::DeserializeOwned>(
     let bin = loadgen.to_string_lossy().into_owned();
     let mut full: Vec<&str> = vec![&bin];
     full.extend(args.iter().map(String::as_str));
-    let mut proc = lab.client.spawn(&full);
+    let mut proc = client.spawn(&full);
     let deadline = Instant::now() + Duration::from_secs_f64(max_s + 30.0);
     let status = loop {
         if let Some(s) = proc.try_wait() {
@@ -392,7 +418,7 @@ pub fn run_loadgen<T: serde::de::DeserializeOwned>(
 
 /// One `lb-loadgen client` run.
 pub fn client_run(
-    lab: &Lab,
+    client: &Netns,
     loadgen: &Path,
     mode: &str,
     target: SocketAddrV4,
@@ -415,7 +441,7 @@ pub fn client_run(
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    run_loadgen(lab, loadgen, &args, max_s)
+    run_loadgen(client, loadgen, &args, max_s)
 }
 
 /// Sends a UDP control datagram to pod `i`'s server from inside its namespace (loopback) and

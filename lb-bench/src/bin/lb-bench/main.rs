@@ -25,6 +25,7 @@ mod control_plane;
 mod e2e;
 mod labkit;
 mod per_packet;
+mod remote;
 mod rules;
 mod services;
 mod suite;

@@ -258,7 +258,12 @@ impl FloodLab {
             .map(|s| s.pid())
             .ok_or_else(|| anyhow::anyhow!("no server in pod 0"))?;
         // Warm-up: a short flood creates the flows (conntrack entries) before measuring.
-        labkit::run_loadgen::<FloodResult>(&lab, loadgen, &flood_args(udp, 10_000, 1.0), 1.0)?;
+        labkit::run_loadgen::<FloodResult>(
+            &lab.client,
+            loadgen,
+            &flood_args(udp, 10_000, 1.0),
+            1.0,
+        )?;
         Ok(FloodLab {
             kind,
             lab,
@@ -280,7 +285,7 @@ impl FloodLab {
             children_cpu_ns(),
         );
         let args = flood_args(self.udp, plan.max_packets, plan.seconds);
-        let fr: FloodResult = labkit::run_loadgen(lab, loadgen, &args, plan.seconds)?;
+        let fr: FloodResult = labkit::run_loadgen(&lab.client, loadgen, &args, plan.seconds)?;
         std::thread::sleep(Duration::from_millis(300)); // let the last packets drain
         let (cpu1, rx1, srv1, kids1) = (
             cpu_times()?,
