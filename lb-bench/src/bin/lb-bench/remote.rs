@@ -19,7 +19,7 @@ use crate::rules::{self, NodeConfig};
 use crate::services::{self, Position, ServiceSet};
 use crate::Progress;
 
-pub const CASE: &str = "TCP_CRR, remote backend (SNAT)";
+pub const CASE: &str = "TCP_CRR remote (SNAT)";
 const PATHS: [PathKind; 4] = [
     PathKind::Direct,
     PathKind::Ours,
