@@ -139,7 +139,13 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the tokio runtime")?;
             rt.block_on(run::run(args))
         }
-        Cmd::Status { bpffs, output } => status::print(&bpffs, output),
+        Cmd::Status { bpffs, output } => {
+            // `lb-agent status | head` ends quietly, like other CLI tools, not with a panic on
+            // a closed pipe.
+            // SAFETY: restoring the default disposition of SIGPIPE has no preconditions.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            status::print(&bpffs, output)
+        }
         Cmd::Detach { bpffs, iface } => {
             if !bpffs.exists() {
                 bail!("{} does not exist: nothing to detach", bpffs.display());

@@ -39,6 +39,11 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The API server's default `--service-node-port-range`.
 pub const DEFAULT_NODEPORT_RANGE: RangeInclusive<u16> = 30000..=32767;
 
+/// A Service with this label is handled by another proxy (kube-proxy skips it too).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// A Service with this label is headless whatever its clusterIP (kube-proxy skips it).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
 /// The namespace an object without one lives in (as `kubectl apply` does).
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -570,7 +575,8 @@ fn endpoint_candidates(
             };
             let cond = ep.conditions.as_ref();
             let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-            let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+            // A missing `serving` means serving, as kube-proxy reads it.
+            let serving = cond.and_then(|c| c.serving).unwrap_or(true);
             let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
             let local = ep.node_name.as_deref() == Some(cx.cfg.node_name.as_str())
                 && !cx.cfg.node_name.is_empty();
@@ -721,6 +727,14 @@ fn service_frontends(
         cx.problem(&object, "has no spec");
         return out;
     };
+    // Services meant for another proxy, or headless by label, are skipped, as kube-proxy's
+    // label selector does.
+    let labels = svc.metadata.labels.as_ref();
+    if labels
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))
+    {
+        return out;
+    }
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
     let (is_nodeport, is_lb) = match type_ {
         "ClusterIP" | "" => (false, false),

@@ -69,6 +69,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut objects_rx = start_source(&args).await?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
+    // Registered once, up front: a SIGINT that arrives while a sync runs is kept for the next
+    // select (a `ctrl_c()` future made afresh each turn would miss it).
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
     let mut backoff = BACKOFF_MIN;
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut last: Option<Arc<Objects>> = None;
@@ -95,7 +99,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
             () = retry => { retry_at = None; }
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
         let Some(objs) = last.clone() else { continue };

@@ -497,3 +497,48 @@ fn session_affinity_client_ip_timeout_on_every_frontend() {
         d.problems
     );
 }
+
+/// kube-proxy's semantics for two review findings: a missing `serving` condition means
+/// serving (a terminating endpoint without it is still a fallback backend), and Services
+/// labelled for another proxy or as headless are skipped.
+#[test]
+fn missing_serving_means_serving_and_proxy_name_or_headless_labels_skip() {
+    let svc = |name: &str, labels: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n{labels}spec:\n  clusterIP: 10.96.1.{}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n- name: http\n  port: 8080\n  protocol: TCP\nendpoints:\n- addresses: [\"10.244.0.9\"]\n  nodeName: node-a\n  conditions:\n    ready: false\n    terminating: true\n",
+            name.len()
+        )
+    };
+    let dir = TempDir::new();
+    dir.write(
+        "svcs.yaml",
+        &[
+            svc("plain", ""),
+            svc(
+                "other",
+                "  labels:\n    service.kubernetes.io/service-proxy-name: cilium\n",
+            ),
+            svc(
+                "hl",
+                "  labels:\n    service.kubernetes.io/headless: \"\"\n",
+            ),
+        ]
+        .join("---\n"),
+    );
+    let (o, problems) = load(&dir);
+    assert!(problems.is_empty(), "{problems:?}");
+    let d = compute(&o, &ModelConfig::new("node-a"));
+    let owners: Vec<&str> = d.frontends.values().map(|f| f.owner.as_str()).collect();
+    assert_eq!(
+        owners,
+        ["default/plain:http"],
+        "only the unlabelled Service"
+    );
+    let fe = d.frontends.values().next().expect("one frontend");
+    assert_eq!(
+        fe.backends.len(),
+        1,
+        "the terminating endpoint without `serving` serves"
+    );
+    assert!(fe.backends[0].terminating);
+}
