@@ -24,6 +24,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    check_snat_ports(&args.snat_ports, &args.nodeport_range)?;
     let caps = Capacities {
         services: args.services_size,
         backends: args.backends_size,
@@ -177,6 +178,46 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses a `--snat-ports` range that overlaps the NodePort range (a backend's reply to a
+/// SNAT port would be taken for a new NodePort flow), and warns when it overlaps this node's
+/// `ip_local_port_range` (the node's own connections could share a tuple with a SNATed flow).
+fn check_snat_ports(
+    snat: &std::ops::RangeInclusive<u16>,
+    nodeports: &std::ops::RangeInclusive<u16>,
+) -> anyhow::Result<()> {
+    let overlaps = |a: &std::ops::RangeInclusive<u16>, b: &std::ops::RangeInclusive<u16>| {
+        a.start() <= b.end() && b.start() <= a.end()
+    };
+    if overlaps(snat, nodeports) {
+        anyhow::bail!(
+            "--snat-ports {}-{} overlaps the NodePort range {}-{}; choose a disjoint range \
+             (the default 61000-65535 lies above both NodePorts and Linux's default \
+             ip_local_port_range)",
+            snat.start(),
+            snat.end(),
+            nodeports.start(),
+            nodeports.end()
+        );
+    }
+    let local = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().filter_map(|v| v.parse::<u16>().ok());
+            Some(it.next()?..=it.next()?)
+        });
+    if let Some(local) = local.filter(|l| overlaps(snat, l)) {
+        log::warn!(
+            "--snat-ports {}-{} overlaps this node's ip_local_port_range {}-{}: the node's own \
+             connections may collide with SNATed flows",
+            snat.start(),
+            snat.end(),
+            local.start(),
+            local.end()
+        );
+    }
+    Ok(())
+}
+
 /// `net.ipv4.conf.IFACE.accept_local=1`. Packets the datapath translated for a remote
 /// backend carry one of this node's addresses as source (or come from one of its frontend
 /// addresses); they normally leave from XDP, but when the FIB has no answer yet (a neighbour
@@ -262,5 +303,21 @@ async fn watch_manifests(dir: PathBuf, tx: tokio::sync::watch::Sender<Option<Arc
             Err(e) => log::warn!("manifests: reading {}: {e}", dir.display()),
         }
         tokio::time::sleep(MANIFEST_POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_snat_ports;
+
+    #[test]
+    fn snat_ports_must_not_overlap_the_nodeport_range() {
+        let np = 30000..=32767;
+        assert!(check_snat_ports(&(61000..=65535), &np).is_ok());
+        assert!(check_snat_ports(&(32768..=32800), &np).is_ok());
+        for bad in [30000..=30000, 32767..=40000, 1024..=65535, 31000..=31001] {
+            let e = check_snat_ports(&bad, &np).expect_err("overlap");
+            assert!(e.to_string().contains("overlaps the NodePort range"), "{e}");
+        }
     }
 }
