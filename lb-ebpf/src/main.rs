@@ -36,12 +36,14 @@ use crate::{
 /// XDP on the node's uplinks: DNAT packets addressed to a NodePort/hostPort frontend to the
 /// flow's backend.
 ///
-/// Forwarding choice: after the rewrite the packet is handed to the kernel stack
-/// (`XDP_PASS`), not redirected. The stack routes it to the pod's veth with its own FIB and
+/// Forwarding choice: after the rewrite a packet for a local backend is handed to the kernel
+/// stack (`XDP_PASS`), not redirected. The stack routes it to the pod's veth with its own FIB and
 /// neighbour tables, decrements the TTL and applies the node's netfilter policy, and it works
 /// for every egress device (veth peers would otherwise need an XDP program of their own to
 /// accept `bpf_redirect` frames). The cost is one trip through the stack; the lookup, conntrack
-/// and rewrite, which are what this project measures, stay in XDP.
+/// and rewrite, which are what this project measures, stay in XDP. Packets SNATed for a remote
+/// backend, and their replies, leave from XDP instead (see `nodeport`): the stack would drop
+/// them as martian.
 #[xdp]
 pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
@@ -91,22 +93,26 @@ fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Verdict, Reason> {
             (conntrack::create_v4(&flow, &fe, id, &backend, flags)?, true)
         }
     };
-    nat::dnat_v4(ctx, flow.proto, ct.nat_addr, ct.nat_port)?;
-    stats::count_svc(fe.svc.svc_id, bytes);
-    if ct.flags & ct_flags::SNAT != 0 {
-        let backend = Backend4 {
-            addr: ct.nat_addr,
-            port: ct.nat_port,
-            ..Backend4::default()
-        };
-        let snat = if new {
+    // A flow to a remote backend gets its SNAT source first: a flow that cannot have one is
+    // dropped untouched.
+    let backend = Backend4 {
+        addr: ct.nat_addr,
+        port: ct.nat_port,
+        ..Backend4::default()
+    };
+    let snat = match (ct.flags & ct_flags::SNAT != 0, new) {
+        (false, _) => None,
+        (true, true) => Some(
             nodeport::create_v4(&flow, &backend, fe.svc.svc_id).inspect_err(|_| {
                 // No SNAT port: leave no half-made flow behind.
                 conntrack::remove_v4(&flow);
-            })?
-        } else {
-            nodeport::lookup_v4(&flow, &backend, fe.svc.svc_id)?
-        };
+            })?,
+        ),
+        (true, false) => Some(nodeport::lookup_v4(&flow, &backend, fe.svc.svc_id)?),
+    };
+    nat::dnat_v4(ctx, flow.proto, ct.nat_addr, ct.nat_port)?;
+    stats::count_svc(fe.svc.svc_id, bytes);
+    if let Some(snat) = snat {
         return nodeport::forward_v4(ctx, &flow, &backend, &snat);
     }
     Ok(Verdict::pass(if new {
