@@ -29,6 +29,8 @@ pub struct Metrics {
     pub own_node_found: bool,
     /// Nodes known besides this one.
     pub peer_nodes: usize,
+    /// Frontends programmed without per-frontend counters (no free svc id).
+    pub uncounted: usize,
     /// healthCheckNodePorts served, and those that could not be bound.
     pub health_checks: usize,
     pub health_check_bind_failures: usize,
@@ -43,6 +45,7 @@ impl Metrics {
         self.puts += r.puts as u64;
         self.deletes += r.deletes as u64;
         self.problems = d.problems.len();
+        self.uncounted = r.uncounted.len();
         self.own_node_found = d.own_node_found;
         self.peer_nodes = d.peer_nodes.len();
         self.frontends = d
@@ -94,6 +97,12 @@ pub fn render(m: &Metrics, dp: &BpfDataplane) -> String {
     let _ = writeln!(o, "# HELP lb_peer_nodes Other Nodes known to this agent");
     let _ = writeln!(o, "# TYPE lb_peer_nodes gauge");
     let _ = writeln!(o, "lb_peer_nodes {}", m.peer_nodes);
+    let _ = writeln!(
+        o,
+        "# HELP lb_frontends_uncounted Frontends programmed without per-frontend counters (--frontends-size is too small)"
+    );
+    let _ = writeln!(o, "# TYPE lb_frontends_uncounted gauge");
+    let _ = writeln!(o, "lb_frontends_uncounted {}", m.uncounted);
     let _ = writeln!(
         o,
         "# HELP lb_health_check_node_ports healthCheckNodePorts served (externalTrafficPolicy Local)"

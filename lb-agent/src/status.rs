@@ -133,7 +133,11 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
         fe_rows.push(vec![
             frontend_name(k),
             kind_with_affinity(v),
-            v.svc_id.to_string(),
+            if v.svc_id == lb_common::service::NO_SVC_ID {
+                "- (no counters)".to_string()
+            } else {
+                v.svc_id.to_string()
+            },
             if bs.is_empty() {
                 "<none: drop>".to_string()
             } else {

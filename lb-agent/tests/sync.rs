@@ -795,8 +795,11 @@ fn full_backends_map_keeps_frontends_whole_then_converges() {
     assert_state(&dp, &d);
 }
 
+/// Running out of per-frontend counter slots means "no counters", never "not programmed":
+/// the frontend is load-balanced with `NO_SVC_ID`, reported, and gets a freed id later.
 #[test]
-fn svc_id_exhaustion_is_a_failure_and_a_freed_id_is_reused() {
+fn svc_id_exhaustion_programs_the_frontend_uncounted_and_a_freed_id_is_reused() {
+    use lb_common::service::NO_SVC_ID;
     let mut dp = MemDataplane::default();
     let mut s = Syncer::new(Limits {
         svc_ids: 2,
@@ -812,31 +815,24 @@ fn svc_id_exhaustion_is_a_failure_and_a_freed_id_is_reused() {
         &[],
     );
     let r = apply(&mut s, &d, &mut dp);
-    assert_eq!(r.failures.len(), 1);
-    assert!(matches!(
-        r.failures[0].error,
-        SyncError::SvcIdsExhausted { limit: 2 }
-    ));
-    assert!(
-        r.failures[0].entry.contains("10.96.0.3:80/TCP"),
-        "{}",
-        r.failures[0]
-    );
-    assert_eq!(r.unsynced, vec![f3]);
-    assert!(!dp.services.contains_key(&frontend_key(&f3)));
-    assert_eq!(
-        dp.backends.len(),
-        2,
-        "the blocked frontend's backend is not left behind"
-    );
+    assert!(r.is_ok(), "{:?}", r.failures);
+    assert_eq!(r.uncounted, vec![f3]);
+    assert_state(&dp, &d);
+    assert_eq!(master_of(&dp, &f3).svc_id, NO_SVC_ID);
     let ids: BTreeSet<u32> = [f1, f2].iter().map(|f| master_of(&dp, f).svc_id).collect();
     assert_eq!(ids, BTreeSet::from([0, 1]));
+    // Still none free: nothing is rewritten.
+    let n = dp.log.len();
+    let r = apply(&mut s, &d, &mut dp);
+    assert_eq!((r.puts, r.deletes, r.uncounted.clone()), (0, 0, vec![f3]));
+    assert_eq!(dp.log.len(), n);
 
     // f1 goes away: f3 gets its id.
     let freed = master_of(&dp, &f1).svc_id;
     let d = desired(vec![(f2, bes(2..=2)), (f3, bes(3..=3))], &[]);
     let r = apply(&mut s, &d, &mut dp);
     assert!(r.is_ok(), "{:?}", r.failures);
+    assert!(r.uncounted.is_empty());
     assert_state(&dp, &d);
     assert_eq!(master_of(&dp, &f3).svc_id, freed);
 }

@@ -55,6 +55,10 @@ pub mod flags {
     pub const EXT_LOCAL: u16 = 1 << 5;
 }
 
+/// `Service4Value::svc_id` of a frontend that has no per-frontend counter slot (all were in
+/// use): it is programmed and load-balanced, only not counted.
+pub const NO_SVC_ID: u32 = u32::MAX;
+
 /// Value of `LB4_SERVICES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]

@@ -83,6 +83,9 @@ pub struct SyncReport {
     pub failures: Vec<SyncFailure>,
     /// Desired frontends not (completely) in the maps after this apply.
     pub unsynced: Vec<FrontendId>,
+    /// Frontends programmed without per-frontend counters: every svc id was in use. They are
+    /// load-balanced all the same, and get an id as soon as one is free.
+    pub uncounted: Vec<FrontendId>,
 }
 
 impl SyncReport {

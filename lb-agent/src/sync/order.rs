@@ -357,13 +357,17 @@ impl Syncer {
                     id
                 }
                 None => {
-                    r.failures.push(SyncFailure {
-                        entry: what(),
-                        error: SyncError::SvcIdsExhausted {
+                    // No counter slot: program the frontend all the same, uncounted; the
+                    // next apply tries again.
+                    log::warn!(
+                        "{}: {}; programmed without per-frontend counters",
+                        what(),
+                        SyncError::SvcIdsExhausted {
                             limit: self.svc_alloc.limit(),
-                        },
-                    });
-                    return false;
+                        }
+                    );
+                    r.uncounted.push(t.id);
+                    lb_common::service::NO_SVC_ID
                 }
             },
         };
