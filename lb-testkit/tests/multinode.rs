@@ -44,6 +44,18 @@ fn podserver() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_lb-podserver"))
 }
 
+/// A node's `/metrics`, scraped from inside its namespace.
+fn metrics_of(ns: &lb_testkit::lab::Netns) -> String {
+    ns.enter(|| {
+        http_get(
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
+            "/metrics",
+            T,
+        )
+    })
+    .expect("GET /metrics")
+}
+
 /// Node names of the two-node tests.
 const NAMES: [&str; 2] = ["node0", "node1"];
 
@@ -140,16 +152,7 @@ fn esipp_should_work_for_type_nodeport_and_health_check_node_ports_on_every_node
         let log = agent.proc.log();
         assert!(!log.contains("keeping the first one"), "{log}");
         assert!(!log.contains("not found among"), "{log}");
-        let metrics = node
-            .ns
-            .enter(|| {
-                http_get(
-                    SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
-                    "/metrics",
-                    T,
-                )
-            })
-            .expect("GET /metrics");
+        let metrics = metrics_of(&node.ns);
         assert!(
             metrics.contains("\nlb_node_found 1\n"),
             "{}: {metrics}",
@@ -233,16 +236,7 @@ fn esipp_should_work_for_type_nodeport_and_health_check_node_ports_on_every_node
         }
     }
     for node in &cluster.nodes {
-        let metrics = node
-            .ns
-            .enter(|| {
-                http_get(
-                    SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
-                    "/metrics",
-                    T,
-                )
-            })
-            .expect("GET /metrics");
+        let metrics = metrics_of(&node.ns);
         assert!(
             metrics.contains("\nlb_health_check_node_ports 2\n"),
             "{metrics}"
@@ -280,16 +274,7 @@ fn a_missing_own_node_is_reported_not_silent() {
         log.contains("Node node0: this node's own Node object was not found among 1 Node(s)"),
         "{log}"
     );
-    let metrics = node
-        .ns
-        .enter(|| {
-            http_get(
-                SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
-                "/metrics",
-                T,
-            )
-        })
-        .expect("GET /metrics");
+    let metrics = metrics_of(&node.ns);
     assert!(metrics.contains("\nlb_node_found 0\n"), "{metrics}");
     let status = node.ns.run(&[
         workspace_bin("lb-agent").to_str().expect("utf-8 path"),
@@ -487,16 +472,7 @@ fn nodeport_cluster_policy_serves_local_and_remote_endpoints_through_snat() {
             remote_answers > 0,
             "no UDP answer from {remote} via {udp_np}"
         );
-        let metrics = node
-            .ns
-            .enter(|| {
-                http_get(
-                    SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
-                    "/metrics",
-                    T,
-                )
-            })
-            .expect("GET /metrics");
+        let metrics = metrics_of(&node.ns);
         for reason in ["xdp_snat_tx", "xdp_revsnat_tx"] {
             assert!(
                 reason_count(&metrics, reason) > 0,
@@ -585,16 +561,7 @@ impl TwoNodes {
     }
 
     fn metrics(&self, k: usize) -> String {
-        self.cluster.nodes[k]
-            .ns
-            .enter(|| {
-                http_get(
-                    SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
-                    "/metrics",
-                    T,
-                )
-            })
-            .expect("GET /metrics")
+        metrics_of(&self.cluster.nodes[k].ns)
     }
 
     fn get(&self, addr: SocketAddrV4) -> std::io::Result<lb_testkit::lab::HttpResponse> {
