@@ -41,19 +41,48 @@ pub fn flow_hash_v4(flow: &Flow4) -> u32 {
     )
 }
 
+/// Reads of a frontend's slots before a new flow is dropped as `XdpDropBackendMissing`.
+const SELECT_TRIES: u32 = 3;
+
 /// Pick a backend for a new flow: slot `hash % count + 1`, then the backend it points at.
 /// Returns the backend id, the backend and the slot.
+///
+/// The agent may be between two writes: it writes a shrunk master before deleting the slots
+/// above the new count, and deletes a backend only after no slot points at it. And a
+/// preallocated hash map may hand a reader an element that an update has just recycled for
+/// another key. So a value is used only when it has the shape of its kind (a master has no
+/// backend id, a slot has no count); when the slot or its backend is missing or misshapen,
+/// the master is read again and the slot chosen again from its current count. Only when that
+/// keeps failing is the packet dropped.
 #[inline(always)]
 pub fn select_backend_v4(fe: &Frontend, flow: &Flow4) -> Result<(u32, Backend4, u16), Reason> {
-    let slot =
-        select::slot_for(flow_hash_v4(flow), fe.svc.count).ok_or(Reason::XdpDropNoBackend)?;
-    // SAFETY: plain data written whole by the agent.
-    let slot_val =
-        unsafe { SERVICES.get(fe.key.with_slot(slot)) }.ok_or(Reason::XdpDropBackendMissing)?;
-    let id = slot_val.backend_id;
-    // SAFETY: as above.
-    let backend = unsafe { BACKENDS.get(id) }.ok_or(Reason::XdpDropBackendMissing)?;
-    Ok((id, *backend, slot))
+    let hash = flow_hash_v4(flow);
+    let mut count = if fe.svc.backend_id == 0 {
+        fe.svc.count
+    } else {
+        0
+    };
+    for _ in 0..SELECT_TRIES {
+        if let Some(slot) = select::slot_for(hash, count) {
+            // SAFETY: plain data written whole by the agent.
+            if let Some(sv) = unsafe { SERVICES.get(fe.key.with_slot(slot)) } {
+                let (id, is_slot) = (sv.backend_id, sv.count == 0 && sv.backend_id != 0);
+                // SAFETY: as above.
+                if let (true, Some(backend)) = (is_slot, unsafe { BACKENDS.get(id) }) {
+                    return Ok((id, *backend, slot));
+                }
+            }
+        }
+        // SAFETY: as above.
+        let master = unsafe { SERVICES.get(fe.key) }.ok_or(Reason::XdpDropBackendMissing)?;
+        count = match (master.backend_id, master.count) {
+            (0, 0) => return Err(Reason::XdpDropNoBackend),
+            (0, n) => n,
+            // A recycled element: read it again.
+            _ => 0,
+        };
+    }
+    Err(Reason::XdpDropBackendMissing)
 }
 
 /// Whether backend `id` still exists (a removed backend keeps only its established flows).
