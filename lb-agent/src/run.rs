@@ -151,10 +151,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         for (port, why) in &hc_failed {
             log::warn!("healthCheckNodePort {port}: {why}; retried on the next sync");
         }
-        if report.is_ok() {
-            if let Ok(mut h) = node_health.write() {
-                h.last_sync = Some(std::time::SystemTime::now());
-            }
+        // Every completed pass counts, failures included (they are retried and exported):
+        // an agent facing a full map is alive, and restarting it would not help.
+        if let Ok(mut h) = node_health.write() {
+            h.last_sync = Some(std::time::SystemTime::now());
         }
         {
             let mut m = metrics.lock().await;

@@ -22,14 +22,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     conntrack::CT_REPLY,
-    csum,
+    csum, select,
     service::{backend_flags, flags},
     Backend4, Ct4Key, Reason, Snat4Value,
 };
 
 use crate::{
     conntrack::forward_key_v4,
-    lb::{self, Frontend},
+    lb::Frontend,
     maps::{CONFIG, SNAT},
     nat::{self, End},
     parse::{ptr_at, raw16, EthHdr, Flow4, Ipv4Hdr, ETH_HLEN},
@@ -78,7 +78,15 @@ pub fn create_v4(flow: &Flow4, backend: &Backend4, svc_id: u32) -> Result<Snat4V
         ..Snat4Value::default()
     };
     let span = u32::from(max - min) + 1;
-    let h = lb::flow_hash_v4(flow);
+    // The config is in hand: hash with its seed rather than reading it again.
+    let h = select::flow_hash_v4(
+        flow.saddr,
+        flow.daddr,
+        flow.sport,
+        flow.dport,
+        flow.proto,
+        cfg.hash_seed,
+    );
     for i in 0..SNAT_TRIES {
         let port = (u32::from(min) + h.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % span) as u16;
         let key = Ct4Key {

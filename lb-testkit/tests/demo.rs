@@ -1,6 +1,8 @@
 //! The demo `cargo xtask run` starts (`lb-lab --once`, needs root): the multi-node lab with
 //! one agent per node must come up, answer through every frontend on every node as its table
-//! says, print a `status` hint that works as printed, and tear everything down.
+//! says, print its `status` output and an `nsenter` hint (not `ip netns exec`), and tear
+//! everything down. (`--once` tears down before the hint could be run; it was run by hand
+//! against a lab left up.)
 use std::process::Command;
 
 use lb_testkit::lab::{list_namespaces, CLIENT_IP};
