@@ -16,12 +16,14 @@ use aya::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier,
+        TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
-use lb_common::{maps, LbConfig};
+use lb_common::{maps, service::config_flags, LbConfig};
 
+use crate::bpfsys;
 use crate::dataplane::BpfDataplane;
 use crate::pins::{classify, io_err, map_err};
 pub use crate::pins::{open_pinned_map, Capacities, LoadError, PinLayout, DEFAULT_BPFFS_DIR};
@@ -123,7 +125,96 @@ impl Datapath {
             classify("loading TC program", prog_err(maps::PROG_TC_EGRESS, source))
         })?;
         repin(&progs.join(maps::PROG_TC_EGRESS), |p| tc.pin(p))?;
+        for (name, _) in maps::SOCK_PROGS {
+            let prog = self.sock_program(name)?;
+            prog.load().map_err(|source| {
+                classify(
+                    format!("loading socket program {name}"),
+                    prog_err(name, source),
+                )
+            })?;
+            repin(&progs.join(name), |p| prog.pin(p))?;
+        }
         Ok(())
+    }
+
+    /// Remove the pins of maps of earlier layouts ([`maps::LEGACY_MAPS`]). Called once the
+    /// new programs are attached: an old program still holds its own maps until replaced.
+    pub fn remove_legacy_pins(&self) -> Result<(), LoadError> {
+        for name in maps::LEGACY_MAPS {
+            remove_pin(&self.pins.map(name))?;
+        }
+        Ok(())
+    }
+
+    /// A socket hook program (`lb_common::maps::SOCK_PROGS`).
+    pub fn sock_program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, LoadError> {
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?;
+        prog.try_into().map_err(|source| prog_err(name, source))
+    }
+
+    /// Attach the socket hooks (connect4, sendmsg4, recvmsg4, getpeername4) to the cgroup v2
+    /// directory `cgroup` and pin their links. Links already pinned for that cgroup (an
+    /// earlier agent) get the new programs in place (`BPF_LINK_UPDATE`), so sockets are
+    /// never without translation during a restart; links pinned for another cgroup are
+    /// removed first. Returns how many links were updated in place.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<usize, LoadError> {
+        use std::os::{fd::AsFd as _, unix::fs::MetadataExt as _};
+        let what = format!("cgroup {}", cgroup.display());
+        let dir = std::fs::File::open(cgroup).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => LoadError::NoSuchCgroup(cgroup.to_path_buf()),
+            _ => io_err(format!("opening {what}"))(e),
+        })?;
+        if !is_cgroup2(cgroup)? {
+            return Err(LoadError::NotCgroup2(cgroup.to_path_buf()));
+        }
+        // On cgroup v2 a directory's inode number is its cgroup id.
+        let cgroup_id = dir
+            .metadata()
+            .map_err(io_err(format!("stat {what}")))?
+            .ino();
+        let mut updated = 0;
+        for (name, point) in maps::SOCK_PROGS {
+            let pin = self.pins.cgroup_link(point);
+            match bpfsys::obj_get(&pin) {
+                Ok(link) => {
+                    let target = bpfsys::link_cgroup_id(link.as_fd())
+                        .map_err(io_err(format!("reading link {}", pin.display())))?;
+                    if target == Some(cgroup_id) {
+                        let prog = self.sock_program(name)?;
+                        let fd = prog.fd().map_err(|source| prog_err(name, source))?;
+                        bpfsys::link_update(link.as_fd(), fd.as_fd())
+                            .map_err(io_err(format!("updating link {}", pin.display())))?;
+                        updated += 1;
+                        continue;
+                    }
+                    // Pinned for another cgroup: unpinning detaches it (no one else holds it).
+                    drop(link);
+                    remove_pin(&pin)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(format!("opening link {}", pin.display()))(e)),
+            }
+            let prog = self.sock_program(name)?;
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|source| {
+                    classify(
+                        format!("attaching {name} to {what}"),
+                        prog_err(name, source),
+                    )
+                })?;
+            let link = prog.take_link(id).map_err(|source| prog_err(name, source))?;
+            let fd: FdLink = link.try_into().map_err(|source| LoadError::Link {
+                path: pin.clone(),
+                source,
+            })?;
+            repin_link(fd, &pin)?;
+        }
+        Ok(updated)
     }
 
     /// Seed the flow hash once; a pinned config keeps its seed across restarts so flows
@@ -294,6 +385,54 @@ impl Datapath {
     }
 }
 
+/// Detach the socket hooks from their cgroup (remove their link pins).
+pub fn detach_cgroup(dir: &Path) -> Result<(), LoadError> {
+    let pins = PinLayout::new(dir);
+    for (_, point) in maps::SOCK_PROGS {
+        remove_pin(&pins.cgroup_link(point))?;
+    }
+    Ok(())
+}
+
+/// The cgroup the socket hooks pinned under `dir` are attached to, by id (`None`: none).
+pub fn attached_cgroup_id(dir: &Path) -> Option<u64> {
+    use std::os::fd::AsFd as _;
+    let pins = PinLayout::new(dir);
+    let link = bpfsys::obj_get(&pins.cgroup_link(maps::SOCK_PROGS[0].1)).ok()?;
+    bpfsys::link_cgroup_id(link.as_fd()).ok().flatten()
+}
+
+/// The mount point of the first `cgroup2` line of a `/proc/mounts` text (on a hybrid host,
+/// the unified mount).
+pub fn cgroup2_mount(mounts: &str) -> Option<std::path::PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let (_, point, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| std::path::PathBuf::from(point.replace("\\040", " ")))
+    })
+}
+
+/// `CGROUP2_SUPER_MAGIC`.
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+
+fn is_cgroup2(dir: &Path) -> Result<bool, LoadError> {
+    // SAFETY: statfs on a valid NUL-terminated path into a zeroed struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let cpath = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|e| io_err(format!("path {}", dir.display()))(io::Error::other(e)))?;
+    // SAFETY: as above.
+    if unsafe { libc::statfs(cpath.as_ptr(), &mut st) } != 0 {
+        return Err(io_err(format!("statfs {}", dir.display()))(
+            io::Error::last_os_error(),
+        ));
+    }
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type is i64 on x86_64 but u32 elsewhere"
+    )]
+    Ok(st.f_type as i64 == CGROUP2_MAGIC)
+}
+
 /// Detach from `iface`: removing the link pins releases the last reference to the links,
 /// which detaches the programs. Missing pins are not an error (already detached).
 pub fn detach(dir: &Path, iface: &str) -> Result<(), LoadError> {
@@ -353,13 +492,8 @@ impl XdpPass {
     }
 }
 
-/// Set the SNAT source address (`None`: the address each client connected to) and port
-/// range of flows to remote backends in the pinned `LB_CONFIG`, keeping the hash seed.
-pub fn set_snat(
-    pins: &PinLayout,
-    addr: Option<std::net::Ipv4Addr>,
-    ports: &std::ops::RangeInclusive<u16>,
-) -> Result<(), LoadError> {
+/// Change the pinned `LB_CONFIG` with `f` (written only when it changed).
+fn update_config(pins: &PinLayout, f: impl FnOnce(&mut LbConfig)) -> Result<(), LoadError> {
     let data = open_pinned_map(pins, maps::LB_CONFIG)?;
     let map = aya::maps::Map::Array(data);
     let mut cfg: Array<MapData, LbConfig> =
@@ -367,17 +501,63 @@ pub fn set_snat(
     let cur = cfg
         .get(&0, 0)
         .map_err(|source| map_err(maps::LB_CONFIG, source))?;
-    let new = LbConfig {
-        snat_addr: addr.map_or(0, |a| u32::from(a).to_be()),
-        snat_port_min: *ports.start(),
-        snat_port_max: *ports.end(),
-        ..cur
-    };
+    let mut new = cur;
+    f(&mut new);
     if new != cur {
         cfg.set(0, new, 0)
             .map_err(|source| map_err(maps::LB_CONFIG, source))?;
     }
     Ok(())
+}
+
+/// Set the SNAT source address (`None`: the address each client connected to) and port
+/// range of flows to remote backends in the pinned `LB_CONFIG`, keeping the hash seed.
+pub fn set_snat(
+    pins: &PinLayout,
+    addr: Option<std::net::Ipv4Addr>,
+    ports: &std::ops::RangeInclusive<u16>,
+) -> Result<(), LoadError> {
+    update_config(pins, |c| {
+        c.snat_addr = addr.map_or(0, |a| u32::from(a).to_be());
+        c.snat_port_min = *ports.start();
+        c.snat_port_max = *ports.end();
+    })
+}
+
+/// Tell the socket hooks which network namespace is the node's own (the calling thread's:
+/// 127.0.0.0/8 is the node's loopback only there) and whether NodePorts answer on it.
+pub fn set_socket_policy(pins: &PinLayout, localhost_nodeports: bool) -> Result<(), LoadError> {
+    let cookie = own_netns_cookie().map_err(io_err("reading SO_NETNS_COOKIE"))?;
+    update_config(pins, |c| {
+        c.host_netns_cookie = cookie;
+        if localhost_nodeports {
+            c.flags |= config_flags::LOCALHOST_NODEPORTS;
+        } else {
+            c.flags &= !config_flags::LOCALHOST_NODEPORTS;
+        }
+    })
+}
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14).
+pub fn own_netns_cookie() -> io::Result<u64> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: getsockopt into a u64 of the stated length on an open socket.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// Detach from every interface and remove every pin (maps included) under `dir`, then `dir`

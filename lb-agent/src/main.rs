@@ -69,6 +69,23 @@ pub struct RunArgs {
     /// re-read them when a file changes.
     #[arg(long)]
     manifests: Option<PathBuf>,
+    /// The API server's own URL (e.g. https://10.0.0.1:6443), used instead of the one the
+    /// kubeconfig or in-cluster config gives. In-cluster config reaches the API through the
+    /// `kubernetes` Service's ClusterIP, which this agent programs: it needs this to start.
+    #[arg(long, value_parser = parse_url)]
+    api_server: Option<http::Uri>,
+    /// cgroup v2 directory whose processes (and their descendants' cgroups) get socket-level
+    /// load balancing: ClusterIPs, and NodePorts, hostPorts, externalIPs and LoadBalancer IPs
+    /// from the node's own processes and pods. Default: the cgroup v2 root found in
+    /// /proc/mounts (the unified mount on a hybrid host); `off` disables the socket hooks.
+    #[arg(long)]
+    cgroup: Option<String>,
+    /// Whether the node's own processes reach NodePorts on 127.0.0.1 (the socket hooks
+    /// translate them; route_localnet stays 0). kube-proxy's iptables mode allowed it only
+    /// through route_localnet (CVE-2020-8558); its nftables mode refuses it. hostPorts on
+    /// 127.0.0.1 are served either way, as the CNI portmap plugin does.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    localhost_nodeports: bool,
     /// Serve Prometheus metrics on this address.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
@@ -111,6 +128,16 @@ fn parse_listen(s: &str) -> Result<Listen, String> {
     s.parse()
         .map(|a| Listen(Some(a)))
         .map_err(|e| format!("{s:?}: {e} (expected ADDRESS:PORT or off)"))
+}
+
+fn parse_url(s: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("{s:?}: {e} (expected https://HOST:PORT)"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("https" | "http"), Some(_)) => Ok(uri),
+        _ => Err(format!("{s:?}: expected https://HOST:PORT")),
+    }
 }
 
 fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {

@@ -132,28 +132,59 @@ impl fmt::Display for Proto {
     }
 }
 
-/// One `(address, port, protocol)` the datapath answers on.
+/// One `(address, port, protocol)` the datapath answers on, in one lookup scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendId {
     /// `UNSPECIFIED` = any address of this node (NodePort, hostPort without hostIP).
     pub addr: Ipv4Addr,
     pub port: u16,
     pub proto: Proto,
+    pub scope: Scope,
+}
+
+/// Which traffic a frontend's backend set serves (`lb_common::service::scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Scope {
+    /// Every frontend has one: what XDP serves to traffic from outside the node (and the
+    /// socket hooks, unless the frontend is externalTrafficPolicy Local).
+    #[default]
+    External,
+    /// The twin of an externalTrafficPolicy Local NodePort, externalIP or LoadBalancer
+    /// frontend: every ready endpoint, for the node's own processes and pods (kube-proxy
+    /// sends in-cluster sources to the cluster-wide endpoints).
+    Internal,
 }
 
 impl FrontendId {
     pub fn new(addr: Ipv4Addr, port: u16, proto: Proto) -> Self {
-        Self { addr, port, proto }
+        Self {
+            addr,
+            port,
+            proto,
+            scope: Scope::External,
+        }
+    }
+
+    /// The same frontend's in-cluster twin.
+    pub fn internal(self) -> Self {
+        Self {
+            scope: Scope::Internal,
+            ..self
+        }
     }
 }
 
 impl fmt::Display for FrontendId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.addr.is_unspecified() {
-            write!(f, "*:{}/{}", self.port, self.proto)
+            write!(f, "*:{}/{}", self.port, self.proto)?;
         } else {
-            write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+            write!(f, "{}:{}/{}", self.addr, self.port, self.proto)?;
         }
+        if self.scope == Scope::Internal {
+            f.write_str(" (in-cluster)")?;
+        }
+        Ok(())
     }
 }
 
@@ -804,10 +835,13 @@ fn service_frontends(
         if is_nodeport {
             match p.node_port {
                 Some(np) if np > 0 => match u16::try_from(np) {
-                    Ok(np) if cx.cfg.nodeport_range.contains(&np) => out.push((
-                        FrontendId::new(Ipv4Addr::UNSPECIFIED, np, proto),
-                        fe(flags::NODEPORT | ext_flag, external),
-                    )),
+                    Ok(np) if cx.cfg.nodeport_range.contains(&np) => {
+                        let id = FrontendId::new(Ipv4Addr::UNSPECIFIED, np, proto);
+                        out.push((id, fe(flags::NODEPORT | ext_flag, external)));
+                        if ext_local {
+                            out.push((id.internal(), fe(flags::NODEPORT | ext_flag, &cluster)));
+                        }
+                    }
                     _ => cx.problem(
                         &object,
                         format!(
@@ -825,17 +859,17 @@ fn service_frontends(
                 ),
             }
         }
-        for ip in &addrs.external_ips {
-            out.push((
-                FrontendId::new(*ip, port, proto),
-                fe(flags::EXTERNAL_IP | ext_flag, external),
-            ));
-        }
-        for ip in &addrs.lb_ips {
-            out.push((
-                FrontendId::new(*ip, port, proto),
-                fe(flags::LOADBALANCER | ext_flag, external),
-            ));
+        for (ips, kind) in [
+            (&addrs.external_ips, flags::EXTERNAL_IP),
+            (&addrs.lb_ips, flags::LOADBALANCER),
+        ] {
+            for ip in ips {
+                let id = FrontendId::new(*ip, port, proto);
+                out.push((id, fe(kind | ext_flag, external)));
+                if ext_local {
+                    out.push((id.internal(), fe(kind | ext_flag, &cluster)));
+                }
+            }
         }
     }
     out

@@ -3,7 +3,8 @@
 //! [`open_pinned_map`].
 //!
 //! Pin layout under `<dir>`: `maps/<MAP>` (names from `lb_common::maps`),
-//! `progs/<program>`, `links/xdp-<ifname>` and `links/tc-egress-<ifname>`.
+//! `progs/<program>`, `links/xdp-<ifname>`, `links/tc-egress-<ifname>` and
+//! `links/cgroup-<attach point>` (the socket hooks).
 use std::{io, path::PathBuf};
 
 use aya::{
@@ -28,6 +29,10 @@ pub enum LoadError {
     NotPermitted { what: String },
     #[error("interface {0:?} does not exist in this network namespace")]
     NoSuchInterface(String),
+    #[error("cgroup {0} does not exist (give --cgroup a cgroup v2 directory, or off)")]
+    NoSuchCgroup(PathBuf),
+    #[error("{0} is not a cgroup v2 directory (give --cgroup a directory under the cgroup2 mount, or off)")]
+    NotCgroup2(PathBuf),
     #[error("{0} is not on a bpffs mount (mount -t bpf bpf /sys/fs/bpf)")]
     NotBpffs(PathBuf),
     #[error(
@@ -154,12 +159,31 @@ impl PinLayout {
     pub fn tc_link(&self, iface: &str) -> PathBuf {
         self.links().join(format!("tc-egress-{iface}"))
     }
+    /// The link of the socket hook at `point` (`connect4`, ...: `lb_common::maps::SOCK_PROGS`).
+    pub fn cgroup_link(&self, point: &str) -> PathBuf {
+        self.links().join(format!("cgroup-{point}"))
+    }
+}
+
+fn is_own_prog(n: &str) -> bool {
+    n == maps::PROG_XDP_INGRESS
+        || n == maps::PROG_TC_EGRESS
+        || maps::SOCK_PROGS.iter().any(|(p, _)| *p == n)
+}
+
+fn is_own_link(n: &str) -> bool {
+    n.strip_prefix("xdp-")
+        .or_else(|| n.strip_prefix("tc-egress-"))
+        .is_some_and(|iface| !iface.is_empty())
+        || n.strip_prefix("cgroup-")
+            .is_some_and(|p| maps::SOCK_PROGS.iter().any(|(_, point)| *point == p))
 }
 
 impl PinLayout {
     /// Every pin under the directory, after checking that it holds this tool's layout and
     /// nothing else: at most `maps/`, `progs/` and `links/`, holding only pins named as the
-    /// maps and programs of `lb_common::maps`, `links/xdp-<if>` and `links/tc-egress-<if>`.
+    /// maps (current or [`maps::LEGACY_MAPS`]) and programs of `lb_common::maps`,
+    /// `links/xdp-<if>`, `links/tc-egress-<if>` and `links/cgroup-<point>`.
     /// Anything else (another program's pins, a bpffs root such as `/sys/fs/bpf`) is
     /// [`LoadError::NotOurPins`]. Returns the pins, then the sub-directories, in removal order.
     pub fn owned_entries(&self) -> Result<Vec<PathBuf>, LoadError> {
@@ -185,13 +209,9 @@ impl PinLayout {
         for top in read(&self.dir)? {
             let path = self.dir.join(&top);
             let allowed: fn(&str) -> bool = match top.as_str() {
-                "maps" => |n| maps::ALL_MAPS.contains(&n),
-                "progs" => |n| n == maps::PROG_XDP_INGRESS || n == maps::PROG_TC_EGRESS,
-                "links" => |n| {
-                    n.strip_prefix("xdp-")
-                        .or_else(|| n.strip_prefix("tc-egress-"))
-                        .is_some_and(|iface| !iface.is_empty())
-                },
+                "maps" => |n| maps::ALL_MAPS.contains(&n) || maps::LEGACY_MAPS.contains(&n),
+                "progs" => is_own_prog,
+                "links" => is_own_link,
                 _ => {
                     unexpected.push(top);
                     continue;
@@ -253,8 +273,11 @@ mod tests {
                 "maps/LB4_CT_V1",
                 "maps/LB_STATS_V1",
                 "progs/lb_xdp_ingress",
+                "maps/LB_CONFIG_V1",
+                "progs/lb_sock_connect4",
                 "links/xdp-eth0",
                 "links/tc-egress-eth0",
+                "links/cgroup-connect4",
             ],
         );
         let entries = PinLayout::new(&dir).owned_entries().expect("own layout");
@@ -270,10 +293,13 @@ mod tests {
         assert_eq!(
             rel,
             [
+                "links/cgroup-connect4",
                 "links/tc-egress-eth0",
                 "links/xdp-eth0",
                 "maps/LB4_CT_V1",
+                "maps/LB_CONFIG_V1",
                 "maps/LB_STATS_V1",
+                "progs/lb_sock_connect4",
                 "progs/lb_xdp_ingress",
                 "links",
                 "maps",
@@ -292,6 +318,7 @@ mod tests {
                 "maps/cilium_lb4_services_v2",
                 "tc/globals/",
                 "links/xdp-",
+                "links/cgroup-bind4",
                 "progs/lb_xdp_ingress",
             ],
         );
@@ -299,7 +326,12 @@ mod tests {
             .owned_entries()
             .expect_err("foreign pins");
         let msg = err.to_string();
-        for foreign in ["maps/cilium_lb4_services_v2", "tc", "links/xdp-"] {
+        for foreign in [
+            "maps/cilium_lb4_services_v2",
+            "tc",
+            "links/xdp-",
+            "links/cgroup-bind4",
+        ] {
             assert!(msg.contains(foreign), "{foreign} not named in: {msg}");
         }
         assert!(!msg.contains("LB4_CT_V1"), "{msg}");

@@ -32,6 +32,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         svc_stats: args.frontends_size,
     };
     let mut datapath = Datapath::load(&args.bpffs, &caps)?;
+    // The socket policy first: the hooks must know the node's namespace before they run.
+    lb_agent::loader::set_socket_policy(datapath.pins(), args.localhost_nodeports)?;
     for iface in &args.iface {
         let mode = datapath
             .attach(iface)
@@ -39,6 +41,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         log::info!("attached to {iface} ({mode:?})");
         accept_local(iface);
     }
+    match socket_cgroup(args.cgroup.as_deref())? {
+        Some(cg) => {
+            let updated = datapath
+                .attach_cgroup(&cg)
+                .with_context(|| format!("attaching the socket hooks to {}", cg.display()))?;
+            log::info!(
+                "socket hooks on cgroup {} ({}; NodePorts on 127.0.0.1: {})",
+                cg.display(),
+                if updated > 0 {
+                    "pinned links updated in place"
+                } else {
+                    "attached"
+                },
+                if args.localhost_nodeports {
+                    "on"
+                } else {
+                    "off"
+                }
+            );
+        }
+        None => {
+            lb_agent::loader::detach_cgroup(&args.bpffs)?;
+            log::info!("socket hooks off (--cgroup off)");
+        }
+    }
+    datapath.remove_legacy_pins()?;
     let mut dp = datapath.dataplane()?;
     let caps = dp.capacities();
     let mut syncer = Syncer::new(Limits {
@@ -244,7 +272,12 @@ async fn start_source(args: &RunArgs) -> anyhow::Result<ObjectsRx> {
         std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
         tokio::spawn(watch_manifests(dir, tx));
     } else {
-        let client = source::kube::client(args.kubeconfig.as_deref(), args.in_cluster).await?;
+        let client = source::kube::client(
+            args.kubeconfig.as_deref(),
+            args.in_cluster,
+            args.api_server.as_ref(),
+        )
+        .await?;
         let mut snaps = source::kube::watch(client, args.node_name.clone()).await?;
         tokio::spawn(async move {
             loop {
@@ -259,6 +292,22 @@ async fn start_source(args: &RunArgs) -> anyhow::Result<ObjectsRx> {
         });
     }
     Ok(rx)
+}
+
+/// The cgroup the socket hooks attach to: `--cgroup PATH`, none for `off`, else the cgroup
+/// v2 root from /proc/mounts.
+fn socket_cgroup(arg: Option<&str>) -> anyhow::Result<Option<PathBuf>> {
+    match arg {
+        Some("off") => Ok(None),
+        Some(p) => Ok(Some(PathBuf::from(p))),
+        None => {
+            let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+            lb_agent::loader::cgroup2_mount(&mounts).map(Some).context(
+                "no cgroup2 filesystem in /proc/mounts for the socket hooks (mount one, give \
+                 --cgroup PATH, or --cgroup off)",
+            )
+        }
+    }
 }
 
 /// Names, sizes and modification times of the YAML files: a change in any re-reads them.

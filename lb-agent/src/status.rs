@@ -7,7 +7,7 @@ use lb_agent::{
     loader::{attached_interfaces, PinLayout},
 };
 use lb_common::{
-    service::{backend_flags, flags},
+    service::{backend_flags, flags, scope},
     Backend4, Frontend4Key, Service4Value, IPPROTO_TCP, IPPROTO_UDP,
 };
 use serde_json::json;
@@ -36,7 +36,16 @@ fn frontend_name(k: &Frontend4Key) -> String {
     } else {
         ip(k.addr).to_string()
     };
-    format!("{addr}:{}/{}", u16::from_be(k.port), proto(k.proto))
+    let scope = if k.scope == scope::INTERNAL {
+        " (in-cluster)"
+    } else {
+        ""
+    };
+    format!(
+        "{addr}:{}/{}{scope}",
+        u16::from_be(k.port),
+        proto(k.proto)
+    )
 }
 
 /// The kind, with `ClientIP affinity <timeout>s` when the frontend has session affinity.

@@ -12,10 +12,12 @@ pub mod csum;
 pub mod maps;
 pub mod select;
 pub mod service;
+pub mod sock;
 pub mod stats;
 
 pub use conntrack::{Ct4Key, Ct4Value, Snat4Value};
 pub use service::{Affinity4Key, Affinity4Value, Backend4, Frontend4Key, LbConfig, Service4Value};
+pub use sock::{SockRev4Key, SockRev4Value};
 pub use stats::{Counter, Reason};
 
 /// IP protocol numbers used in keys.
@@ -30,10 +32,12 @@ const _: () = {
     assert!(core::mem::size_of::<Ct4Key>() == 16);
     assert!(core::mem::size_of::<Ct4Value>() == 32);
     assert!(core::mem::size_of::<Counter>() == 16);
-    assert!(core::mem::size_of::<LbConfig>() == 16);
+    assert!(core::mem::size_of::<LbConfig>() == 24);
     assert!(core::mem::size_of::<Affinity4Key>() == 12);
     assert!(core::mem::size_of::<Affinity4Value>() == 16);
     assert!(core::mem::size_of::<Snat4Value>() == 32);
+    assert!(core::mem::size_of::<SockRev4Key>() == 16);
+    assert!(core::mem::size_of::<SockRev4Value>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -51,4 +55,6 @@ mod user {
     unsafe impl aya::Pod for Affinity4Key {}
     unsafe impl aya::Pod for Affinity4Value {}
     unsafe impl aya::Pod for Snat4Value {}
+    unsafe impl aya::Pod for SockRev4Key {}
+    unsafe impl aya::Pod for SockRev4Value {}
 }

@@ -40,25 +40,47 @@ pub const LB_STATS_MAX: u32 = 64;
 pub const LB_SVC_STATS: &str = "LB_SVC_STATS_V1";
 pub const LB_SVC_STATS_MAX: u32 = 65_536;
 
-/// One-entry array holding [`crate::LbConfig`].
-pub const LB_CONFIG: &str = "LB_CONFIG_V1";
+/// Reverse translation of the socket hooks, LRU: [`crate::SockRev4Key`] (socket cookie and
+/// backend) -> [`crate::SockRev4Value`] (the Service address the socket asked for).
+pub const LB4_SOCK_REVNAT: &str = "LB4_SOCK_REVNAT_V1";
+pub const LB4_SOCK_REVNAT_MAX: u32 = 262_144;
+
+/// One-entry array holding [`crate::LbConfig`] (V2: with the host netns cookie).
+pub const LB_CONFIG: &str = "LB_CONFIG_V2";
 pub const LB_CONFIG_MAX: u32 = 1;
 
 /// Every map the agent pins, for sweeps and `status`.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_CT,
     LB4_SNAT,
     LB4_AFFINITY,
+    LB4_SOCK_REVNAT,
     LB4_NODE_ADDRS,
     LB_STATS,
     LB_SVC_STATS,
     LB_CONFIG,
 ];
 
+/// Map names of earlier layouts: a restarted agent removes their pins once its programs
+/// have replaced the old ones, and `detach` accepts them as this tool's own.
+pub const LEGACY_MAPS: [&str; 1] = ["LB_CONFIG_V1"];
+
 /// Program names, as the kernel objects name them (`#[xdp]`/`#[classifier]` fn names).
 pub const PROG_XDP_INGRESS: &str = "lb_xdp_ingress";
 pub const PROG_TC_EGRESS: &str = "lb_tc_egress";
 /// An XDP program that passes every frame, for the far end of veth uplinks.
 pub const PROG_XDP_PASS: &str = "lb_xdp_pass";
+/// The cgroup socket hooks (socket-level load balancing), with their attach points.
+pub const PROG_SOCK_CONNECT4: &str = "lb_sock_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
+/// `(program, attach point)` of every socket hook; the link pin is `links/cgroup-<point>`.
+pub const SOCK_PROGS: [(&str, &str); 4] = [
+    (PROG_SOCK_CONNECT4, "connect4"),
+    (PROG_SOCK_SENDMSG4, "sendmsg4"),
+    (PROG_SOCK_RECVMSG4, "recvmsg4"),
+    (PROG_SOCK_GETPEERNAME4, "getpeername4"),
+];

@@ -20,7 +20,7 @@ pub struct Frontend4Key {
     pub slot: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub proto: u8,
-    /// Reserved for a lookup scope (external/internal traffic policy split); 0 today.
+    /// [`scope`]: which backend set of the frontend this key holds.
     pub scope: u8,
     pub _pad: [u8; 2],
 }
@@ -41,6 +41,26 @@ impl Frontend4Key {
     pub const fn with_slot(self, slot: u16) -> Self {
         Self { slot, ..self }
     }
+
+    /// The same frontend's key in another [`scope`].
+    pub const fn with_scope(self, scope: u8) -> Self {
+        Self { scope, ..self }
+    }
+}
+
+/// Lookup scopes of [`Frontend4Key::scope`], as Cilium's `LB_LOOKUP_SCOPE_EXT/INT`.
+///
+/// A Service with externalTrafficPolicy Local keeps its client addresses only for traffic
+/// from outside the cluster; kube-proxy sends traffic from the node's own processes and
+/// pods to its NodePort, externalIPs and LoadBalancer IPs to every ready endpoint (its
+/// `KUBE-EXT` chains jump to the cluster chain for pod and local sources). Such a frontend
+/// therefore has two backend sets: its [`EXTERNAL`](scope::EXTERNAL) entries (local
+/// endpoints, for the XDP path) and its [`INTERNAL`](scope::INTERNAL) entries (every
+/// endpoint, for the socket hooks). The socket hooks read the internal entries only of a
+/// master with [`flags::EXT_LOCAL`].
+pub mod scope {
+    pub const EXTERNAL: u8 = 0;
+    pub const INTERNAL: u8 = 1;
 }
 
 /// Frontend kinds, stored in [`Service4Value::flags`]. Kinds share one lookup, so new ones
@@ -75,16 +95,26 @@ pub struct Service4Value {
     pub affinity_timeout_s: u32,
 }
 
-/// Key of `LB4_AFFINITY` (LRU): one client address at one frontend (its master key's
-/// address, port and protocol). Network order.
+/// Key of `LB4_AFFINITY` (LRU): one client at one frontend (its master key's address, port
+/// and protocol). Network order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct Affinity4Key {
+    /// [`affinity_client::ADDR`]: the client's address (XDP path). [`affinity_client::NETNS`]:
+    /// the low 32 bits of the client's network namespace cookie (socket hooks, which run
+    /// before the source address is chosen; Cilium keys socket affinity the same way).
     pub client: u32,
     pub fe_addr: u32,
     pub fe_port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// [`affinity_client`]: what `client` holds.
+    pub client_kind: u8,
+}
+
+/// [`Affinity4Key::client_kind`] values.
+pub mod affinity_client {
+    pub const ADDR: u8 = 0;
+    pub const NETNS: u8 = 1;
 }
 
 /// Value of `LB4_AFFINITY`: the backend (and the slot it was found in) a client's new flows
@@ -124,13 +154,21 @@ pub struct Backend4 {
     pub node_addr: u32,
 }
 
+/// [`LbConfig::flags`] bits.
+pub mod config_flags {
+    /// The socket hooks translate NodePorts on 127.0.0.0/8 for the node's own processes
+    /// (`--localhost-nodeports`). Without it, `127.0.0.1:<nodePort>` is left untouched, as
+    /// kube-proxy's nftables mode does. hostPorts on 127.0.0.0/8 are translated either way.
+    pub const LOCALHOST_NODEPORTS: u32 = 1 << 0;
+}
+
 /// The single entry of `LB_CONFIG`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct LbConfig {
     /// Seed mixed into the flow hash that picks a backend slot.
     pub hash_seed: u32,
-    /// Reserved feature flags; 0 today.
+    /// [`config_flags`] bits.
     pub flags: u32,
     /// Source address of SNATed flows to remote backends (network order); 0 = the address
     /// the client connected to.
@@ -139,4 +177,8 @@ pub struct LbConfig {
     /// remote backends are then passed to the stack untranslated at the source).
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// Cookie of the node's own network namespace (`SO_NETNS_COOKIE`): the socket hooks
+    /// treat 127.0.0.0/8 as the node's address only for sockets of that namespace (a pod's
+    /// loopback is its own). 0 = unknown: loopback is never translated.
+    pub host_netns_cookie: u64,
 }

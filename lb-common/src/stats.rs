@@ -69,10 +69,27 @@ pub enum Reason {
     XdpRevSnatPass = 26,
     /// XDP: no free SNAT port for a new flow to a remote backend, dropped.
     XdpDropSnatExhausted = 27,
+    /// Socket `connect4`: a Service address translated to a backend (one per connect).
+    SockConnectXlate = 32,
+    /// Socket `sendmsg4`: an unconnected datagram to a Service sent to a backend.
+    SockSendmsgXlate = 33,
+    /// Socket `recvmsg4`: a backend's datagram given the Service address as its source.
+    SockRecvmsgRevNat = 34,
+    /// Socket `getpeername4`: the Service address returned as the peer.
+    SockGetpeernameRevNat = 35,
+    /// Socket `connect4`/`sendmsg4`: a Service without a usable backend, refused at once
+    /// with ECONNREFUSED (kube-proxy's REJECT).
+    SockRejectNoBackend = 36,
+    /// Socket `connect4`/`sendmsg4`: the reverse translation could not be recorded (or a
+    /// slot pointed at a missing backend), refused with ENOMEM / EHOSTUNREACH.
+    SockRejectInternal = 37,
+    /// Socket `connect4`/`sendmsg4`: a NodePort on 127.0.0.0/8 with
+    /// `--localhost-nodeports false`, left untouched.
+    SockPassLocalhostNodePort = 38,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 31] = [
         Reason::XdpPassNonIpv4,
         Reason::XdpPassNotService,
         Reason::XdpPassFragment,
@@ -97,6 +114,13 @@ impl Reason {
         Reason::XdpRevSnatRedirect,
         Reason::XdpRevSnatPass,
         Reason::XdpDropSnatExhausted,
+        Reason::SockConnectXlate,
+        Reason::SockSendmsgXlate,
+        Reason::SockRecvmsgRevNat,
+        Reason::SockGetpeernameRevNat,
+        Reason::SockRejectNoBackend,
+        Reason::SockRejectInternal,
+        Reason::SockPassLocalhostNodePort,
     ];
 
     /// A stable snake_case name for tables and metrics.
@@ -126,6 +150,13 @@ impl Reason {
             Reason::XdpRevSnatRedirect => "xdp_revsnat_redirect",
             Reason::XdpRevSnatPass => "xdp_revsnat_pass",
             Reason::XdpDropSnatExhausted => "xdp_drop_snat_exhausted",
+            Reason::SockConnectXlate => "sock_connect_xlate",
+            Reason::SockSendmsgXlate => "sock_sendmsg_xlate",
+            Reason::SockRecvmsgRevNat => "sock_recvmsg_revnat",
+            Reason::SockGetpeernameRevNat => "sock_getpeername_revnat",
+            Reason::SockRejectNoBackend => "sock_reject_no_backend",
+            Reason::SockRejectInternal => "sock_reject_internal",
+            Reason::SockPassLocalhostNodePort => "sock_pass_localhost_nodeport",
         }
     }
 
@@ -141,6 +172,8 @@ impl Reason {
                 | Reason::XdpDropBackendMissing
                 | Reason::TcDropRewrite
                 | Reason::XdpDropSnatExhausted
+                | Reason::SockRejectNoBackend
+                | Reason::SockRejectInternal
         )
     }
 }

@@ -3,26 +3,56 @@
 //! holds the same slot of the frontend (so a backend that left the Service, or a reused id,
 //! is never chosen). Otherwise the flow picks by hash and the choice is remembered.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{Affinity4Key, Affinity4Value, Backend4, Reason};
+use lb_common::{service::affinity_client, Affinity4Key, Affinity4Value, Backend4, Reason};
 
 use crate::{
     lb::{self, Frontend},
     maps::{AFFINITY, BACKENDS, SERVICES},
-    parse::Flow4,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 const BPF_ANY: u64 = 0;
 
-/// The backend for a new flow of `flow`'s client at `fe`, which has affinity on.
+/// A client as affinity knows it: its address (XDP path) or its network namespace (socket
+/// hooks), see [`affinity_client`].
+#[derive(Clone, Copy)]
+pub struct Client {
+    pub id: u32,
+    pub kind: u8,
+}
+
+impl Client {
+    #[inline(always)]
+    pub fn addr(saddr: u32) -> Self {
+        Self {
+            id: saddr,
+            kind: affinity_client::ADDR,
+        }
+    }
+
+    /// The low 32 bits of a netns cookie (a counter: they do not wrap in practice).
+    #[inline(always)]
+    pub fn netns(cookie: u64) -> Self {
+        Self {
+            id: cookie as u32,
+            kind: affinity_client::NETNS,
+        }
+    }
+}
+
+/// The backend for a new flow (hash `hash`) of `client` at `fe`, which has affinity on.
 #[inline(always)]
-pub fn select_backend_v4(fe: &Frontend, flow: &Flow4) -> Result<(u32, Backend4), Reason> {
+pub fn select_backend_v4(
+    fe: &Frontend,
+    client: Client,
+    hash: u32,
+) -> Result<(u32, Backend4), Reason> {
     let key = Affinity4Key {
-        client: flow.saddr,
+        client: client.id,
         fe_addr: fe.key.addr,
         fe_port: fe.key.port,
         proto: fe.key.proto,
-        _pad: 0,
+        client_kind: client.kind,
     };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -44,7 +74,7 @@ pub fn select_backend_v4(fe: &Frontend, flow: &Flow4) -> Result<(u32, Backend4),
             }
         }
     }
-    let (id, backend, slot) = lb::select_backend_v4(fe, flow)?;
+    let (id, backend, slot) = lb::select_backend_v4(fe, hash)?;
     let value = Affinity4Value {
         backend_id: id,
         slot,

@@ -19,17 +19,28 @@ pub struct Frontend {
 /// hostPort without hostIP), which only matches packets addressed to the node itself.
 #[inline(always)]
 pub fn lookup_frontend_v4(flow: &Flow4) -> Option<Frontend> {
-    let key = Frontend4Key::new(flow.daddr, flow.dport, flow.proto, 0);
-    // SAFETY: values are plain data written whole by the agent (one syscall per entry).
-    if let Some(svc) = unsafe { SERVICES.get(key) } {
-        return Some(Frontend { key, svc: *svc });
+    if let Some(fe) = lookup_exact_v4(flow.daddr, flow.dport, flow.proto) {
+        return Some(fe);
     }
-    // SAFETY: as above.
-    unsafe { NODE_ADDRS.get(flow.daddr) }?;
-    let key = Frontend4Key::new(0, flow.dport, flow.proto, 0);
-    // SAFETY: as above.
+    if !is_node_addr(flow.daddr) {
+        return None;
+    }
+    lookup_exact_v4(0, flow.dport, flow.proto)
+}
+
+/// The frontend whose master key is exactly `(addr, port, proto)` in the external scope.
+#[inline(always)]
+pub fn lookup_exact_v4(addr: u32, port: u16, proto: u8) -> Option<Frontend> {
+    let key = Frontend4Key::new(addr, port, proto, 0);
+    // SAFETY: values are plain data written whole by the agent (one syscall per entry).
     let svc = unsafe { SERVICES.get(key) }?;
     Some(Frontend { key, svc: *svc })
+}
+
+/// Whether `addr` (network order) is one of this node's addresses (`LB4_NODE_ADDRS`).
+#[inline(always)]
+pub fn is_node_addr(addr: u32) -> bool {
+    NODE_ADDRS.get_ptr(addr).is_some()
 }
 
 /// The flow's hash under this node's seed (`LB_CONFIG`).
@@ -44,7 +55,8 @@ pub fn flow_hash_v4(flow: &Flow4) -> u32 {
 /// Reads of a frontend's slots before a new flow is dropped as `XdpDropBackendMissing`.
 const SELECT_TRIES: u32 = 3;
 
-/// Pick a backend for a new flow: slot `hash % count + 1`, then the backend it points at.
+/// Pick a backend for a new flow with hash `hash` (the flow hash on the XDP path, a random
+/// number in the socket hooks): slot `hash % count + 1`, then the backend it points at.
 /// Returns the backend id, the backend and the slot.
 ///
 /// The agent may be between two writes: it writes a shrunk master before deleting the slots
@@ -55,8 +67,7 @@ const SELECT_TRIES: u32 = 3;
 /// the master is read again and the slot chosen again from its current count. Only when that
 /// keeps failing is the packet dropped.
 #[inline(always)]
-pub fn select_backend_v4(fe: &Frontend, flow: &Flow4) -> Result<(u32, Backend4, u16), Reason> {
-    let hash = flow_hash_v4(flow);
+pub fn select_backend_v4(fe: &Frontend, hash: u32) -> Result<(u32, Backend4, u16), Reason> {
     let mut count = if fe.svc.backend_id == 0 {
         fe.svc.count
     } else {

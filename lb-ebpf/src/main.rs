@@ -6,9 +6,10 @@
 //! (forward and reply entries), `nat` (rewrites), `nodeport` (SNAT for remote backends and
 //! forwarding from XDP), `stats` (verdict counters), `maps`. The pure arithmetic (checksums,
 //! flow hash, slot choice) lives in `lb_common::{csum, select}` and is property-tested on the
-//! host. Coming modules slot in beside these: `icmp` (error translation, looked up through
-//! `conntrack`), `frag` (fragment tracking, before the L4 part of `parse`) and `sock` (the
-//! cgroup socket hooks, sharing `lb` and `conntrack`).
+//! host. `sock` holds the cgroup socket hooks (socket-level load balancing for the node's
+//! own processes and pods), sharing `lb` and `affinity` with XDP. Coming modules slot in
+//! beside these: `icmp` (error translation, looked up through `conntrack`) and `frag`
+//! (fragment tracking, before the L4 part of `parse`).
 #![no_std]
 #![no_main]
 
@@ -19,12 +20,13 @@ mod maps;
 mod nat;
 mod nodeport;
 mod parse;
+mod sock;
 mod stats;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::{conntrack::ct_flags, Backend4, Reason};
 
@@ -80,9 +82,13 @@ fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Verdict, Reason> {
         Some(ct) => (ct, false),
         None => {
             let (id, backend) = if fe.svc.affinity_timeout_s != 0 {
-                affinity::select_backend_v4(&fe, &flow)?
+                affinity::select_backend_v4(
+                    &fe,
+                    affinity::Client::addr(flow.saddr),
+                    lb::flow_hash_v4(&flow),
+                )?
             } else {
-                let (id, backend, _slot) = lb::select_backend_v4(&fe, &flow)?;
+                let (id, backend, _slot) = lb::select_backend_v4(&fe, lb::flow_hash_v4(&flow))?;
                 (id, backend)
             };
             let flags = if nodeport::needs_snat(&fe, &backend) {
@@ -167,6 +173,30 @@ fn try_tc_egress(ctx: &mut TcContext, bytes: u64) -> Result<Reason, Reason> {
     nat::revnat_v4(ctx, &flow, ct.nat_addr, ct.nat_port)?;
     stats::count_svc(ct.svc_id, bytes);
     Ok(Reason::TcRevNat)
+}
+
+/// cgroup `connect4`: a socket connecting to a Service connects to a backend instead.
+#[cgroup_sock_addr(connect4)]
+pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::forward_v4(&ctx, Reason::SockConnectXlate)
+}
+
+/// cgroup `sendmsg4`: an unconnected datagram to a Service goes to a backend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::forward_v4(&ctx, Reason::SockSendmsgXlate)
+}
+
+/// cgroup `recvmsg4`: a datagram from a backend shows the Service as its source.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse_v4(&ctx, Reason::SockRecvmsgRevNat)
+}
+
+/// cgroup `getpeername4`: a socket connected through a Service has the Service as its peer.
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse_v4(&ctx, Reason::SockGetpeernameRevNat)
 }
 
 #[cfg(not(test))]

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::*, Affinity4Key, Affinity4Value, Backend4, Counter, Ct4Key, Ct4Value, Frontend4Key,
-    LbConfig, Service4Value, Snat4Value,
+    LbConfig, Service4Value, Snat4Value, SockRev4Key, SockRev4Value,
 };
 
 #[map(name = "LB4_SERVICES_V1")]
@@ -24,6 +24,10 @@ pub static SNAT: LruHashMap<Ct4Key, Snat4Value> = LruHashMap::pinned(LB4_SNAT_MA
 pub static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> =
     LruHashMap::pinned(LB4_AFFINITY_MAX, 0);
 
+#[map(name = "LB4_SOCK_REVNAT_V1")]
+pub static SOCK_REVNAT: LruHashMap<SockRev4Key, SockRev4Value> =
+    LruHashMap::pinned(LB4_SOCK_REVNAT_MAX, 0);
+
 #[map(name = "LB4_NODE_ADDRS_V1")]
 pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(LB4_NODE_ADDRS_MAX, 0);
 
@@ -33,5 +37,5 @@ pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(LB_STATS_MAX, 0);
 #[map(name = "LB_SVC_STATS_V1")]
 pub static SVC_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(LB_SVC_STATS_MAX, 0);
 
-#[map(name = "LB_CONFIG_V1")]
+#[map(name = "LB_CONFIG_V2")]
 pub static CONFIG: Array<LbConfig> = Array::pinned(LB_CONFIG_MAX, 0);

@@ -26,11 +26,7 @@ pub fn cgroup2_mount() -> io::Result<PathBuf> {
 
 /// The mount point of the first `cgroup2` line of a `/proc/mounts` text.
 pub fn parse_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
-        let mut f = line.split_whitespace();
-        let (_, point, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(point.replace("\\040", " ")))
-    })
+    lb_agent::loader::cgroup2_mount(mounts)
 }
 
 /// A cgroup this process created; removed (after killing its members) on drop.

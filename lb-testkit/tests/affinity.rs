@@ -46,7 +46,7 @@ fn key(client: Ipv4Addr) -> Affinity4Key {
         fe_addr: 0,
         fe_port: NODE_PORT.to_be(),
         proto: IPPROTO_TCP,
-        _pad: 0,
+        client_kind: 0,
     }
 }
 

@@ -71,13 +71,26 @@ pub enum KubeSourceError {
 
 /// Build a client: from `kubeconfig` if given, from the pod's service account if
 /// `in_cluster`, otherwise the usual inference ($KUBECONFIG, ~/.kube/config, in-cluster).
+///
+/// `api_server` (`--api-server`) replaces the URL those give. The agent programs the
+/// ClusterIPs, so it cannot reach the API server through one (`kubernetes.default`'s
+/// ClusterIP, which in-cluster config uses); it is given the API server's own address, as
+/// Cilium's `k8sServiceHost`. In-cluster, the server certificate is still checked against
+/// `kubernetes.default.svc`, a name every API server certificate carries, so an IP address
+/// that is not among its SANs still verifies.
 pub async fn client(
     kubeconfig: Option<&Path>,
     in_cluster: bool,
+    api_server: Option<&http::Uri>,
 ) -> Result<Client, KubeSourceError> {
     use kube::config::{KubeConfigOptions, Kubeconfig};
-    let config = match (kubeconfig, in_cluster) {
+    let mut config = match (kubeconfig, in_cluster) {
         (Some(_), true) => return Err(KubeSourceError::ConflictingConfig),
+        (None, true) if api_server.is_some() => {
+            let mut c = kube::Config::incluster_dns().map_err(KubeSourceError::InCluster)?;
+            c.tls_server_name = Some(IN_CLUSTER_API_NAME.to_string());
+            c
+        }
         (None, true) => kube::Config::incluster().map_err(KubeSourceError::InCluster)?,
         (Some(path), false) => {
             let err = |source| KubeSourceError::Kubeconfig {
@@ -93,8 +106,14 @@ pub async fn client(
             .await
             .map_err(KubeSourceError::Infer)?,
     };
+    if let Some(url) = api_server {
+        config.cluster_url = url.clone();
+    }
     Client::try_from(config).map_err(KubeSourceError::Client)
 }
+
+/// The name in-cluster clients verify the API server's certificate against.
+pub const IN_CLUSTER_API_NAME: &str = "kubernetes.default.svc";
 
 /// The running watches. Dropping it stops them (the receivers then see no more changes).
 #[derive(Debug)]
@@ -393,13 +412,13 @@ mod tests {
 
     #[tokio::test]
     async fn conflicting_config() {
-        let r = client(Some(Path::new("/nonexistent")), true).await;
+        let r = client(Some(Path::new("/nonexistent")), true, None).await;
         assert!(matches!(r, Err(KubeSourceError::ConflictingConfig)));
     }
 
     #[tokio::test]
     async fn missing_kubeconfig() {
-        let r = client(Some(Path::new("/nonexistent/kubeconfig")), false).await;
+        let r = client(Some(Path::new("/nonexistent/kubeconfig")), false, None).await;
         assert!(
             matches!(r, Err(KubeSourceError::Kubeconfig { .. })),
             "{:?}",

@@ -16,13 +16,13 @@ mod shadow;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use lb_common::service::backend_flags;
+use lb_common::service::{backend_flags, scope};
 use lb_common::{Backend4, Frontend4Key};
 
 use self::ids::{backend_alloc, svc_alloc, BKey, IdAlloc};
 use self::shadow::Shadow;
 use crate::dataplane::{Dataplane, DataplaneError};
-use crate::model::{Backend, Desired, FrontendId, Proto};
+use crate::model::{Backend, Desired, FrontendId, Proto, Scope};
 
 /// Sizes of the id spaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,12 +97,16 @@ impl SyncReport {
 
 /// The map key of a frontend's master entry.
 pub fn frontend_key(id: &FrontendId) -> Frontend4Key {
-    Frontend4Key::new(
+    let key = Frontend4Key::new(
         u32::from(id.addr).to_be(),
         id.port.to_be(),
         id.proto.ipproto(),
         0,
-    )
+    );
+    key.with_scope(match id.scope {
+        Scope::External => scope::EXTERNAL,
+        Scope::Internal => scope::INTERNAL,
+    })
 }
 
 /// The map value of `b` as a backend of a `proto` frontend.

@@ -47,8 +47,13 @@ fn describe_backend(b: &Backend4) -> String {
 
 fn describe_key(k: &Frontend4Key) -> String {
     let proto = Proto::from_ipproto(k.proto).map_or_else(|| k.proto.to_string(), |p| p.to_string());
+    let scope = if k.scope == lb_common::service::scope::INTERNAL {
+        " (in-cluster)"
+    } else {
+        ""
+    };
     format!(
-        "{}:{}/{}",
+        "{}:{}/{}{scope}",
         Ipv4Addr::from(u32::from_be(k.addr)),
         u16::from_be(k.port),
         proto

@@ -1,0 +1,101 @@
+//! The bpf(2) commands aya 0.14 does not expose for pinned cgroup links: opening a pin
+//! (`BPF_OBJ_GET`), swapping a link's program in place (`BPF_LINK_UPDATE`) and reading the
+//! cgroup a link is attached to (`BPF_OBJ_GET_INFO_BY_FD`).
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `BPF_LINK_TYPE_CGROUP` of `enum bpf_link_type`.
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
+
+#[repr(C)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, initialised `#[repr(C)]` bpf_attr prefix of the given size;
+    // the kernel reads (and for info, writes through the pointer it holds) only that much.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Open the bpf object pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    let fd = i32::try_from(fd).map_err(io::Error::other)?;
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Replace the program of `link` with `prog`, atomically: the hook never runs without one.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// The cgroup id `link` is attached to, or `None` when it is not a cgroup link (or its
+/// cgroup is gone).
+pub fn link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<Option<u64>> {
+    // struct bpf_link_info: type, id, prog_id (u32 each), then a union aligned to 8 whose
+    // cgroup member starts with `__u64 cgroup_id` (offset 16).
+    let mut info = [0u64; 32];
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let b = info[0].to_ne_bytes();
+    let link_type = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    Ok((link_type == BPF_LINK_TYPE_CGROUP && info[2] != 0).then_some(info[2]))
+}
