@@ -16,8 +16,8 @@ use aya::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier,
-        TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -207,7 +207,9 @@ impl Datapath {
                         prog_err(name, source),
                     )
                 })?;
-            let link = prog.take_link(id).map_err(|source| prog_err(name, source))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| prog_err(name, source))?;
             let fd: FdLink = link.try_into().map_err(|source| LoadError::Link {
                 path: pin.clone(),
                 source,

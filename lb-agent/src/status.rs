@@ -41,11 +41,7 @@ fn frontend_name(k: &Frontend4Key) -> String {
     } else {
         ""
     };
-    format!(
-        "{addr}:{}/{}{scope}",
-        u16::from_be(k.port),
-        proto(k.proto)
-    )
+    format!("{addr}:{}/{}{scope}", u16::from_be(k.port), proto(k.proto))
 }
 
 /// The kind, with `ClientIP affinity <timeout>s` when the frontend has session affinity.

@@ -78,6 +78,11 @@ pub fn start_agent_in(
         &man,
     ];
     args.extend_from_slice(extra);
+    // The socket hooks default to the machine's cgroup v2 root, which tests must never
+    // touch: without an explicit lab cgroup they are off.
+    if !extra.contains(&"--cgroup") {
+        args.extend_from_slice(&["--cgroup", "off"]);
+    }
     let proc = node.spawn(&args);
     proc.wait_for_log("sync:", Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("lb-agent did not sync within 20 s: {e}\n{}", proc.log()));

@@ -99,6 +99,8 @@ fn agent_without_privileges_says_which_capabilities_it_needs() {
             pins.path().to_str().expect("path"),
             "--manifests",
             dir.to_str().expect("path"),
+            "--cgroup",
+            "off",
         ])
         .expect("run setpriv");
     let _ = std::fs::remove_dir_all(&dir);

@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 use lb_agent::loader::XdpPass;
 
 use crate::bpffs::PinDir;
+use crate::cgroup::LabCgroup;
 
 use super::{
     disable_tx_csum, netns::Netns, ping_all, podserver_bin, require_root, require_tools,
@@ -189,7 +190,9 @@ fn plug(l2: &Netns, port: &str, ns: &Netns, dev: &str, addr: Ipv4Addr) {
     disable_tx_csum(ns, dev);
 }
 
-/// One node: its namespace, name (`node{k}`), uplink address, pod CIDR and pods.
+/// One node: its namespace, name (`node{k}`), uplink address, pod CIDR, pods, and the
+/// cgroup that every process started in the node or its pods joins (the one its agent's
+/// socket hooks go on: `--cgroup <cgroup.path()>`).
 #[derive(Debug)]
 pub struct NodeNs {
     pub ns: Netns,
@@ -197,6 +200,7 @@ pub struct NodeNs {
     pub ip: Ipv4Addr,
     pub pod_cidr: String,
     pub pods: Vec<PodNs>,
+    pub cgroup: LabCgroup,
 }
 
 /// Nodes and a client on one L2 segment (see the module docs). Dropping it kills the
@@ -216,7 +220,9 @@ pub struct Cluster {
 impl Cluster {
     fn add_node(&mut self, k: usize, pods: usize) {
         let name = format!("node{k}");
-        let ns = Netns::new(format!("{}{name}", self.prefix));
+        let cgroup = LabCgroup::new(&name);
+        let mut ns = Netns::new(format!("{}{name}", self.prefix));
+        ns.set_cgroup(cgroup.path());
         let ip = node_ip(k);
         plug(&self.l2, &format!("p-{name}"), &ns, NODE_UPLINK, ip);
         ns.enter(|| {
@@ -226,14 +232,16 @@ impl Cluster {
         });
         let pods = (0..pods)
             .map(|i| {
-                wire_pod(
+                let mut pod = wire_pod(
                     &ns,
                     &self.prefix,
                     format!("{name}-pod{i}"),
                     cluster_pod_ip(k, i),
                     node_pod_gw(k),
                     format!("veth{i}"),
-                )
+                );
+                pod.ns.set_cgroup(cgroup.path());
+                pod
             })
             .collect();
         self.nodes.push(NodeNs {
@@ -242,6 +250,7 @@ impl Cluster {
             ip,
             pod_cidr: node_pod_cidr(k),
             pods,
+            cgroup,
         });
     }
 

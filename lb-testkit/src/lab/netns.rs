@@ -141,6 +141,9 @@ pub fn delete_namespace(name: &str) -> io::Result<()> {
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    /// The cgroup every process started in this namespace joins (a lab node's cgroup, which
+    /// its socket hooks act on); `None`: the caller's cgroup.
+    cgroup: Option<PathBuf>,
 }
 
 impl Netns {
@@ -166,6 +169,7 @@ impl Netns {
         // From here on, dropping `ns` deletes the namespace again.
         let ns = Netns {
             name: name.to_owned(),
+            cgroup: None,
         };
         let out = ip_try(&["-n", name, "link", "set", "lo", "up"])?;
         if !out.status.success() {
@@ -186,15 +190,44 @@ impl Netns {
         Path::new(NETNS_DIR).join(&self.name)
     }
 
+    /// Processes started in this namespace from now on ([`Netns::spawn`], [`Netns::run`])
+    /// join the cgroup v2 directory `cgroup` before they exec (a lab cgroup, never the root
+    /// one). Threads of this process that [`Netns::enter`] stay in the caller's cgroup.
+    pub fn set_cgroup(&mut self, cgroup: &Path) {
+        self.cgroup = Some(cgroup.to_path_buf());
+    }
+
+    /// The cgroup processes started here join, if any.
+    pub fn cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_deref()
+    }
+
     /// `nsenter --net=<ns> args...`: joins only the network namespace. (`ip netns exec`
     /// also remounts /sys in a private mount namespace, which hides the host's bpffs: an
-    /// agent started that way could not see, or leave, pins that outlive it.)
+    /// agent started that way could not see, or leave, pins that outlive it.) With a
+    /// cgroup set, a shell first moves itself into it and then execs nsenter, so the
+    /// program runs in that cgroup from its first instruction.
     fn exec_command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path().display()))
-            .arg("--")
-            .args(args);
-        cmd
+        let net = format!("--net={}", self.path().display());
+        match &self.cgroup {
+            None => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(net).arg("--").args(args);
+                cmd
+            }
+            Some(cg) => {
+                let mut cmd = Command::new("sh");
+                cmd.args([
+                    "-c",
+                    r#"echo $$ > "$1/cgroup.procs" || exit 125; net=$2; shift 2; exec nsenter "$net" -- "$@""#,
+                    "lb-cgroup-exec",
+                ])
+                .arg(cg)
+                .arg(net)
+                .args(args);
+                cmd
+            }
+        }
     }
 
     /// Runs `args` inside the namespace (bounded by [`COMMAND_TIMEOUT`]).
