@@ -347,7 +347,11 @@ fn ingress_nginx_local_policy_fixture() {
     assert_eq!(lb.backends, vec![local("10.244.0.21", 443)]);
     // healthCheckNodePort is served by the agent's health server, not the datapath.
     assert!(!d.frontends.contains_key(&nodeport(32145, Proto::Tcp)));
-    assert_eq!(d.frontends.len(), 6);
+    // Each externalTrafficPolicy Local frontend (2 NodePorts, 2 LB ports) has its in-cluster
+    // twin with every endpoint.
+    let twin = get(&d, nodeport(31080, Proto::Tcp).internal());
+    assert_eq!(twin.backends.len(), 2);
+    assert_eq!(d.frontends.len(), 6 + 4);
 }
 
 #[test]
@@ -499,8 +503,9 @@ fn whole_fixture_directory() {
     assert_eq!(o.pods.len(), 2);
     let d = compute(&o, &cfg());
     assert!(d.problems.is_empty(), "{:?}", d.problems);
-    // kube-dns 3 + ingress 6 + checkout 2 + api 2 + kubernetes 1 + hostPorts 2.
-    assert_eq!(d.frontends.len(), 16);
+    // kube-dns 3 + ingress 6 (+ 4 in-cluster twins of its externalTrafficPolicy Local
+    // frontends) + checkout 2 + api 2 + kubernetes 1 + hostPorts 2.
+    assert_eq!(d.frontends.len(), 20);
     assert_eq!(d.node_addrs.len(), 2);
 }
 
@@ -805,7 +810,10 @@ fn external_ips_malformed_one_skipped_with_local_policy() {
         get(&d, fid("10.96.0.100", 80, Proto::Tcp)).backends.len(),
         2
     );
-    assert_eq!(d.frontends.len(), 2);
+    // The externalIP's in-cluster twin has both endpoints.
+    let twin = get(&d, fid("198.51.100.7", 80, Proto::Tcp).internal());
+    assert_eq!(twin.backends.len(), 2);
+    assert_eq!(d.frontends.len(), 3);
 }
 
 #[test]

@@ -1,0 +1,244 @@
+//! The incremental controller against the full recompute: randomized sequences of events
+//! (adds, changes, deletes, re-lists of every kind) are fed to a [`Controller`] object by
+//! object, and after every reconcile its desired state must equal `model::compute` of the
+//! same objects; every frontend that changed must be among those it reports.
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use lb_agent::controller::{Controller, Key};
+use lb_agent::model::{self, Desired, ModelConfig, NodeView, PodView, ServiceView, SliceView};
+use support::random::{Event, EventKind, Rng, World, NODE};
+
+/// Feed one event to the controller, as the agent's sources do.
+pub fn feed(c: &mut Controller, e: &Event) {
+    let cfg = c.config().clone();
+    match e {
+        Event::Service(ns, name, Some(s)) => {
+            let _ = (ns, name);
+            c.upsert_service(ServiceView::new(s, &cfg))
+        }
+        Event::Service(ns, name, None) => c.delete_service(ns, name),
+        Event::Slice(ns, name, Some(s)) => c.upsert_slice(ns, name, SliceView::new(s, &cfg)),
+        Event::Slice(ns, name, None) => c.delete_slice(ns, name),
+        Event::Pod(_, _, Some(p)) => c.upsert_pod(PodView::new(p, &cfg)),
+        Event::Pod(ns, name, None) => c.delete_pod(ns, name),
+        Event::Node(_, Some(n)) => c.upsert_node(NodeView::new(n)),
+        Event::Node(name, None) => c.delete_node(name),
+        Event::Relist(kind, w) => match kind {
+            EventKind::Service => c.replace_services(
+                w.services
+                    .values()
+                    .map(|s| ServiceView::new(s, &cfg))
+                    .collect(),
+            ),
+            EventKind::Slice => c.replace_slices(
+                w.slices
+                    .iter()
+                    .map(|((ns, n), s)| {
+                        (Key::new(ns.as_str(), n.as_str()), SliceView::new(s, &cfg))
+                    })
+                    .collect(),
+            ),
+            EventKind::Pod => {
+                c.replace_pods(w.pods.values().map(|p| PodView::new(p, &cfg)).collect())
+            }
+            EventKind::Node => c.replace_nodes(w.nodes.values().map(NodeView::new).collect()),
+        },
+    }
+}
+
+/// `model::compute` with its problems sorted and deduplicated, as the controller gives them.
+fn expected(w: &World, cfg: &ModelConfig) -> Desired {
+    let mut d = model::compute(&w.objects(), cfg);
+    d.problems
+        .sort_by(|a, b| (&a.object, &a.reason).cmp(&(&b.object, &b.reason)));
+    d.problems.dedup();
+    d
+}
+
+fn changed_frontends(a: &Desired, b: &Desired) -> BTreeSet<model::FrontendId> {
+    let keys: BTreeSet<_> = a
+        .frontends
+        .keys()
+        .chain(b.frontends.keys())
+        .copied()
+        .collect();
+    keys.into_iter()
+        .filter(|k| a.frontends.get(k) != b.frontends.get(k))
+        .collect()
+}
+
+fn check_equal(got: &Desired, want: &Desired, context: &str) {
+    if got == want {
+        return;
+    }
+    let diff: Vec<_> = changed_frontends(got, want)
+        .into_iter()
+        .map(|k| (k, got.frontends.get(&k), want.frontends.get(&k)))
+        .collect();
+    panic!(
+        "{context}: incremental != full recompute\nfrontends differing (id, incremental, full): \
+         {diff:#?}\nproblems: {:#?}\nvs {:#?}\nhealth: {:?}\nvs {:?}\nnodes: {:?} {:?} {:?} {:?}\nvs {:?} {:?} {:?} {:?}",
+        got.problems,
+        want.problems,
+        got.health_checks,
+        want.health_checks,
+        got.node_addrs,
+        got.primary_addr,
+        got.peer_nodes,
+        got.node_warning,
+        want.node_addrs,
+        want.primary_addr,
+        want.peer_nodes,
+        want.node_warning,
+    );
+}
+
+/// What the random worlds went through (so the test is known to cover these cases).
+#[derive(Debug, Default)]
+struct Coverage {
+    conflicts: usize,
+    health_checks: usize,
+    terminating: usize,
+    local_only: usize,
+    internal_scope: usize,
+    host_ports: usize,
+    merged_flags: usize,
+    problems: usize,
+    max_frontends: usize,
+}
+
+impl Coverage {
+    fn record(&mut self, d: &Desired) {
+        use lb_common::service::flags;
+        self.conflicts += d
+            .problems
+            .iter()
+            .filter(|p| p.reason.contains("conflicts with"))
+            .count();
+        self.health_checks += d.health_checks.len();
+        self.problems += d.problems.len();
+        self.max_frontends = self.max_frontends.max(d.frontends.len());
+        for (id, fe) in &d.frontends {
+            self.terminating += usize::from(fe.backends.iter().any(|b| b.terminating));
+            self.local_only += usize::from(fe.flags & flags::EXT_LOCAL != 0);
+            self.internal_scope += usize::from(id.scope == model::Scope::Internal);
+            self.host_ports += usize::from(fe.flags & flags::HOSTPORT != 0);
+            self.merged_flags +=
+                usize::from(fe.flags.count_ones() > 1 && fe.flags & flags::EXT_LOCAL == 0);
+        }
+    }
+
+    fn assert_covered(&self) {
+        let c = self;
+        assert!(
+            [
+                c.conflicts,
+                c.health_checks,
+                c.terminating,
+                c.local_only,
+                c.internal_scope,
+                c.host_ports,
+                c.merged_flags,
+                c.problems
+            ]
+            .iter()
+            .all(|n| *n > 0)
+                && c.max_frontends >= 10,
+            "the random worlds miss a case: {c:?}"
+        );
+    }
+}
+
+fn run(seed: u64, events: usize, cfg: &ModelConfig) -> usize {
+    run_covering(seed, events, cfg, &mut Coverage::default())
+}
+
+fn run_covering(seed: u64, events: usize, cfg: &ModelConfig, cov: &mut Coverage) -> usize {
+    let mut rng = Rng::new(seed);
+    let mut world = World::default();
+    let mut c = Controller::new(cfg.clone());
+    let mut prev = expected(&world, cfg);
+    let mut done = 0;
+    while done < events {
+        // A batch of events between two reconciles, as the agent drains its queue.
+        let batch = 1 + rng.below(4);
+        let mut log = Vec::new();
+        for _ in 0..batch {
+            let e = world.random_event(&mut rng);
+            world.apply(&e);
+            feed(&mut c, &e);
+            log.push(e);
+            done += 1;
+        }
+        let changes = c.reconcile();
+        let got = c.desired();
+        let want = expected(&world, cfg);
+        let context = format!("seed {seed}, after event {done}; last batch {log:#?}");
+        check_equal(&got, &want, &context);
+        let reported: BTreeSet<_> = changes.frontends.iter().copied().collect();
+        let missed: Vec<_> = changed_frontends(&prev, &want)
+            .into_iter()
+            .filter(|k| !reported.contains(k))
+            .collect();
+        assert!(
+            missed.is_empty(),
+            "{context}: changed but not reported: {missed:?}"
+        );
+        assert_eq!(
+            changes.health_checks,
+            prev.health_checks != want.health_checks,
+            "{context}: health check change flag"
+        );
+        let nodes = |d: &Desired| {
+            (
+                d.node_addrs.clone(),
+                d.primary_addr,
+                d.own_node_found,
+                d.peer_nodes.clone(),
+                d.node_warning.clone(),
+            )
+        };
+        if nodes(&prev) != nodes(&want) {
+            assert!(changes.nodes, "{context}: node change not reported");
+        }
+        assert_eq!(c.frontend_count(), want.frontends.len(), "{context}");
+        assert_eq!(c.problem_count(), want.problems.len(), "{context}");
+        cov.record(&want);
+        prev = want;
+    }
+    done
+}
+
+#[test]
+fn incremental_model_equals_full_recompute_over_random_events() {
+    let cfg = ModelConfig::new(NODE);
+    let mut total = 0;
+    let mut cov = Coverage::default();
+    for seed in 0..24 {
+        total += run_covering(seed, 500, &cfg, &mut cov);
+    }
+    assert!(total >= 10_000, "{total} events");
+    cov.assert_covered();
+    eprintln!("{total} events; coverage {cov:?}");
+}
+
+#[test]
+fn incremental_model_equals_full_recompute_with_extra_node_addresses() {
+    let mut cfg = ModelConfig::new(NODE);
+    cfg.extra_node_addrs = vec![Ipv4Addr::new(192, 168, 1, 99)];
+    cfg.nodeport_range = 30000..=30002;
+    for seed in 100..104 {
+        run(seed, 500, &cfg);
+    }
+}
+
+#[test]
+fn unnamed_node_takes_a_single_node_as_its_own() {
+    let cfg = ModelConfig::default();
+    for seed in 200..202 {
+        run(seed, 300, &cfg);
+    }
+}
