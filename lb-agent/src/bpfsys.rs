@@ -99,3 +99,81 @@ pub fn link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<Option<u64>> {
     let link_type = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
     Ok((link_type == BPF_LINK_TYPE_CGROUP && info[2] != 0).then_some(info[2]))
 }
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Entries per `BPF_MAP_UPDATE_BATCH` call (the kernel copies and applies them one by one,
+/// so this only bounds the size of one call).
+pub const BATCH_CHUNK: usize = 8192;
+
+/// `BPF_MAP_UPDATE_BATCH` of `count` entries: `keys` and `values` are the packed arrays the
+/// kernel reads (`count` keys of the map's key size, `count` values of its value size, a
+/// per-CPU value being one per possible CPU). Entries are applied in order; returns how many
+/// were written, and the error that stopped the rest.
+///
+/// # Safety
+/// `keys` and `values` must hold `count` keys and values of exactly the map's sizes.
+pub unsafe fn map_update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+) -> (usize, io::Result<()>) {
+    if count == 0 {
+        return (0, Ok(()));
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: count as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+        Ok(_) => (count, Ok(())),
+        // On failure the kernel reports in `count` how many entries it applied.
+        Err(e) => ((attr.count as usize).min(count), Err(e)),
+    }
+}
+
+/// [`map_update_batch`] of typed entries, [`BATCH_CHUNK`] at a time; returns how many were
+/// written (all of them, or those before the first failure) and that failure.
+pub fn update_batch<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: BorrowedFd<'_>,
+    entries: &[(K, V)],
+) -> (usize, io::Result<()>) {
+    let mut done = 0;
+    for chunk in entries.chunks(BATCH_CHUNK) {
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        // SAFETY: the maps' key and value types are these `#[repr(C)]` Pod types, and the
+        // two slices hold `chunk.len()` of each.
+        let (n, r) = unsafe {
+            map_update_batch(
+                map,
+                bytemuck::cast_slice(&keys),
+                bytemuck::cast_slice(&values),
+                chunk.len(),
+            )
+        };
+        done += n;
+        if r.is_err() {
+            return (done, r);
+        }
+    }
+    (done, Ok(()))
+}

@@ -76,6 +76,27 @@ pub trait Dataplane {
     fn svc_stats(&self, svc_id: u32) -> Result<Counter>;
     /// Zero the counters of `svc_id` (before the id is given to a new frontend).
     fn reset_svc_stats(&mut self, svc_id: u32) -> Result<()>;
+
+    /// Write `entries` in order, many per syscall (`BPF_MAP_UPDATE_BATCH`). Returns how many
+    /// were written: all, or those before the first that failed (the caller writes the rest
+    /// one by one, which reports the failure). The default writes none.
+    fn put_services_batch(&mut self, entries: &[(Frontend4Key, Service4Value)]) -> usize {
+        let _ = entries;
+        0
+    }
+
+    /// [`Dataplane::put_services_batch`] for backends.
+    fn put_backends_batch(&mut self, entries: &[(u32, Backend4)]) -> usize {
+        let _ = entries;
+        0
+    }
+
+    /// [`Dataplane::reset_svc_stats`] of many ids; returns how many were reset (the caller
+    /// resets the rest one by one). The default resets none.
+    fn reset_svc_stats_batch(&mut self, svc_ids: &[u32]) -> usize {
+        let _ = svc_ids;
+        0
+    }
 }
 
 /// In-memory dataplane for tests, with optional capacities to exercise "map full" paths.
@@ -175,6 +196,21 @@ impl Dataplane for MemDataplane {
     fn reset_svc_stats(&mut self, _svc_id: u32) -> Result<()> {
         Ok(())
     }
+    fn put_services_batch(&mut self, entries: &[(Frontend4Key, Service4Value)]) -> usize {
+        entries
+            .iter()
+            .take_while(|(k, v)| self.put_service(*k, *v).is_ok())
+            .count()
+    }
+    fn put_backends_batch(&mut self, entries: &[(u32, Backend4)]) -> usize {
+        entries
+            .iter()
+            .take_while(|(id, v)| self.put_backend(*id, *v).is_ok())
+            .count()
+    }
+    fn reset_svc_stats_batch(&mut self, svc_ids: &[u32]) -> usize {
+        svc_ids.len()
+    }
 }
 
 /// The real dataplane: typed views of the pinned BPF maps.
@@ -186,6 +222,7 @@ pub struct BpfDataplane {
     stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
     svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
     caps: Capacities,
+    pins: PinLayout,
 }
 
 fn aya_io(e: aya::maps::MapError) -> std::io::Error {
@@ -240,6 +277,7 @@ impl BpfDataplane {
             stats,
             svc_stats,
             caps,
+            pins: pins.clone(),
         })
     }
 
@@ -442,6 +480,59 @@ impl Dataplane for BpfDataplane {
             )
         })?;
         Ok(sum(per_cpu.iter()))
+    }
+    fn put_services_batch(&mut self, entries: &[(Frontend4Key, Service4Value)]) -> usize {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        let (n, r) = crate::bpfsys::update_batch(self.services.map().fd().as_fd(), entries);
+        if let Err(e) = r {
+            log::debug!(
+                "BPF_MAP_UPDATE_BATCH on {}: {e} after {n} entries",
+                lb_common::maps::LB4_SERVICES
+            );
+        }
+        n
+    }
+    fn put_backends_batch(&mut self, entries: &[(u32, Backend4)]) -> usize {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        let (n, r) = crate::bpfsys::update_batch(self.backends.map().fd().as_fd(), entries);
+        if let Err(e) = r {
+            log::debug!(
+                "BPF_MAP_UPDATE_BATCH on {}: {e} after {n} entries",
+                lb_common::maps::LB4_BACKENDS
+            );
+        }
+        n
+    }
+    fn reset_svc_stats_batch(&mut self, svc_ids: &[u32]) -> usize {
+        use std::os::fd::AsFd as _;
+        let Ok(cpus) = aya::util::nr_cpus() else {
+            return 0;
+        };
+        let Ok(map) = open_pinned_map(&self.pins, lb_common::maps::LB_SVC_STATS) else {
+            return 0;
+        };
+        let mut done = 0;
+        for chunk in svc_ids.chunks(crate::bpfsys::BATCH_CHUNK) {
+            // One zeroed Counter per possible CPU for each id (a per-CPU value).
+            let values = vec![0u8; chunk.len() * cpus * std::mem::size_of::<Counter>()];
+            // SAFETY: LB_SVC_STATS has u32 keys and per-CPU Counter values; `values` holds
+            // `cpus` Counters (16 bytes, already 8-aligned) for each of the `chunk` keys.
+            let (n, r) = unsafe {
+                crate::bpfsys::map_update_batch(
+                    map.fd().as_fd(),
+                    bytemuck::cast_slice(chunk),
+                    &values,
+                    chunk.len(),
+                )
+            };
+            done += n;
+            if r.is_err() {
+                break;
+            }
+        }
+        done
     }
     fn reset_svc_stats(&mut self, svc_id: u32) -> Result<()> {
         let map = lb_common::maps::LB_SVC_STATS;

@@ -1,11 +1,20 @@
 //! The incremental controller against the full recompute: randomized sequences of events
 //! (adds, changes, deletes, re-lists of every kind) are fed to a [`Controller`] object by
-//! object, and after every reconcile its desired state must equal `model::compute` of the
-//! same objects; every frontend that changed must be among those it reports.
+//! object, and after every reconcile
+//! - its desired state must equal `model::compute` of the same objects, and every frontend
+//!   that changed must be among those it reports;
+//! - the maps written by the incremental path (only the reported frontends handed to the
+//!   syncer, then a flush) must equal the maps a full recompute writes (`compute`, then a
+//!   full-diff `Syncer::apply`), and no operation of the incremental path may leave a master
+//!   pointing at a missing slot or backend.
 mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+
+use lb_agent::dataplane::{MemDataplane, MemOp};
+use lb_agent::sync::{Limits, Syncer};
+use lb_common::{Backend4, Frontend4Key};
 
 use lb_agent::controller::{Controller, Key};
 use lb_agent::model::{self, Desired, ModelConfig, NodeView, PodView, ServiceView, SliceView};
@@ -152,6 +161,151 @@ impl Coverage {
     }
 }
 
+/// The maps as the datapath reads them: master key -> (flags, affinity, backends in slot
+/// order), and the node addresses. Panics on an entry no frontend reaches (a slot beyond the
+/// count, a backend no slot points at) or a slot that points nowhere.
+type MapView = (
+    BTreeMap<Frontend4Key, (u16, u32, Vec<Backend4>)>,
+    BTreeSet<Ipv4Addr>,
+);
+
+fn map_view(dp: &MemDataplane, context: &str) -> MapView {
+    let mut out = BTreeMap::new();
+    let mut used = BTreeSet::new();
+    for (k, m) in dp.services.iter().filter(|(k, _)| k.slot == 0) {
+        let mut bs = Vec::new();
+        for slot in 1..=m.count {
+            let sv = dp
+                .services
+                .get(&k.with_slot(slot))
+                .unwrap_or_else(|| panic!("{context}: {k:?} slot {slot} missing"));
+            let b = dp.backends.get(&sv.backend_id).unwrap_or_else(|| {
+                panic!(
+                    "{context}: {k:?} slot {slot} -> missing backend {}",
+                    sv.backend_id
+                )
+            });
+            used.insert(sv.backend_id);
+            bs.push(*b);
+        }
+        out.insert(*k, (m.flags, m.affinity_timeout_s, bs));
+    }
+    for k in dp.services.keys().filter(|k| k.slot != 0) {
+        let master = dp.services.get(&k.with_slot(0));
+        assert!(
+            master.is_some_and(|m| k.slot <= m.count),
+            "{context}: stray slot {k:?}"
+        );
+    }
+    let unused: Vec<_> = dp.backends.keys().filter(|id| !used.contains(id)).collect();
+    assert!(
+        unused.is_empty(),
+        "{context}: unreferenced backends {unused:?}"
+    );
+    (out, dp.node_addrs.clone())
+}
+
+/// After every operation in `log` (applied over `initial`), every master's slots exist and
+/// point at backends that exist.
+fn replay(initial: &MemDataplane, log: &[MemOp], context: &str) {
+    let mut s = initial.services.clone();
+    let mut b = initial.backends.clone();
+    for (i, op) in log.iter().enumerate() {
+        match op {
+            MemOp::PutService(k, v) => {
+                s.insert(*k, *v);
+            }
+            MemOp::DeleteService(k) => {
+                s.remove(k);
+            }
+            MemOp::PutBackend(id, v) => {
+                b.insert(*id, *v);
+            }
+            MemOp::DeleteBackend(id) => {
+                b.remove(id);
+            }
+            MemOp::PutNodeAddr(_) | MemOp::DeleteNodeAddr(_) => {}
+        }
+        for (k, v) in s.iter().filter(|(k, _)| k.slot == 0) {
+            for slot in 1..=v.count {
+                let ok = s
+                    .get(&k.with_slot(slot))
+                    .is_some_and(|sv| sv.backend_id != 0 && b.contains_key(&sv.backend_id));
+                assert!(
+                    ok,
+                    "{context}: after op {i} ({op:?}): {k:?} slot {slot} dangles"
+                );
+            }
+        }
+    }
+}
+
+/// The incremental sync and the full one, side by side.
+struct Maps {
+    inc: Syncer,
+    inc_dp: MemDataplane,
+    full: Syncer,
+    full_dp: MemDataplane,
+}
+
+impl Maps {
+    fn new() -> Self {
+        // Few svc ids: some frontends run out and are programmed uncounted.
+        let limits = Limits {
+            svc_ids: 40,
+            ..Limits::default()
+        };
+        Self {
+            inc: Syncer::new(limits),
+            inc_dp: MemDataplane::default(),
+            full: Syncer::new(limits),
+            full_dp: MemDataplane::default(),
+        }
+    }
+
+    fn check(
+        &mut self,
+        c: &Controller,
+        changes: &lb_agent::controller::Changes,
+        want: &Desired,
+        context: &str,
+    ) {
+        for id in &changes.frontends {
+            self.inc.set_frontend(*id, c.frontend(id).as_deref());
+        }
+        self.inc.set_node_addrs(c.node_addrs());
+        let before = self.inc_dp.clone();
+        let start = self.inc_dp.log.len();
+        let r = self.inc.flush(&mut self.inc_dp);
+        assert!(r.is_ok(), "{context}: {:?}", r.failures);
+        replay(&before, &self.inc_dp.log[start..], context);
+        self.inc_dp.log.clear();
+        let r = self.full.apply(want, &mut self.full_dp);
+        assert!(r.is_ok(), "{context}: {:?}", r.failures);
+        self.full_dp.log.clear();
+        let inc = map_view(&self.inc_dp, context);
+        let full = map_view(&self.full_dp, context);
+        if inc != full {
+            let keys: BTreeSet<_> = inc.0.keys().chain(full.0.keys()).collect();
+            let diff: Vec<_> = keys
+                .into_iter()
+                .filter(|k| inc.0.get(k) != full.0.get(k))
+                .map(|k| (k, inc.0.get(k), full.0.get(k)))
+                .collect();
+            panic!(
+                "{context}: incremental maps != full recompute maps: {diff:#?}\nnode addrs {:?} vs {:?}",
+                inc.1, full.1
+            );
+        }
+        assert_eq!(self.inc.pending(), 0, "{context}");
+        assert_eq!(
+            self.inc.entry_counts(),
+            self.full.entry_counts(),
+            "{context}"
+        );
+    }
+}
+
 fn run(seed: u64, events: usize, cfg: &ModelConfig) -> usize {
     run_covering(seed, events, cfg, &mut Coverage::default())
 }
@@ -161,6 +315,7 @@ fn run_covering(seed: u64, events: usize, cfg: &ModelConfig, cov: &mut Coverage)
     let mut world = World::default();
     let mut c = Controller::new(cfg.clone());
     let mut prev = expected(&world, cfg);
+    let mut maps = Maps::new();
     let mut done = 0;
     while done < events {
         // A batch of events between two reconciles, as the agent drains its queue.
@@ -206,6 +361,7 @@ fn run_covering(seed: u64, events: usize, cfg: &ModelConfig, cov: &mut Coverage)
         }
         assert_eq!(c.frontend_count(), want.frontends.len(), "{context}");
         assert_eq!(c.problem_count(), want.problems.len(), "{context}");
+        maps.check(&c, &changes, &want, &context);
         cov.record(&want);
         prev = want;
     }

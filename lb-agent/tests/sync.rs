@@ -1197,3 +1197,177 @@ fn affinity_timeout_is_written_to_the_master_and_changes_rewrite_only_it() {
         assert!(is_master_put(&ops[0]), "{ops:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Batched first sync, incremental flushes, drift repair
+// ---------------------------------------------------------------------------------------
+
+/// `n` ClusterIP frontends 10.96.x.y:80 with `per` backends each (shared between
+/// neighbours, so backends are reference-counted across frontends).
+fn many(n: usize, per: usize) -> Desired {
+    let frontends = (0..n)
+        .map(|i| {
+            let id = FrontendId::new(Ipv4Addr::from(0x0a60_0000 + i as u32), 80, Proto::Tcp);
+            let bs = (0..per)
+                .map(|k| {
+                    let n = (i * per / 2 + k) as u32;
+                    Backend {
+                        addr: Ipv4Addr::from(0x0af4_0000 + n),
+                        port: 8080,
+                        remote: n.is_multiple_of(3),
+                        terminating: false,
+                    }
+                })
+                .collect();
+            (id, bs)
+        })
+        .collect();
+    desired(frontends, &["192.168.1.10"])
+}
+
+#[test]
+fn large_first_sync_writes_in_batches_in_safe_order() {
+    let d = many(300, 10);
+    let mut dp = MemDataplane::default();
+    let mut s = Syncer::new(Limits::default());
+    let r = apply(&mut s, &d, &mut dp);
+    assert!(r.is_ok(), "{:?}", r.failures);
+    assert_state(&dp, &d);
+    // Batched order: every backend, then every slot, then every master.
+    let last_backend = dp
+        .log
+        .iter()
+        .rposition(|o| matches!(o, MemOp::PutBackend(..)))
+        .expect("backends");
+    let first_slot = position(
+        &dp.log,
+        |o| matches!(o, MemOp::PutService(k, _) if k.slot != 0),
+    );
+    let last_slot = dp
+        .log
+        .iter()
+        .rposition(|o| matches!(o, MemOp::PutService(k, _) if k.slot != 0))
+        .expect("slots");
+    let first_master = position(&dp.log, is_master_put);
+    assert!(last_backend < first_slot && last_slot < first_master);
+    // The same state again writes nothing.
+    let n = dp.log.len();
+    let r = apply(&mut s, &d, &mut dp);
+    assert_eq!((r.puts, r.deletes), (0, 0));
+    assert_eq!(dp.log.len(), n);
+}
+
+#[test]
+fn a_batch_stopped_by_a_full_map_leaves_whole_frontends_then_converges() {
+    let d = many(300, 10);
+    // Room for the slots of about 150 frontends: the slot batch stops half way.
+    let mut dp = MemDataplane {
+        services_capacity: Some(1_650),
+        ..Default::default()
+    };
+    let mut s = Syncer::new(Limits::default());
+    let before = decode(&dp);
+    let r = apply(&mut s, &d, &mut dp);
+    assert!(!r.is_ok());
+    assert!(!r.unsynced.is_empty());
+    assert_no_half_applied(&before, &dp, &d);
+    dp.services_capacity = None;
+    let r = apply(&mut s, &d, &mut dp);
+    assert!(r.is_ok(), "{:?}", r.failures);
+    assert_state(&dp, &d);
+}
+
+#[test]
+fn flush_writes_only_the_frontends_set_since_the_last_one() {
+    let d = many(50, 4);
+    let mut dp = MemDataplane::default();
+    let mut s = Syncer::new(Limits::default());
+    for (id, fe) in &d.frontends {
+        s.set_frontend(*id, Some(fe));
+    }
+    s.set_node_addrs(&d.node_addrs);
+    let r = s.flush(&mut dp);
+    assert!(r.is_ok());
+    assert_state(&dp, &d);
+
+    // One frontend loses a backend, another goes: only their entries change.
+    let mut d2 = d.clone();
+    let (a, b) = {
+        let mut keys = d2.frontends.keys().copied();
+        (keys.next().expect("a"), keys.next().expect("b"))
+    };
+    d2.frontends.get_mut(&a).expect("a").backends.pop();
+    d2.frontends.remove(&b);
+    let start = dp.log.len();
+    s.set_frontend(a, d2.frontends.get(&a));
+    s.set_frontend(b, None);
+    let r = s.flush(&mut dp);
+    assert!(r.is_ok());
+    assert_state(&dp, &d2);
+    let touched: BTreeSet<Frontend4Key> = dp.log[start..]
+        .iter()
+        .filter_map(|o| match o {
+            MemOp::PutService(k, _) | MemOp::DeleteService(k) => Some(k.with_slot(0)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        touched,
+        [frontend_key(&a), frontend_key(&b)].into_iter().collect()
+    );
+    // Nothing left to write.
+    let n = dp.log.len();
+    assert!(s.flush(&mut dp).is_ok());
+    assert_eq!(dp.log.len(), n);
+}
+
+#[test]
+fn resync_repairs_entries_changed_behind_the_syncers_back() {
+    let d = many(20, 3);
+    let mut dp = MemDataplane::default();
+    let mut s = Syncer::new(Limits::default());
+    assert!(apply(&mut s, &d, &mut dp).is_ok());
+    let (a, b) = {
+        let mut keys = d.frontends.keys().copied();
+        (keys.next().expect("a"), keys.next().expect("b"))
+    };
+    // Drift: a slot points elsewhere, a master is gone, a backend changed, strays added.
+    let ka = frontend_key(&a);
+    let other = dp.services[&frontend_key(&b).with_slot(1)].backend_id;
+    dp.services.insert(
+        ka.with_slot(2),
+        Service4Value {
+            backend_id: other,
+            ..Default::default()
+        },
+    );
+    dp.services.remove(&frontend_key(&b));
+    let (bid, mut bv) = dp.backends.iter().map(|(k, v)| (*k, *v)).next_back().expect("b");
+    bv.port = 1;
+    dp.backends.insert(bid, bv);
+    dp.services.insert(
+        frontend_key(&fid("10.99.0.1", 53)),
+        Service4Value {
+            count: 0,
+            ..Default::default()
+        },
+    );
+    dp.backends.insert(999_999, bv);
+    dp.node_addrs.insert(ip("10.0.0.1"));
+
+    // A flush knows nothing of it...
+    let n = dp.log.len();
+    assert!(s.flush(&mut dp).is_ok());
+    assert_eq!(dp.log.len(), n);
+    // ...a resync re-reads the maps and repairs everything.
+    let initial = dp.clone();
+    let start = dp.log.len();
+    let r = s.resync(&mut dp);
+    assert!(r.is_ok(), "{:?}", r.failures);
+    replay(&initial, &dp.log[start..]);
+    assert_state(&dp, &d);
+    // And the next resync finds nothing to do.
+    let n = dp.log.len();
+    assert!(s.resync(&mut dp).is_ok());
+    assert_eq!(dp.log.len(), n);
+}

@@ -12,7 +12,7 @@ use lb_common::Backend4;
 use super::Limits;
 
 /// Identity of a backend: what its id stands for. Flags may change in place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) struct BKey {
     pub(super) addr: u32,
     pub(super) port: u16,
@@ -94,7 +94,24 @@ impl IdAlloc {
         }
     }
 
+    /// Whether `id` is in use.
+    pub(super) fn is_used(&self, id: u32) -> bool {
+        self.used.contains(&id)
+    }
+
+    /// Free `ids` (those in use), ascending: the order they are reused in.
+    pub(super) fn free(&mut self, ids: &mut Vec<u32>) {
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids.drain(..) {
+            if self.used.remove(&id) {
+                self.freed.push_back(id);
+            }
+        }
+    }
+
     /// Free every used id not in `keep`.
+    #[cfg(test)]
     pub(super) fn retain(&mut self, keep: &BTreeSet<u32>) {
         let gone: Vec<u32> = self.used.difference(keep).copied().collect();
         for id in gone {

@@ -2,11 +2,13 @@
 //! are put and deleted in an order in which the datapath never sees a dangling or
 //! half-written backend set.
 //!
-//! Order of one [`Syncer::apply`]:
+//! Order of one flush (of the frontends changed since the last one; of every frontend for
+//! [`Syncer::apply`]):
 //! 1. new node addresses;
 //! 2. frontends that are no longer desired: master entry, then its slots; then backends no
 //!    slot references any more and that are not desired (frees capacity before new puts);
-//! 3. new and changed backends;
+//! 3. new and changed backends (those the written frontends use, and those whose flags
+//!    changed);
 //! 4. changed frontends, shrinking ones first. Growing (or new): the new slots, then the
 //!    changed existing slots, then the master with the new count. Shrinking: the master
 //!    with the smaller count, then the changed slots, then the unused slots are deleted.
@@ -15,25 +17,27 @@
 //! 5. backends that no slot references any more;
 //! 6. node addresses that are no longer desired.
 //!
+//! Many puts at once (the first sync) go through `BPF_MAP_UPDATE_BATCH` in the same order:
+//! every backend; then the slots of every growing frontend, then their masters. A batch that
+//! stops at a failing entry leaves the entries before it written; the rest are written one
+//! by one as above, so a failure is handled (and reported) exactly as without batching.
+//!
 //! Failures never stop the sync: they are collected in the [`SyncReport`], the shadow keeps
-//! the entries that really are in the maps, and the next apply retries.
-use std::collections::{BTreeMap, BTreeSet};
+//! the entries that really are in the maps, and the failed frontends are retried at the
+//! next flush.
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use lb_common::{Backend4, Frontend4Key, Service4Value};
 
 use super::ids::BKey;
-use super::{backend_value, frontend_key, SyncError, SyncFailure, SyncReport, Syncer};
+use super::shadow::slot_value;
+use super::{SyncError, SyncFailure, SyncReport, Syncer};
 use crate::dataplane::{Dataplane, DataplaneError};
-use crate::model::{Desired, Frontend, FrontendId, Proto};
+use crate::model::{FrontendId, Proto};
 
-/// A desired frontend as map entries.
-struct Target<'a> {
-    id: FrontendId,
-    fe: &'a Frontend,
-    /// Backend identities in slot order (slot 1 first).
-    backends: Vec<BKey>,
-}
+/// Puts at or above this many go through `BPF_MAP_UPDATE_BATCH`.
+const BATCH_MIN: usize = 1024;
 
 fn describe_backend(b: &Backend4) -> String {
     let proto = Proto::from_ipproto(b.proto).map_or_else(|| b.proto.to_string(), |p| p.to_string());
@@ -68,69 +72,88 @@ fn fail(r: &mut SyncReport, entry: String, e: DataplaneError) {
     });
 }
 
+fn bkey_backend(key: &BKey) -> Backend4 {
+    Backend4 {
+        addr: key.addr,
+        port: key.port,
+        proto: key.proto,
+        ..Default::default()
+    }
+}
+
+/// A growing frontend, ready to be written in a batch.
+struct Plan {
+    fkey: Frontend4Key,
+    id: FrontendId,
+    owner: Box<str>,
+    ids: Vec<u32>,
+    master: Service4Value,
+    c0: u16,
+}
+
+/// What one flush deleted, for the release of ids at its end.
+#[derive(Default)]
+struct Released {
+    backends: Vec<(u32, BKey)>,
+    masters: Vec<(Frontend4Key, u32)>,
+}
+
 impl Syncer {
-    /// Write the difference between the shadow and `desired`, in the order of the module
-    /// docs, into `dp` and `r`. The shadow must have been adopted.
-    pub(super) fn write_in_order(
-        &mut self,
-        desired: &Desired,
-        dp: &mut impl Dataplane,
-        r: &mut SyncReport,
-    ) {
-        // Desired entries.
-        let mut want_backends: BTreeMap<BKey, Backend4> = BTreeMap::new();
-        let mut targets: BTreeMap<Frontend4Key, Target<'_>> = BTreeMap::new();
-        for (id, fe) in &desired.frontends {
-            let mut list = Vec::with_capacity(fe.backends.len());
-            for b in &fe.backends {
-                let v = backend_value(b, id.proto);
-                let key = BKey::of(&v);
-                want_backends
-                    .entry(key)
-                    .and_modify(|cur| cur.flags |= v.flags)
-                    .or_insert(v);
-                list.push(key);
+    /// Write the pending frontends and backends in the order of the module docs into `dp`
+    /// and `r`. The shadow must have been adopted.
+    pub(super) fn write_in_order(&mut self, dp: &mut impl Dataplane, r: &mut SyncReport) {
+        let pending = std::mem::take(&mut self.pending);
+        let mut unsynced: BTreeSet<Frontend4Key> = BTreeSet::new();
+        let mut released = Released::default();
+        let mut write_backends = std::mem::take(&mut self.pending_backends);
+        for k in &pending {
+            if let Some(w) = self.want.get(k) {
+                write_backends.extend(w.backends.iter().map(|(b, _)| *b));
             }
-            targets.insert(
-                frontend_key(id),
-                Target {
-                    id: *id,
-                    fe,
-                    backends: list,
-                },
-            );
         }
 
         // 1. New node addresses.
-        for addr in desired
-            .node_addrs
-            .difference(&self.shadow.node_addrs.clone())
-        {
-            match dp.put_node_addr(*addr) {
+        let new_addrs: Vec<Ipv4Addr> = self
+            .want_node_addrs
+            .difference(&self.shadow.node_addrs)
+            .copied()
+            .collect();
+        for addr in new_addrs {
+            match dp.put_node_addr(addr) {
                 Ok(()) => {
                     r.puts += 1;
-                    self.shadow.node_addrs.insert(*addr);
+                    self.shadow.node_addrs.insert(addr);
                 }
                 Err(e) => fail(r, format!("node address {addr}"), e),
             }
         }
 
         // 2. Frontends no longer desired, then the backends only they used.
-        let present: BTreeSet<Frontend4Key> = self.shadow.frontends();
-        for fkey in present.iter().filter(|k| !targets.contains_key(k)) {
-            self.remove_frontend(*fkey, dp, r);
-        }
-        let wanted_ids: BTreeSet<u32> = want_backends
-            .keys()
-            .filter_map(|k| self.backend_ids.get(k).copied())
+        let stale: Vec<Frontend4Key> = pending
+            .iter()
+            .filter(|k| !self.want.contains_key(k) && self.shadow.has_frontend(k))
+            .copied()
             .collect();
-        self.sweep_backends(&wanted_ids, dp, r);
+        for fkey in stale {
+            if !self.remove_frontend(fkey, dp, r, &mut released) {
+                unsynced.insert(fkey);
+            }
+        }
+        self.sweep_backends(true, dp, r, &mut released);
         // Their ids are free for the allocations below.
-        self.release_ids(&want_backends, &targets);
+        self.release_ids(&mut released);
 
         // 3. New and changed backends.
         let mut missing: BTreeSet<BKey> = BTreeSet::new();
-        for (key, value) in &want_backends {
+        let mut puts: Vec<(u32, Backend4)> = Vec::new();
+        for key in &write_backends {
+            let Some(count) = self.want_backends.get(key) else {
+                continue;
+            };
+            let value = Backend4 {
+                flags: count.flags(),
+                ..bkey_backend(key)
+            };
             let id = match self.backend_ids.get(key) {
                 Some(id) => *id,
                 None => match self.backend_alloc.alloc() {
@@ -141,7 +164,7 @@ impl Syncer {
                     None => {
                         missing.insert(*key);
                         r.failures.push(SyncFailure {
-                            entry: format!("backend {}", describe_backend(value)),
+                            entry: format!("backend {}", describe_backend(&value)),
                             error: SyncError::BackendIdsExhausted {
                                 limit: self.backend_alloc.limit(),
                             },
@@ -150,53 +173,72 @@ impl Syncer {
                     }
                 },
             };
-            if self.shadow.backends.get(&id) == Some(value) {
-                continue;
+            if self.shadow.backend(id) != Some(value) {
+                puts.push((id, value));
             }
-            match dp.put_backend(id, *value) {
-                Ok(()) => {
-                    r.puts += 1;
-                    self.shadow.backends.insert(id, *value);
-                }
-                Err(e) => {
-                    missing.insert(*key);
-                    fail(r, format!("backend {id} {}", describe_backend(value)), e);
+        }
+        drop(write_backends);
+        self.put_backends(&puts, &mut missing, dp, r);
+        drop(puts);
+
+        // 4. Changed frontends: shrinking ones first (they free slots), then the others.
+        let (shrinking, growing): (Vec<Frontend4Key>, Vec<Frontend4Key>) = pending
+            .iter()
+            .filter(|k| self.want.contains_key(k))
+            .partition(|k| {
+                self.want
+                    .get(k)
+                    .is_some_and(|w| w.backends.len() < usize::from(self.shadow.count(k)))
+            });
+        for fkey in shrinking {
+            if !self.sync_frontend(fkey, &missing, dp, r, &mut released) {
+                unsynced.insert(fkey);
+            }
+        }
+        let slots: usize = growing
+            .iter()
+            .filter_map(|k| self.want.get(k))
+            .map(|w| w.backends.len())
+            .sum();
+        if slots >= BATCH_MIN {
+            self.sync_growing_batched(growing, &missing, dp, r, &mut released, &mut unsynced);
+        } else {
+            for fkey in growing {
+                if !self.sync_frontend(fkey, &missing, dp, r, &mut released) {
+                    unsynced.insert(fkey);
                 }
             }
         }
-
-        // 4. Changed frontends: shrinking ones first (they free slots), then the others.
-        let (shrinking, growing): (Vec<_>, Vec<_>) = targets
-            .iter()
-            .partition(|(k, t)| t.backends.len() < usize::from(self.shadow.count(k)));
-        for (fkey, t) in shrinking.into_iter().chain(growing) {
-            if !self.sync_frontend(*fkey, t, &missing, dp, r) {
-                r.unsynced.push(t.id);
+        for fkey in &unsynced {
+            if let Some(w) = self.want.get(fkey) {
+                r.unsynced.push(w.id);
             }
         }
 
         // 5. Backends no slot points at any more. This includes desired backends of a
-        // frontend that could not be synced: they are written again on the next apply, and
+        // frontend that could not be synced: they are written again on the next flush, and
         // meanwhile do not take capacity others could use.
-        self.sweep_backends(&BTreeSet::new(), dp, r);
+        self.sweep_backends(false, dp, r, &mut released);
 
         // 6. Node addresses no longer desired.
-        for addr in self
+        let gone_addrs: Vec<Ipv4Addr> = self
             .shadow
             .node_addrs
-            .clone()
-            .difference(&desired.node_addrs)
-        {
-            match dp.delete_node_addr(*addr) {
+            .difference(&self.want_node_addrs)
+            .copied()
+            .collect();
+        for addr in gone_addrs {
+            match dp.delete_node_addr(addr) {
                 Ok(()) => {
                     r.deletes += 1;
-                    self.shadow.node_addrs.remove(addr);
+                    self.shadow.node_addrs.remove(&addr);
                 }
                 Err(e) => fail(r, format!("node address {addr}"), e),
             }
         }
 
-        self.release_ids(&want_backends, &targets);
+        self.release_ids(&mut released);
+        self.pending.extend(unsynced);
     }
 
     fn put_service(
@@ -206,14 +248,16 @@ impl Syncer {
         what: &dyn Fn() -> String,
         dp: &mut impl Dataplane,
         r: &mut SyncReport,
+        released: &mut Released,
     ) -> bool {
-        if self.shadow.services.get(&key) == Some(&value) {
+        let old = self.shadow.get(&key);
+        if old == Some(value) {
             return true;
         }
         match dp.put_service(key, value) {
             Ok(()) => {
                 r.puts += 1;
-                self.shadow.services.insert(key, value);
+                self.record_put(key, value, old, released);
                 true
             }
             Err(e) => {
@@ -223,20 +267,40 @@ impl Syncer {
         }
     }
 
+    /// The shadow after a successful put of `key` (which held `old`).
+    fn record_put(
+        &mut self,
+        key: Frontend4Key,
+        value: Service4Value,
+        old: Option<Service4Value>,
+        released: &mut Released,
+    ) {
+        if key.slot == 0 {
+            if let Some(old) = old.filter(|o| o.svc_id != value.svc_id) {
+                released.masters.push((key, old.svc_id));
+            }
+        }
+        self.shadow.insert(key, value);
+    }
+
     fn delete_service(
         &mut self,
         key: Frontend4Key,
         what: &dyn Fn() -> String,
         dp: &mut impl Dataplane,
         r: &mut SyncReport,
+        released: &mut Released,
     ) -> bool {
-        if !self.shadow.services.contains_key(&key) {
+        let Some(old) = self.shadow.get(&key) else {
             return true;
-        }
+        };
         match dp.delete_service(&key) {
             Ok(()) => {
                 r.deletes += 1;
-                self.shadow.services.remove(&key);
+                self.shadow.remove(&key);
+                if key.slot == 0 {
+                    released.masters.push((key, old.svc_id));
+                }
                 true
             }
             Err(e) => {
@@ -254,6 +318,7 @@ impl Syncer {
         what: &dyn Fn() -> String,
         dp: &mut impl Dataplane,
         r: &mut SyncReport,
+        released: &mut Released,
     ) {
         for slot in self
             .shadow
@@ -262,41 +327,167 @@ impl Syncer {
             .filter(|s| *s > above)
         {
             let w = || format!("{} slot {slot}", what());
-            self.delete_service(fkey.with_slot(slot), &w, dp, r);
+            self.delete_service(fkey.with_slot(slot), &w, dp, r, released);
         }
     }
 
-    /// A frontend that is no longer desired: master first, then its slots.
-    fn remove_frontend(&mut self, fkey: Frontend4Key, dp: &mut impl Dataplane, r: &mut SyncReport) {
-        let what = || format!("stale frontend {}", describe_key(&fkey));
-        if !self.delete_service(fkey, &what, dp, r) {
-            return;
-        }
-        self.delete_slots_above(fkey, 0, &what, dp, r);
-    }
-
-    /// Delete backends that no slot references and whose id is not in `keep`.
-    fn sweep_backends(
+    /// A frontend that is no longer desired: master first, then its slots. False if it is
+    /// not completely gone.
+    fn remove_frontend(
         &mut self,
-        keep: &BTreeSet<u32>,
+        fkey: Frontend4Key,
         dp: &mut impl Dataplane,
         r: &mut SyncReport,
+        released: &mut Released,
+    ) -> bool {
+        let what = || format!("stale frontend {}", describe_key(&fkey));
+        if !self.delete_service(fkey, &what, dp, r, released) {
+            return false;
+        }
+        let before = r.failures.len();
+        self.delete_slots_above(fkey, 0, &what, dp, r, released);
+        r.failures.len() == before
+    }
+
+    /// Whether `id` is the id of a desired backend identity.
+    fn is_wanted_id(&self, id: u32, b: &Backend4) -> bool {
+        let key = BKey::of(b);
+        self.want_backends.contains_key(&key) && self.backend_ids.get(&key) == Some(&id)
+    }
+
+    /// Delete backends that no slot references (and, with `keep_wanted`, that are not
+    /// desired), ascending by id.
+    fn sweep_backends(
+        &mut self,
+        keep_wanted: bool,
+        dp: &mut impl Dataplane,
+        r: &mut SyncReport,
+        released: &mut Released,
     ) {
-        let referenced = self.shadow.referenced_backends();
-        let gone: Vec<(u32, Backend4)> = self
-            .shadow
-            .backends
-            .iter()
-            .filter(|(id, _)| !referenced.contains(id) && !keep.contains(id))
-            .map(|(id, b)| (*id, *b))
-            .collect();
-        for (id, b) in gone {
+        let orphans = self.shadow.take_orphans();
+        let mut kept = Vec::new();
+        for (id, b) in orphans {
+            if keep_wanted && self.is_wanted_id(id, &b) {
+                kept.push(id);
+                continue;
+            }
             match dp.delete_backend(id) {
                 Ok(()) => {
                     r.deletes += 1;
-                    self.shadow.backends.remove(&id);
+                    self.shadow.delete_backend(id);
+                    released.backends.push((id, BKey::of(&b)));
                 }
-                Err(e) => fail(r, format!("backend {id} {}", describe_backend(&b)), e),
+                Err(e) => {
+                    fail(r, format!("backend {id} {}", describe_backend(&b)), e);
+                    kept.push(id);
+                }
+            }
+        }
+        self.shadow.keep_orphans(kept);
+    }
+
+    /// Write backend puts (in order), through a batch when there are many. Failed ones are
+    /// `missing`.
+    fn put_backends(
+        &mut self,
+        puts: &[(u32, Backend4)],
+        missing: &mut BTreeSet<BKey>,
+        dp: &mut impl Dataplane,
+        r: &mut SyncReport,
+    ) {
+        let mut done = 0;
+        if puts.len() >= BATCH_MIN {
+            done = dp.put_backends_batch(puts);
+            for (id, value) in &puts[..done] {
+                self.shadow.put_backend(*id, *value);
+            }
+            r.puts += done;
+        }
+        for (id, value) in &puts[done..] {
+            match dp.put_backend(*id, *value) {
+                Ok(()) => {
+                    r.puts += 1;
+                    self.shadow.put_backend(*id, *value);
+                }
+                Err(e) => {
+                    missing.insert(BKey::of(value));
+                    fail(r, format!("backend {id} {}", describe_backend(value)), e);
+                }
+            }
+        }
+    }
+
+    /// Backend ids in slot order for the desired frontend `fkey`, or the failure (a backend
+    /// that is not in the map blocks the frontend).
+    fn slot_ids(
+        &self,
+        fkey: &Frontend4Key,
+        missing: &BTreeSet<BKey>,
+    ) -> Result<Vec<u32>, SyncFailure> {
+        let Some(w) = self.want.get(fkey) else {
+            return Ok(Vec::new());
+        };
+        let mut ids = Vec::with_capacity(w.backends.len());
+        for (key, _) in w.backends.iter() {
+            match self.backend_ids.get(key) {
+                Some(id) if !missing.contains(key) && self.shadow.backends.contains(*id) => {
+                    ids.push(*id)
+                }
+                _ => {
+                    return Err(SyncFailure {
+                        entry: format!("frontend {} ({})", w.id, w.owner),
+                        error: SyncError::BackendMissing {
+                            backend: describe_backend(&bkey_backend(key)),
+                        },
+                    })
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The svc id of `fkey`, allocated (its counters reset) if it has none; `NO_SVC_ID` when
+    /// every id is in use. `resets` collects the ids to reset (`None`: reset each now).
+    fn svc_id_for(
+        &mut self,
+        fkey: Frontend4Key,
+        id: &FrontendId,
+        owner: &str,
+        dp: &mut impl Dataplane,
+        r: &mut SyncReport,
+        resets: Option<&mut Vec<u32>>,
+    ) -> u32 {
+        if let Some(sid) = self.svc_ids.get(&fkey) {
+            return *sid;
+        }
+        match self.svc_alloc.alloc() {
+            Some(sid) => {
+                // A reused id must not inherit the counters of the frontend it served.
+                match resets {
+                    Some(resets) => resets.push(sid),
+                    None => {
+                        if let Err(e) = dp.reset_svc_stats(sid) {
+                            log::warn!(
+                                "frontend {id} ({owner}): resetting counters of svc id {sid}: {e}"
+                            );
+                        }
+                    }
+                }
+                self.svc_ids.insert(fkey, sid);
+                self.svc_owner.insert(sid, fkey);
+                sid
+            }
+            None => {
+                // No counter slot: program the frontend all the same, uncounted; the next
+                // flush tries again.
+                log::warn!(
+                    "frontend {id} ({owner}): {}; programmed without per-frontend counters",
+                    SyncError::SvcIdsExhausted {
+                        limit: self.svc_alloc.limit(),
+                    }
+                );
+                r.uncounted.push(*id);
+                lb_common::service::NO_SVC_ID
             }
         }
     }
@@ -305,37 +496,24 @@ impl Syncer {
     fn sync_frontend(
         &mut self,
         fkey: Frontend4Key,
-        t: &Target<'_>,
         missing: &BTreeSet<BKey>,
         dp: &mut impl Dataplane,
         r: &mut SyncReport,
+        released: &mut Released,
     ) -> bool {
-        let what = || format!("frontend {} ({})", t.id, t.fe.owner);
+        let Some(w) = self.want.get(&fkey) else {
+            return true;
+        };
+        let (fid, owner, flags, affinity) = (w.id, w.owner.clone(), w.flags, w.affinity_timeout_s);
+        let what = || format!("frontend {fid} ({owner})");
 
-        // Backend ids in slot order; a backend that is not in the map blocks the frontend.
-        let mut ids = Vec::with_capacity(t.backends.len());
-        for key in &t.backends {
-            match self.backend_ids.get(key) {
-                Some(id) if !missing.contains(key) && self.shadow.backends.contains_key(id) => {
-                    ids.push(*id)
-                }
-                _ => {
-                    let b = Backend4 {
-                        addr: key.addr,
-                        port: key.port,
-                        proto: key.proto,
-                        ..Default::default()
-                    };
-                    r.failures.push(SyncFailure {
-                        entry: what(),
-                        error: SyncError::BackendMissing {
-                            backend: describe_backend(&b),
-                        },
-                    });
-                    return false;
-                }
+        let mut ids = match self.slot_ids(&fkey, missing) {
+            Ok(ids) => ids,
+            Err(f) => {
+                r.failures.push(f);
+                return false;
             }
-        }
+        };
         let max = usize::from(u16::MAX);
         let mut ok = true;
         if ids.len() > max {
@@ -350,108 +528,215 @@ impl Syncer {
             ok = false;
         }
 
-        let svc_id = match self.svc_ids.get(&fkey) {
-            Some(id) => *id,
-            None => match self.svc_alloc.alloc() {
-                Some(id) => {
-                    // A reused id must not inherit the counters of the frontend it served.
-                    if let Err(e) = dp.reset_svc_stats(id) {
-                        log::warn!("{}: resetting counters of svc id {id}: {e}", what());
-                    }
-                    self.svc_ids.insert(fkey, id);
-                    id
-                }
-                None => {
-                    // No counter slot: program the frontend all the same, uncounted; the
-                    // next apply tries again.
-                    log::warn!(
-                        "{}: {}; programmed without per-frontend counters",
-                        what(),
-                        SyncError::SvcIdsExhausted {
-                            limit: self.svc_alloc.limit(),
-                        }
-                    );
-                    r.uncounted.push(t.id);
-                    lb_common::service::NO_SVC_ID
-                }
-            },
-        };
-
+        let svc_id = self.svc_id_for(fkey, &fid, &owner, dp, r, None);
         let c1 = ids.len() as u16;
         let master = Service4Value {
             backend_id: 0,
             count: c1,
-            flags: t.fe.flags,
+            flags,
             svc_id,
-            affinity_timeout_s: t.fe.affinity_timeout_s,
-        };
-        let slot_value = |id: u32| Service4Value {
-            backend_id: id,
-            ..Default::default()
+            affinity_timeout_s: affinity,
         };
         let c0 = self.shadow.count(&fkey);
 
         if c1 >= c0 {
             // Growing (or new, or same size): new slots, changed old slots, then the master.
-            for slot in c0 + 1..=c1 {
+            for slot in (c0 + 1..=c1).chain(1..=c0) {
                 let w = || format!("{} slot {slot}", what());
                 let v = slot_value(ids[usize::from(slot) - 1]);
-                if !self.put_service(fkey.with_slot(slot), v, &w, dp, r) {
+                if !self.put_service(fkey.with_slot(slot), v, &w, dp, r, released) {
                     // The master still says c0: the new slots are unreachable, roll them back
                     // so a full map is not filled with them.
-                    self.delete_slots_above(fkey, c0, &what, dp, r);
+                    self.delete_slots_above(fkey, c0, &what, dp, r, released);
                     return false;
                 }
             }
-            for slot in 1..=c0 {
-                let w = || format!("{} slot {slot}", what());
-                let v = slot_value(ids[usize::from(slot) - 1]);
-                if !self.put_service(fkey.with_slot(slot), v, &w, dp, r) {
-                    self.delete_slots_above(fkey, c0, &what, dp, r);
-                    return false;
-                }
-            }
-            if !self.put_service(fkey, master, &what, dp, r) {
-                self.delete_slots_above(fkey, c0, &what, dp, r);
+            if !self.put_service(fkey, master, &what, dp, r, released) {
+                self.delete_slots_above(fkey, c0, &what, dp, r, released);
                 return false;
             }
         } else {
             // Shrinking: the master first, then the remaining slots, then drop the rest.
-            if !self.put_service(fkey, master, &what, dp, r) {
+            if !self.put_service(fkey, master, &what, dp, r, released) {
                 return false;
             }
             for slot in 1..=c1 {
                 let w = || format!("{} slot {slot}", what());
                 let v = slot_value(ids[usize::from(slot) - 1]);
-                if !self.put_service(fkey.with_slot(slot), v, &w, dp, r) {
+                if !self.put_service(fkey.with_slot(slot), v, &w, dp, r, released) {
                     ok = false;
                 }
             }
         }
         // Slots beyond the count: the old tail of a shrink, or leftovers of an earlier run.
         let before = r.failures.len();
-        self.delete_slots_above(fkey, c1, &what, dp, r);
+        self.delete_slots_above(fkey, c1, &what, dp, r, released);
         ok && r.failures.len() == before
     }
 
-    /// Forget and free ids that are neither in the maps nor desired.
-    fn release_ids(
+    /// [`Syncer::sync_frontend`] for many growing frontends at once: every slot in one
+    /// batch, then every master in another. Frontends a batch did not reach are synced one
+    /// by one.
+    fn sync_growing_batched(
         &mut self,
-        want_backends: &BTreeMap<BKey, Backend4>,
-        targets: &BTreeMap<Frontend4Key, Target<'_>>,
+        growing: Vec<Frontend4Key>,
+        missing: &BTreeSet<BKey>,
+        dp: &mut impl Dataplane,
+        r: &mut SyncReport,
+        released: &mut Released,
+        unsynced: &mut BTreeSet<Frontend4Key>,
     ) {
-        let backends = &self.shadow.backends;
-        self.backend_ids
-            .retain(|k, id| backends.contains_key(id) || want_backends.contains_key(k));
-        let mut keep: BTreeSet<u32> = self.backend_ids.values().copied().collect();
-        keep.extend(self.shadow.backends.keys().copied());
-        self.backend_alloc.retain(&keep);
+        let mut plans = Vec::with_capacity(growing.len());
+        let mut one_by_one = Vec::new();
+        let mut resets = Vec::new();
+        for fkey in growing {
+            let Some(w) = self.want.get(&fkey) else {
+                continue;
+            };
+            let (fid, owner, flags, affinity) =
+                (w.id, w.owner.clone(), w.flags, w.affinity_timeout_s);
+            let ids = match self.slot_ids(&fkey, missing) {
+                Ok(ids) if ids.len() <= usize::from(u16::MAX) => ids,
+                Ok(_) => {
+                    one_by_one.push(fkey);
+                    continue;
+                }
+                Err(f) => {
+                    r.failures.push(f);
+                    unsynced.insert(fkey);
+                    continue;
+                }
+            };
+            let svc_id = self.svc_id_for(fkey, &fid, &owner, dp, r, Some(&mut resets));
+            let master = Service4Value {
+                backend_id: 0,
+                count: ids.len() as u16,
+                flags,
+                svc_id,
+                affinity_timeout_s: affinity,
+            };
+            let c0 = self.shadow.count(&fkey);
+            plans.push(Plan {
+                fkey,
+                id: fid,
+                owner,
+                ids,
+                master,
+                c0,
+            });
+        }
+        let done = dp.reset_svc_stats_batch(&resets);
+        for sid in &resets[done..] {
+            if let Err(e) = dp.reset_svc_stats(*sid) {
+                log::warn!("resetting counters of svc id {sid}: {e}");
+            }
+        }
+        drop(resets);
 
-        let services = &self.shadow.services;
-        self.svc_ids
-            .retain(|k, _| services.contains_key(k) || targets.contains_key(k));
-        let mut keep: BTreeSet<u32> = self.svc_ids.values().copied().collect();
-        keep.extend(self.shadow.svc_ids());
-        self.svc_alloc.retain(&keep);
+        // Slots: new ones, then changed ones, frontend by frontend.
+        let mut slot_puts: Vec<(Frontend4Key, Service4Value)> = Vec::new();
+        let mut slot_plan: Vec<usize> = Vec::new();
+        for (i, p) in plans.iter().enumerate() {
+            let c1 = p.ids.len() as u16;
+            for slot in (p.c0 + 1..=c1).chain(1..=p.c0) {
+                let key = p.fkey.with_slot(slot);
+                let v = slot_value(p.ids[usize::from(slot) - 1]);
+                if self.shadow.get(&key) != Some(v) {
+                    slot_puts.push((key, v));
+                    slot_plan.push(i);
+                }
+            }
+        }
+        let written = dp.put_services_batch(&slot_puts);
+        for (key, v) in &slot_puts[..written] {
+            let old = self.shadow.get(key);
+            self.record_put(*key, *v, old, released);
+        }
+        r.puts += written;
+        // Plans the slot batch did not finish are synced one by one.
+        let mut reached = slot_plan.get(written).copied().unwrap_or(plans.len());
+        drop(slot_puts);
+        drop(slot_plan);
+
+        // Masters of the frontends whose slots are all written.
+        let mut master_puts = Vec::new();
+        let mut master_plan = Vec::new();
+        for (i, p) in plans[..reached].iter().enumerate() {
+            if self.shadow.get(&p.fkey) != Some(p.master) {
+                master_puts.push((p.fkey, p.master));
+                master_plan.push(i);
+            }
+        }
+        let written = dp.put_services_batch(&master_puts);
+        for (key, v) in &master_puts[..written] {
+            let old = self.shadow.get(key);
+            self.record_put(*key, *v, old, released);
+        }
+        r.puts += written;
+        if let Some(i) = master_plan.get(written) {
+            reached = *i;
+        }
+
+        for p in &plans[..reached] {
+            // Slots beyond the count: leftovers of an earlier run.
+            let what = || format!("frontend {} ({})", p.id, p.owner);
+            let before = r.failures.len();
+            self.delete_slots_above(p.fkey, p.ids.len() as u16, &what, dp, r, released);
+            if r.failures.len() != before {
+                unsynced.insert(p.fkey);
+            }
+        }
+        one_by_one.extend(plans[reached..].iter().map(|p| p.fkey));
+        drop(plans);
+        for fkey in one_by_one {
+            if !self.sync_frontend(fkey, missing, dp, r, released) {
+                unsynced.insert(fkey);
+            }
+        }
+    }
+
+    /// Forget and free ids that are neither in the maps nor desired: those of what this
+    /// flush deleted or stopped desiring.
+    fn release_ids(&mut self, released: &mut Released) {
+        let mut free = Vec::new();
+        let bkeys = std::mem::take(&mut self.released_backends);
+        for key in bkeys.iter().chain(released.backends.iter().map(|(_, k)| k)) {
+            if self.want_backends.contains_key(key) {
+                continue;
+            }
+            if let Some(id) = self.backend_ids.get(key).copied() {
+                if !self.shadow.backends.contains(id) {
+                    self.backend_ids.remove(key);
+                    free.push(id);
+                }
+            }
+        }
+        for (id, key) in released.backends.drain(..) {
+            if !self.shadow.backends.contains(id) && self.backend_ids.get(&key) != Some(&id) {
+                free.push(id);
+            }
+        }
+        free.retain(|id| self.backend_alloc.is_used(*id));
+        self.backend_alloc.free(&mut free);
+
+        let fkeys = std::mem::take(&mut self.released_frontends);
+        for fkey in fkeys.iter().chain(released.masters.iter().map(|(k, _)| k)) {
+            if self.shadow.master(fkey).is_some() || self.want.contains_key(fkey) {
+                continue;
+            }
+            if let Some(sid) = self.svc_ids.remove(fkey) {
+                self.svc_owner.remove(&sid);
+                if self.shadow.masters_with_svc_id(sid) == 0 {
+                    free.push(sid);
+                }
+            }
+        }
+        for (_, sid) in released.masters.drain(..) {
+            if !self.svc_owner.contains_key(&sid) && self.shadow.masters_with_svc_id(sid) == 0 {
+                free.push(sid);
+            }
+        }
+        free.retain(|id| self.svc_alloc.is_used(*id));
+        self.svc_alloc.free(&mut free);
     }
 }
