@@ -115,6 +115,41 @@ pub struct RunArgs {
     /// Most frontends (one per-frontend counter slot each; first creation only).
     #[arg(long, default_value_t = lb_common::maps::LB_SVC_STATS_MAX)]
     frontends_size: u32,
+    /// How often the maps are read back and compared with the desired state, repairing any
+    /// drift (entries changed or removed behind the agent's back), e.g. 30s, 5m, 1h; 0 or
+    /// off disables it. Changes are written as they come in any case.
+    #[arg(long, default_value = "5m", value_parser = parse_interval)]
+    resync_interval: Interval,
+}
+
+/// A period, or none (`0`, `off`).
+#[derive(Clone, Copy, Debug)]
+pub struct Interval(pub Option<std::time::Duration>);
+
+fn parse_interval(s: &str) -> Result<Interval, String> {
+    let t = s.trim();
+    if t == "off" || t == "0" {
+        return Ok(Interval(None));
+    }
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration such as 30s, 5m or 1h, or off"))?;
+    let secs = match unit {
+        "ms" => n / 1e3,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m or h)")),
+    };
+    if !(secs.is_finite() && secs >= 0.0) {
+        return Err(format!("{s:?}: not a duration"));
+    }
+    let d = std::time::Duration::from_secs_f64(secs);
+    Ok(Interval((!d.is_zero()).then_some(d)))
 }
 
 /// A listen address, or `off`.
@@ -188,5 +223,26 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_interval;
+    use std::time::Duration;
+
+    #[test]
+    fn resync_intervals() {
+        let p = |s| parse_interval(s).map(|i| i.0);
+        assert_eq!(p("5m"), Ok(Some(Duration::from_secs(300))));
+        assert_eq!(p("30s"), Ok(Some(Duration::from_secs(30))));
+        assert_eq!(p("1h"), Ok(Some(Duration::from_secs(3600))));
+        assert_eq!(p("250ms"), Ok(Some(Duration::from_millis(250))));
+        assert_eq!(p("90"), Ok(Some(Duration::from_secs(90))));
+        assert_eq!(p("0"), Ok(None));
+        assert_eq!(p("off"), Ok(None));
+        assert_eq!(p("0s"), Ok(None));
+        assert!(p("5x").is_err());
+        assert!(p("soon").is_err());
     }
 }

@@ -1,19 +1,18 @@
 //! Prometheus text metrics: sync timing, map entries, failed updates, the datapath's
 //! per-reason counters and per-frontend packet/byte counters (read live from the pins).
-use std::{fmt::Write as _, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use lb_agent::{
     dataplane::{BpfDataplane, Dataplane as _},
     http::{self, Response},
     loader::PinLayout,
-    model::Desired,
-    sync::{SyncReport, Syncer},
+    model::FrontendId,
 };
-use tokio::sync::Mutex;
+use std::sync::Mutex;
 
-/// What the sync loop records for the metrics endpoint.
-#[derive(Default)]
+/// What the control thread records for the metrics endpoint.
+#[derive(Default, Clone)]
 pub struct Metrics {
     pub syncs: u64,
     pub sync_seconds_sum: f64,
@@ -22,8 +21,8 @@ pub struct Metrics {
     pub puts: u64,
     pub deletes: u64,
     pub entries: Vec<(&'static str, usize)>,
-    /// (svc_id, frontend, owner) of every synced frontend.
-    pub frontends: Vec<(u32, String, String)>,
+    /// svc id and owner of every synced frontend.
+    pub frontends: BTreeMap<FrontendId, (u32, Arc<str>)>,
     pub problems: usize,
     /// Whether this node's own Node object was found in the last model.
     pub own_node_found: bool,
@@ -34,29 +33,6 @@ pub struct Metrics {
     /// healthCheckNodePorts served, and those that could not be bound.
     pub health_checks: usize,
     pub health_check_bind_failures: usize,
-}
-
-impl Metrics {
-    pub fn record_sync(&mut self, took: Duration, r: &SyncReport, d: &Desired, s: &Syncer) {
-        self.syncs += 1;
-        self.sync_seconds_sum += took.as_secs_f64();
-        self.last_sync_seconds = took.as_secs_f64();
-        self.failed_updates += r.failures.len() as u64;
-        self.puts += r.puts as u64;
-        self.deletes += r.deletes as u64;
-        self.problems = d.problems.len();
-        self.uncounted = r.uncounted.len();
-        self.own_node_found = d.own_node_found;
-        self.peer_nodes = d.peer_nodes.len();
-        self.frontends = d
-            .frontends
-            .iter()
-            .filter_map(|(id, fe)| {
-                s.svc_id(id)
-                    .map(|sid| (sid, id.to_string(), fe.owner.clone()))
-            })
-            .collect();
-    }
 }
 
 /// Escape a Prometheus label value.
@@ -154,9 +130,13 @@ pub fn render(m: &Metrics, dp: &BpfDataplane) -> String {
     );
     let _ = writeln!(o, "# TYPE lb_service_packets_total counter");
     let mut bytes = String::new();
-    for (sid, fe, owner) in &m.frontends {
+    for (fe, (sid, owner)) in &m.frontends {
         if let Ok(c) = dp.svc_stats(*sid) {
-            let labels = format!("frontend=\"{}\",service=\"{}\"", esc(fe), esc(owner));
+            let labels = format!(
+                "frontend=\"{}\",service=\"{}\"",
+                esc(&fe.to_string()),
+                esc(owner)
+            );
             let _ = writeln!(o, "lb_service_packets_total{{{labels}}} {}", c.packets);
             let _ = writeln!(bytes, "lb_service_bytes_total{{{labels}}} {}", c.bytes);
         }
@@ -166,7 +146,9 @@ pub fn render(m: &Metrics, dp: &BpfDataplane) -> String {
     o
 }
 
-/// Serve `GET /metrics` on `addr` (plain HTTP/1.1, one response per connection).
+/// Serve `GET /metrics` on `addr` (plain HTTP/1.1, one response per connection). The map
+/// reads of a scrape (one per frontend) run on the blocking pool, from a copy of the
+/// metrics taken under the lock.
 pub async fn serve(addr: SocketAddr, bpffs: PathBuf, m: Arc<Mutex<Metrics>>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -177,8 +159,11 @@ pub async fn serve(addr: SocketAddr, bpffs: PathBuf, m: Arc<Mutex<Metrics>>) -> 
         let (m, dp) = (m.clone(), dp.clone());
         Box::pin(async move {
             if path == "/metrics" {
-                let body = render(&*m.lock().await, &dp);
-                Response::new(200, "text/plain; version=0.0.4", body)
+                let copy = m.lock().map(|m| m.clone()).unwrap_or_default();
+                match tokio::task::spawn_blocking(move || render(&copy, &dp)).await {
+                    Ok(body) => Response::new(200, "text/plain; version=0.0.4", body),
+                    Err(e) => Response::new(500, "text/plain", format!("rendering: {e}\n")),
+                }
             } else {
                 Response::new(404, "text/plain", "try /metrics\n".into())
             }

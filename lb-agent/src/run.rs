@@ -1,27 +1,57 @@
-//! The agent's main loop: load and attach the datapath, then recompute the desired state
-//! whenever the source changes and apply the difference, retrying failures with backoff.
+//! The agent's main loop.
+//!
+//! Threads and what runs on them:
+//! - the sources: the Kubernetes watches on a runtime of their own (`lb-ingest`: they parse
+//!   the API server's JSON and convert each object to its compact view), or the manifests
+//!   reader (`lb-manifests`: it parses only the files that changed); both send
+//!   [`Change`]s;
+//! - the control thread (`lb-control`): applies the changes to the incremental
+//!   [`Controller`], reconciles what they made dirty, hands the changed frontends to the
+//!   [`Syncer`] and flushes them into the maps (the bpf syscalls), retries failures with
+//!   backoff, and every `--resync-interval` re-reads the maps and repairs any drift;
+//! - the async runtime: signals, `/metrics` (its bpf reads run on the blocking pool),
+//!   `/healthz`, and the healthCheckNodePort servers.
 use std::{
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
+use lb_agent::controller::Controller;
+use lb_agent::dataplane::BpfDataplane;
 use lb_agent::health::{HealthServers, NodeHealth};
+use lb_agent::model::{FrontendId, HealthCheck};
+use lb_agent::source::{manifests::ManifestDir, Change};
 use lb_agent::{
     loader::{Capacities, Datapath},
-    model::{self, ModelConfig, Objects},
+    model::ModelConfig,
     source,
-    sync::{Limits, Syncer},
+    sync::{Limits, SyncReport, Syncer},
 };
-use tokio::sync::Mutex;
 
 use crate::{metrics::Metrics, RunArgs};
 
-/// How often the manifests directory is checked for changes (edits show within 1 s).
-const MANIFEST_POLL: Duration = Duration::from_millis(250);
+/// How often the manifests directory is checked for changes.
+const MANIFEST_POLL: Duration = Duration::from_millis(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The control thread looks at the stop flag at least this often.
+const CONTROL_TICK: Duration = Duration::from_millis(200);
+/// A pass slower than this is logged at info level.
+const SLOW_PASS: Duration = Duration::from_millis(100);
+/// How often a summary of the passes is logged (each one is logged at debug level).
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+/// At most this many changes are applied before a reconcile (a long list is applied in
+/// pieces, but the maps are synced only once the source is ready).
+const DRAIN_MAX: usize = 100_000;
+
+type HealthChecks = BTreeMap<u16, HealthCheck>;
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     check_snat_ports(&args.snat_ports, &args.nodeport_range)?;
@@ -67,7 +97,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     datapath.remove_legacy_pins()?;
-    let mut dp = datapath.dataplane()?;
+    let dp = datapath.dataplane()?;
     let caps = dp.capacities();
     let mut syncer = Syncer::new(Limits {
         svc_ids: caps.svc_stats,
@@ -77,7 +107,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .adopt(&dp)
         .context("reading the entries an earlier agent left in the pinned maps")?;
 
-    let metrics = Arc::new(Mutex::new(Metrics::default()));
+    let metrics = Arc::new(std::sync::Mutex::new(Metrics::default()));
     if let Some(addr) = args.metrics_addr {
         crate::metrics::serve(addr, args.bpffs.clone(), metrics.clone()).await?;
         log::info!("metrics on http://{addr}/metrics");
@@ -89,114 +119,57 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding the --healthz-addr {addr}"))?;
         log::info!("node health on http://{addr}/healthz and /livez");
     }
-    let mut health_servers = HealthServers::default();
+    let (hc_tx, hc_rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(serve_health_checks(hc_rx, metrics.clone()));
+
     let cfg = ModelConfig {
         node_name: args.node_name.clone(),
         nodeport_range: args.nodeport_range.clone(),
         extra_node_addrs: args.node_addr.clone(),
     };
-    let mut objects_rx = start_source(&args).await?;
+    let (tx, rx) = mpsc::channel();
+    start_source(&args, &cfg, tx)?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    // Registered once, up front: a SIGINT that arrives while a sync runs is kept for the next
-    // select (a `ctrl_c()` future made afresh each turn would miss it).
+    // Registered once, up front: a SIGINT that arrives while a sync runs is kept.
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("installing the SIGINT handler")?;
-    let mut backoff = BACKOFF_MIN;
-    let mut retry_at: Option<tokio::time::Instant> = None;
-    let mut last: Option<Arc<Objects>> = None;
-    let mut last_node_warning: Option<String> = None;
-    let mut snat_addr: Option<Option<std::net::Ipv4Addr>> = None;
-    loop {
-        let retry = async {
-            match retry_at {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            changed = objects_rx.changed() => {
-                if changed.is_err() {
-                    anyhow::bail!("the object source stopped");
-                }
-                let objs = objects_rx.borrow_and_update().clone();
-                if let Some(objs) = objs {
-                    last = Some(objs);
-                    backoff = BACKOFF_MIN;
-                } else {
-                    continue; // not ready yet: nothing is deleted before the first full list
-                }
-            }
-            () = retry => { retry_at = None; }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-        }
-        let Some(objs) = last.clone() else { continue };
-        let started = Instant::now();
-        let desired = model::compute(&objs, &cfg);
-        if desired.node_warning != last_node_warning {
-            match &desired.node_warning {
-                Some(w) => log::warn!("{w}"),
-                None if last_node_warning.is_some() => {
-                    log::info!("Node {}: found", cfg.node_name);
-                }
-                None => {}
-            }
-            last_node_warning = desired.node_warning.clone();
-        }
-        if snat_addr != Some(desired.primary_addr) {
-            let pins = lb_agent::loader::PinLayout::new(&args.bpffs);
-            match lb_agent::loader::set_snat(&pins, desired.primary_addr, &args.snat_ports) {
-                Ok(()) => {
-                    log::info!(
-                        "SNAT for remote backends: source {}, ports {}-{}",
-                        desired
-                            .primary_addr
-                            .map_or("the address each client used".to_string(), |a| a
-                                .to_string()),
-                        args.snat_ports.start(),
-                        args.snat_ports.end()
-                    );
-                    snat_addr = Some(desired.primary_addr);
-                }
-                Err(e) => log::warn!("setting the SNAT configuration: {e}"),
-            }
-        }
-        let report = syncer.apply(&desired, &mut dp);
-        let took = started.elapsed();
-        for f in &report.failures {
-            log::warn!("sync: {f}");
-        }
-        log::info!(
-            "sync: {} frontends, {} puts, {} deletes, {} failures in {:.1} ms",
-            desired.frontends.len(),
-            report.puts,
-            report.deletes,
-            report.failures.len(),
-            took.as_secs_f64() * 1e3
-        );
-        let hc_failed = health_servers.set(&desired.health_checks).await;
-        for (port, why) in &hc_failed {
-            log::warn!("healthCheckNodePort {port}: {why}; retried on the next sync");
-        }
-        // Every completed pass counts, failures included (they are retried and exported):
-        // an agent facing a full map is alive, and restarting it would not help.
-        if let Ok(mut h) = node_health.write() {
-            h.last_sync = Some(std::time::SystemTime::now());
-        }
-        {
-            let mut m = metrics.lock().await;
-            m.record_sync(took, &report, &desired, &syncer);
-            m.entries = syncer.entry_counts().to_vec();
-            m.health_checks = health_servers.ports().len();
-            m.health_check_bind_failures = hc_failed.len();
-        }
-        if !report.is_ok() || !hc_failed.is_empty() {
-            log::warn!("sync: retrying failed entries in {backoff:?}");
-            retry_at = Some(tokio::time::Instant::now() + backoff);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let control = Control {
+        rx,
+        stop: stop.clone(),
+        controller: Controller::new(cfg),
+        syncer,
+        dp,
+        metrics,
+        node_health,
+        hc_tx,
+        bpffs: args.bpffs.clone(),
+        snat_ports: args.snat_ports.clone(),
+        resync_interval: args.resync_interval.0,
+    };
+    let thread = std::thread::Builder::new()
+        .name("lb-control".into())
+        .spawn(move || {
+            let r = control.run();
+            let _ = done_tx.send(());
+            r
+        })
+        .context("starting the control thread")?;
+    tokio::select! {
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
+        _ = done_rx => {}
     }
+    stop.store(true, Ordering::Relaxed);
+    let result = tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .context("waiting for the control thread")?
+        .map_err(|_| anyhow::anyhow!("the control thread panicked"))?;
+    drop(datapath);
+    result?;
     // The datapath stays attached through its pinned links: a restarted agent takes over
     // without a window. `lb-agent detach` removes it.
     log::info!(
@@ -204,6 +177,330 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.bpffs.display()
     );
     Ok(())
+}
+
+/// The control thread's state.
+struct Control {
+    rx: mpsc::Receiver<Change>,
+    stop: Arc<AtomicBool>,
+    controller: Controller,
+    syncer: Syncer,
+    dp: BpfDataplane,
+    metrics: Arc<std::sync::Mutex<Metrics>>,
+    node_health: Arc<std::sync::RwLock<NodeHealth>>,
+    hc_tx: tokio::sync::watch::Sender<Option<HealthChecks>>,
+    bpffs: PathBuf,
+    snat_ports: std::ops::RangeInclusive<u16>,
+    resync_interval: Option<Duration>,
+}
+
+/// What the control thread has not handed to the metrics yet (the metrics lock is only
+/// ever tried, so a scrape never delays a sync).
+#[derive(Default)]
+struct MetricsUpdate {
+    syncs: u64,
+    seconds: f64,
+    last_seconds: f64,
+    failed: u64,
+    puts: u64,
+    deletes: u64,
+    frontends: BTreeMap<FrontendId, Option<(u32, Arc<str>)>>,
+    rebuild: bool,
+}
+
+/// Passes since the last summary line.
+#[derive(Default)]
+struct Summary {
+    passes: u64,
+    changes: u64,
+    puts: usize,
+    deletes: usize,
+    slowest: Duration,
+}
+
+impl Control {
+    fn run(mut self) -> anyhow::Result<()> {
+        let mut ready = false;
+        let mut first = true;
+        let mut backoff = BACKOFF_MIN;
+        let mut retry_at: Option<Instant> = None;
+        let mut next_resync: Option<Instant> = None;
+        let mut snat_addr: Option<Option<Ipv4Addr>> = None;
+        let mut last_node_warning: Option<String> = None;
+        let mut update = MetricsUpdate::default();
+        let mut summary = Summary::default();
+        let mut summary_at = Instant::now() + SUMMARY_EVERY;
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            let wake = [retry_at, next_resync, Some(now + CONTROL_TICK)]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(now);
+            let mut received = 0u64;
+            match self.rx.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(change) => {
+                    ready |= change.apply(&mut self.controller);
+                    received += 1;
+                    while let Ok(change) = self.rx.try_recv() {
+                        ready |= change.apply(&mut self.controller);
+                        received += 1;
+                        if received as usize >= DRAIN_MAX && ready {
+                            break;
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    anyhow::bail!("the object source stopped")
+                }
+            }
+            self.publish_metrics(&mut update);
+            if Instant::now() >= summary_at {
+                summary_at = Instant::now() + SUMMARY_EVERY;
+                if summary.passes > 0 {
+                    log::info!(
+                        "sync: {} passes for {} changes in the last {}s: {} puts, {} deletes, \
+                         slowest {:.1} ms",
+                        summary.passes,
+                        summary.changes,
+                        SUMMARY_EVERY.as_secs(),
+                        summary.puts,
+                        summary.deletes,
+                        summary.slowest.as_secs_f64() * 1e3
+                    );
+                }
+                summary = Summary::default();
+            }
+            if !ready {
+                continue;
+            }
+            let now = Instant::now();
+            let due_retry = retry_at.is_some_and(|t| now >= t);
+            let due_resync = next_resync.is_some_and(|t| now >= t);
+            let started = Instant::now();
+            let changes = self.controller.reconcile();
+            if changes.is_empty()
+                && !first
+                && !due_retry
+                && !due_resync
+                && self.syncer.pending() == 0
+            {
+                continue;
+            }
+            self.node_state(&mut last_node_warning, &mut snat_addr);
+            for id in &changes.frontends {
+                self.syncer
+                    .set_frontend(*id, self.controller.frontend(id).as_deref());
+            }
+            self.syncer.set_node_addrs(self.controller.node_addrs());
+            let report = if due_resync {
+                self.syncer.resync(&mut self.dp)
+            } else {
+                self.syncer.flush(&mut self.dp)
+            };
+            let took = started.elapsed();
+            for f in &report.failures {
+                log::warn!("sync: {f}");
+            }
+            let line = format!(
+                "sync: {} frontends, {} puts, {} deletes, {} failures in {:.1} ms{}",
+                self.controller.frontend_count(),
+                report.puts,
+                report.deletes,
+                report.failures.len(),
+                took.as_secs_f64() * 1e3,
+                if due_resync {
+                    " (resync: the maps were read back and compared)"
+                } else {
+                    ""
+                }
+            );
+            if first || due_resync || !report.is_ok() || took >= SLOW_PASS {
+                log::info!("{line}");
+            } else {
+                log::debug!("{line}");
+            }
+            summary.passes += 1;
+            summary.changes += received;
+            summary.puts += report.puts;
+            summary.deletes += report.deletes;
+            summary.slowest = summary.slowest.max(took);
+            if first || changes.health_checks {
+                self.hc_tx
+                    .send_replace(Some(self.controller.health_checks().clone()));
+            }
+            // Every completed pass counts, failures included (they are retried and
+            // exported): an agent facing a full map is alive, and restarting it would not
+            // help.
+            if let Ok(mut h) = self.node_health.write() {
+                h.last_sync = Some(std::time::SystemTime::now());
+            }
+            self.record(
+                &mut update,
+                took,
+                &report,
+                &changes.frontends,
+                first || due_resync,
+            );
+            self.publish_metrics(&mut update);
+            if first || due_resync {
+                next_resync = self.resync_interval.map(|d| Instant::now() + d);
+            }
+            first = false;
+            if !report.is_ok() {
+                log::warn!("sync: retrying failed entries in {backoff:?}");
+                retry_at = Some(Instant::now() + backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            } else {
+                backoff = BACKOFF_MIN;
+                // Frontends waiting for a counter slot that was freed: right away.
+                retry_at = (self.syncer.pending() > 0).then(Instant::now);
+            }
+        }
+    }
+
+    /// Log a change of the node warning, and program the SNAT source when the primary
+    /// address changes.
+    fn node_state(
+        &mut self,
+        last_node_warning: &mut Option<String>,
+        snat_addr: &mut Option<Option<Ipv4Addr>>,
+    ) {
+        let warning = self.controller.node_warning().map(str::to_string);
+        if warning != *last_node_warning {
+            match &warning {
+                Some(w) => log::warn!("{w}"),
+                None if last_node_warning.is_some() => {
+                    log::info!("Node {}: found", self.controller.config().node_name);
+                }
+                None => {}
+            }
+            *last_node_warning = warning;
+        }
+        let primary = self.controller.primary_addr();
+        if *snat_addr != Some(primary) {
+            let pins = lb_agent::loader::PinLayout::new(&self.bpffs);
+            match lb_agent::loader::set_snat(&pins, primary, &self.snat_ports) {
+                Ok(()) => {
+                    log::info!(
+                        "SNAT for remote backends: source {}, ports {}-{}",
+                        primary.map_or("the address each client used".to_string(), |a| a
+                            .to_string()),
+                        self.snat_ports.start(),
+                        self.snat_ports.end()
+                    );
+                    *snat_addr = Some(primary);
+                }
+                Err(e) => log::warn!("setting the SNAT configuration: {e}"),
+            }
+        }
+    }
+
+    /// Note a pass for the metrics.
+    fn record(
+        &self,
+        u: &mut MetricsUpdate,
+        took: Duration,
+        r: &SyncReport,
+        changed: &[FrontendId],
+        everything: bool,
+    ) {
+        u.syncs += 1;
+        u.seconds += took.as_secs_f64();
+        u.last_seconds = took.as_secs_f64();
+        u.failed += r.failures.len() as u64;
+        u.puts += r.puts as u64;
+        u.deletes += r.deletes as u64;
+        let entry = |id: &FrontendId| {
+            let fe = self.controller.frontend(id)?;
+            let sid = self.syncer.svc_id(id)?;
+            Some((sid, Arc::from(fe.owner.as_str())))
+        };
+        if everything {
+            u.rebuild = true;
+            u.frontends = self
+                .controller
+                .frontends()
+                .map(|(id, _)| (id, entry(&id)))
+                .collect();
+        } else {
+            for id in changed.iter().chain(&r.unsynced) {
+                u.frontends.insert(*id, entry(id));
+            }
+        }
+    }
+
+    /// Hand what the metrics have not seen yet to them, unless a scrape holds them.
+    fn publish_metrics(&self, u: &mut MetricsUpdate) {
+        let Ok(mut m) = self.metrics.try_lock() else {
+            return;
+        };
+        m.syncs += std::mem::take(&mut u.syncs);
+        m.sync_seconds_sum += std::mem::take(&mut u.seconds);
+        if u.last_seconds > 0.0 {
+            m.last_sync_seconds = std::mem::take(&mut u.last_seconds);
+        }
+        m.failed_updates += std::mem::take(&mut u.failed);
+        m.puts += std::mem::take(&mut u.puts);
+        m.deletes += std::mem::take(&mut u.deletes);
+        if std::mem::take(&mut u.rebuild) {
+            m.frontends.clear();
+        }
+        for (id, e) in std::mem::take(&mut u.frontends) {
+            match e {
+                Some(e) => {
+                    m.frontends.insert(id, e);
+                }
+                None => {
+                    m.frontends.remove(&id);
+                }
+            }
+        }
+        m.problems = self.controller.problem_count();
+        m.uncounted = self.syncer.uncounted();
+        m.own_node_found = self.controller.own_node_found();
+        m.peer_nodes = self.controller.peer_nodes().len();
+        m.entries = self.syncer.entry_counts().to_vec();
+    }
+}
+
+/// Serve the healthCheckNodePorts the control thread publishes; ports that cannot be bound
+/// are retried with backoff.
+async fn serve_health_checks(
+    mut rx: tokio::sync::watch::Receiver<Option<HealthChecks>>,
+    metrics: Arc<std::sync::Mutex<Metrics>>,
+) {
+    let mut servers = HealthServers::default();
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let wanted = rx.borrow_and_update().clone();
+        if let Some(wanted) = wanted {
+            let failed = servers.set(&wanted).await;
+            for (port, why) in &failed {
+                log::warn!("healthCheckNodePort {port}: {why}; retried in {backoff:?}");
+            }
+            if let Ok(mut m) = metrics.lock() {
+                m.health_checks = servers.ports().len();
+                m.health_check_bind_failures = failed.len();
+            }
+            if !failed.is_empty() {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+            backoff = BACKOFF_MIN;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Refuses a `--snat-ports` range that overlaps the NodePort range (a backend's reply to a
@@ -261,37 +558,72 @@ fn accept_local(iface: &str) {
     }
 }
 
-/// A receiver of full object snapshots; `None` until every kind has been listed once.
-type ObjectsRx = tokio::sync::watch::Receiver<Option<Arc<Objects>>>;
-
-async fn start_source(args: &RunArgs) -> anyhow::Result<ObjectsRx> {
-    let (tx, rx) = tokio::sync::watch::channel(None);
+/// Start the object source on a thread of its own, sending its changes to `tx`. Fails
+/// early on a missing manifests directory or an unusable kubeconfig.
+fn start_source(args: &RunArgs, cfg: &ModelConfig, tx: mpsc::Sender<Change>) -> anyhow::Result<()> {
     if let Some(dir) = &args.manifests {
-        let dir = dir.clone();
         // Fail early on a missing directory; later read errors are logged and retried.
-        std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
-        tokio::spawn(watch_manifests(dir, tx));
-    } else {
-        let client = source::kube::client(
-            args.kubeconfig.as_deref(),
-            args.in_cluster,
-            args.api_server.as_ref(),
-        )
-        .await?;
-        let mut snaps = source::kube::watch(client, args.node_name.clone()).await?;
-        tokio::spawn(async move {
-            loop {
-                let snap = snaps.borrow_and_update().clone();
-                if snap.ready && tx.send(Some(Arc::new(snap.objects))).is_err() {
-                    return;
-                }
-                if snaps.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
+        let dir = ManifestDir::new(dir, cfg.clone())
+            .with_context(|| format!("reading {}", dir.display()))?;
+        std::thread::Builder::new()
+            .name("lb-manifests".into())
+            .spawn(move || watch_manifests(dir, tx))
+            .context("starting the manifests thread")?;
+        return Ok(());
     }
-    Ok(rx)
+    let (started_tx, started_rx) = mpsc::channel();
+    let (kubeconfig, in_cluster, api_server) = (
+        args.kubeconfig.clone(),
+        args.in_cluster,
+        args.api_server.clone(),
+    );
+    let cfg = cfg.clone();
+    std::thread::Builder::new()
+        .name("lb-ingest".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("lb-ingest")
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = started_tx.send(Err(anyhow::Error::new(e)));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let client = match source::kube::client(
+                    kubeconfig.as_deref(),
+                    in_cluster,
+                    api_server.as_ref(),
+                )
+                .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let watches = match source::kube::changes(client, &cfg, tx) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let _ = started_tx.send(Ok(()));
+                // The watches run for the agent's lifetime.
+                std::future::pending::<()>().await;
+                drop(watches);
+            });
+        })
+        .context("starting the Kubernetes source thread")?;
+    started_rx
+        .recv()
+        .context("the Kubernetes source thread ended")?
 }
 
 /// The cgroup the socket hooks attach to: `--cgroup PATH`, none for `off`, else the cgroup
@@ -310,48 +642,37 @@ fn socket_cgroup(arg: Option<&str>) -> anyhow::Result<Option<PathBuf>> {
     }
 }
 
-/// Names, sizes and modification times of the YAML files: a change in any re-reads them.
-fn fingerprint(dir: &Path) -> std::io::Result<Vec<(PathBuf, u64, SystemTime)>> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        let p = e.path();
-        if matches!(p.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
-            let md = e.metadata()?;
-            v.push((p, md.len(), md.modified()?));
-        }
-    }
-    v.sort();
-    Ok(v)
-}
-
-async fn watch_manifests(dir: PathBuf, tx: tokio::sync::watch::Sender<Option<Arc<Objects>>>) {
-    let mut seen = None;
+/// Poll the manifests directory, sending the changes of the files that changed; the first
+/// complete read makes the source ready.
+fn watch_manifests(mut dir: ManifestDir, tx: mpsc::Sender<Change>) {
+    let mut ready = false;
     loop {
-        match fingerprint(&dir) {
-            Ok(fp) if Some(&fp) != seen.as_ref() => match source::manifests::load_dir(&dir) {
-                Ok((objs, problems)) => {
-                    for p in &problems {
-                        log::warn!("manifests: {p}");
-                    }
+        let started = Instant::now();
+        match dir.poll() {
+            Ok(p) => {
+                if p.parsed > 0 {
                     log::info!(
-                        "manifests: {} services, {} endpointslices, {} pods, {} nodes",
-                        objs.services.len(),
-                        objs.slices.len(),
-                        objs.pods.len(),
-                        objs.nodes.len(),
+                        "manifests: read {} file(s), {} object change(s) in {:.1} ms",
+                        p.parsed,
+                        p.changes.len(),
+                        started.elapsed().as_secs_f64() * 1e3
                     );
-                    seen = Some(fp);
-                    if tx.send(Some(Arc::new(objs))).is_err() {
+                }
+                for c in p.changes {
+                    if tx.send(c).is_err() {
                         return;
                     }
                 }
-                Err(e) => log::warn!("manifests: {e}"),
-            },
-            Ok(_) => {}
-            Err(e) => log::warn!("manifests: reading {}: {e}", dir.display()),
+                if !ready {
+                    ready = true;
+                    if tx.send(Change::Ready).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => log::warn!("manifests: {e}"),
         }
-        tokio::time::sleep(MANIFEST_POLL).await;
+        std::thread::sleep(MANIFEST_POLL);
     }
 }
 

@@ -274,12 +274,19 @@ impl Maps {
             self.inc.set_frontend(*id, c.frontend(id).as_deref());
         }
         self.inc.set_node_addrs(c.node_addrs());
-        let before = self.inc_dp.clone();
-        let start = self.inc_dp.log.len();
-        let r = self.inc.flush(&mut self.inc_dp);
-        assert!(r.is_ok(), "{context}: {:?}", r.failures);
-        replay(&before, &self.inc_dp.log[start..], context);
-        self.inc_dp.log.clear();
+        // Like the agent: flush, and again right away while something waits (a frontend
+        // that was programmed without a counter slot gets one freed by this flush).
+        for _ in 0..3 {
+            let before = self.inc_dp.clone();
+            let start = self.inc_dp.log.len();
+            let r = self.inc.flush(&mut self.inc_dp);
+            assert!(r.is_ok(), "{context}: {:?}", r.failures);
+            replay(&before, &self.inc_dp.log[start..], context);
+            self.inc_dp.log.clear();
+            if self.inc.pending() == 0 {
+                break;
+            }
+        }
         let r = self.full.apply(want, &mut self.full_dp);
         assert!(r.is_ok(), "{context}: {:?}", r.failures);
         self.full_dp.log.clear();

@@ -1342,7 +1342,12 @@ fn resync_repairs_entries_changed_behind_the_syncers_back() {
         },
     );
     dp.services.remove(&frontend_key(&b));
-    let (bid, mut bv) = dp.backends.iter().map(|(k, v)| (*k, *v)).next_back().expect("b");
+    let (bid, mut bv) = dp
+        .backends
+        .iter()
+        .map(|(k, v)| (*k, *v))
+        .next_back()
+        .expect("b");
     bv.port = 1;
     dp.backends.insert(bid, bv);
     dp.services.insert(

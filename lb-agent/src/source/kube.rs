@@ -1,6 +1,11 @@
-//! The Kubernetes source: kube-rs reflectors on Services, EndpointSlices, this node's Pods and
-//! this node's Node, published as debounced [`Snapshot`]s of [`Objects`] on a
-//! `tokio::sync::watch` channel.
+//! The Kubernetes source: watches on Services, EndpointSlices, this node's Pods and every
+//! Node, in two forms:
+//! - [`changes`] (the agent's): every object is converted to its compact view as it arrives
+//!   and sent as a [`Change`]; no full object is kept. A complete list (the first one, or a
+//!   re-list after `410 Gone`) is sent as one [`Change::Relisted`], and [`Change::Ready`]
+//!   follows once every kind has been listed;
+//! - [`watch`] / [`KubeSource`]: kube-rs reflectors, published as debounced [`Snapshot`]s of
+//!   [`Objects`] on a `tokio::sync::watch` channel (for tests and tools).
 //!
 //! Each kind has its own `watcher` (list, then watch from the list's resourceVersion, with
 //! bookmarks; a `410 Gone` makes it re-list) behind the default exponential backoff, with
@@ -26,7 +31,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::model::Objects;
+use crate::controller::Key;
+use crate::model::{ModelConfig, NodeView, Objects, PodView, ServiceView, SliceView};
+use crate::source::{Change, Relist};
 
 /// How long the publisher waits after a change before taking a snapshot, so that a burst of
 /// events (a rollout, a re-list) becomes one snapshot.
@@ -110,6 +117,232 @@ pub async fn client(
         config.cluster_url = url.clone();
     }
     Client::try_from(config).map_err(KubeSourceError::Client)
+}
+
+/// The running watches of [`changes`]. Dropping it stops them.
+#[derive(Debug)]
+pub struct ChangeWatches {
+    _tasks: Vec<AbortOnDrop>,
+}
+
+/// Start the four watches on the current tokio runtime. Each object is converted to its
+/// view (with `cfg`) as it arrives and sent to `tx`; see the module docs. The watches run
+/// until the [`ChangeWatches`] is dropped or `tx`'s receiver is gone.
+pub fn changes(
+    client: Client,
+    cfg: &ModelConfig,
+    tx: std::sync::mpsc::Sender<Change>,
+) -> Result<ChangeWatches, KubeSourceError> {
+    validate_node_name(&cfg.node_name)?;
+    let listed = Arc::new(Listed::default());
+    let c = cfg.clone();
+    let services = spawn_changes::<Service>(
+        0,
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        tx.clone(),
+        listed.clone(),
+        move |s| Change::Service(key_of(s), Some(ServiceView::new(s, &c))),
+        |s| Change::Service(key_of(s), None),
+        |items| {
+            Relist::Services(
+                items
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        Change::Service(_, v) => v,
+                        _ => None,
+                    })
+                    .collect(),
+            )
+        },
+    );
+    let c = cfg.clone();
+    let slices = spawn_changes::<EndpointSlice>(
+        1,
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        tx.clone(),
+        listed.clone(),
+        move |s| Change::Slice(key_of(s), SliceView::new(s, &c)),
+        |s| Change::Slice(key_of(s), None),
+        |items| {
+            Relist::Slices(
+                items
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        Change::Slice(k, v) => Some((k, v)),
+                        _ => None,
+                    })
+                    .collect(),
+            )
+        },
+    );
+    let c = cfg.clone();
+    let pods = spawn_changes::<Pod>(
+        2,
+        Api::all(client.clone()),
+        watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name)),
+        tx.clone(),
+        listed.clone(),
+        move |p| Change::Pod(key_of(p), Some(PodView::new(p, &c))),
+        |p| Change::Pod(key_of(p), None),
+        |items| {
+            Relist::Pods(
+                items
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        Change::Pod(_, v) => v,
+                        _ => None,
+                    })
+                    .collect(),
+            )
+        },
+    );
+    // Every Node: this node's own gives the NodePort addresses, the others are where remote
+    // endpoints live.
+    let nodes = spawn_changes::<Node>(
+        3,
+        Api::all(client),
+        watcher::Config::default(),
+        tx,
+        listed.clone(),
+        |n| Change::Node(n.name_any(), Some(NodeView::new(n))),
+        |n| Change::Node(n.name_any(), None),
+        |items| {
+            Relist::Nodes(
+                items
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        Change::Node(_, v) => v,
+                        _ => None,
+                    })
+                    .collect(),
+            )
+        },
+    );
+    let watchdog = AbortOnDrop(tokio::spawn(async move {
+        let mut waited = Duration::ZERO;
+        while !listed.all() {
+            tokio::time::sleep(NOT_READY_WARNING).await;
+            waited += NOT_READY_WARNING;
+            if !listed.all() {
+                warn!(
+                    "kubernetes source not ready after {}s: no complete list yet of {} \
+                     (the maps are left as they are until then)",
+                    waited.as_secs(),
+                    listed.pending().join(", ")
+                );
+            }
+        }
+    }));
+    Ok(ChangeWatches {
+        _tasks: vec![services, slices, pods, nodes, watchdog],
+    })
+}
+
+/// `(namespace, name)` of a namespaced object, the namespace defaulted as the model does.
+fn key_of<K: Resource>(o: &K) -> Key {
+    let meta = o.meta();
+    let ns = match meta.namespace.as_deref() {
+        None | Some("") => crate::model::DEFAULT_NAMESPACE,
+        Some(ns) => ns,
+    };
+    Key::new(ns, meta.name.as_deref().unwrap_or(""))
+}
+
+/// Which kinds have been listed completely once.
+#[derive(Debug, Default)]
+struct Listed {
+    kinds: std::sync::Mutex<[bool; 4]>,
+}
+
+impl Listed {
+    const NAMES: [&'static str; 4] = ["services", "endpointslices", "pods", "nodes"];
+
+    /// Mark `kind` listed; true when this completes the set.
+    fn mark(&self, kind: usize) -> bool {
+        let mut k = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let before = k.iter().all(|d| *d);
+        k[kind] = true;
+        !before && k.iter().all(|d| *d)
+    }
+
+    fn all(&self) -> bool {
+        self.kinds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .all(|d| *d)
+    }
+
+    fn pending(&self) -> Vec<&'static str> {
+        let k = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        Self::NAMES
+            .iter()
+            .zip(k.iter())
+            .filter(|(_, d)| !**d)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+}
+
+/// One watch of [`changes`]: objects converted as they arrive, lists sent whole.
+#[allow(clippy::too_many_arguments, reason = "one watch's parts, passed once")]
+fn spawn_changes<K>(
+    kind: usize,
+    api: Api<K>,
+    config: watcher::Config,
+    tx: std::sync::mpsc::Sender<Change>,
+    listed: Arc<Listed>,
+    upsert: impl Fn(&K) -> Change + Send + 'static,
+    delete: impl Fn(&K) -> Change + Send + 'static,
+    relist: impl Fn(Vec<Change>) -> Relist + Send + 'static,
+) -> AbortOnDrop
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    let name = Listed::NAMES[kind];
+    let task = tokio::spawn(async move {
+        let stream = watcher::watcher(api, config).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        let mut buffer: Vec<Change> = Vec::new();
+        while let Some(item) = stream.next().await {
+            let sent = match item {
+                Ok(Event::Init) => {
+                    debug!("{name}: listing");
+                    buffer = Vec::new();
+                    true
+                }
+                Ok(Event::InitApply(o)) => {
+                    buffer.push(upsert(&o));
+                    true
+                }
+                Ok(Event::InitDone) => {
+                    let items = std::mem::take(&mut buffer);
+                    info!("{name}: list complete ({} objects)", items.len());
+                    let mut ok = tx.send(Change::Relisted(relist(items))).is_ok();
+                    if listed.mark(kind) {
+                        info!("kubernetes source ready: every kind listed");
+                        ok &= tx.send(Change::Ready).is_ok();
+                    }
+                    ok
+                }
+                Ok(Event::Apply(o)) => tx.send(upsert(&o)).is_ok(),
+                Ok(Event::Delete(o)) => tx.send(delete(&o)).is_ok(),
+                Err(e) => {
+                    warn!("{name}: {e} (retrying with backoff)");
+                    true
+                }
+            };
+            if !sent {
+                debug!("{name}: the receiver is gone; stopping");
+                return;
+            }
+        }
+        error!("{name}: watch stream ended; no more updates for this kind");
+    });
+    AbortOnDrop(task)
 }
 
 /// The name in-cluster clients verify the API server's certificate against.

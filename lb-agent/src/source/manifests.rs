@@ -11,15 +11,27 @@
 //! file and the document number; only an unreadable directory is an error.
 //!
 //! Namespaced objects without a namespace get `default`, as with `kubectl apply`.
+//!
+//! [`load_dir`] reads everything into [`Objects`]; the agent uses [`ManifestDir`] instead,
+//! which keeps only each file's size and modification time and the objects it defines,
+//! parses again only the files that changed (several at once), and reports the objects'
+//! views as [`Change`]s. An object defined in several files (or twice in one) takes its
+//! first definition in file-name order; the others are reported as problems.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_yaml::{Mapping, Value};
 
-use crate::model::{Objects, Problem, DEFAULT_NAMESPACE};
+use crate::controller::Key;
+use crate::model::{
+    ModelConfig, NodeView, Objects, PodView, Problem, ServiceView, SliceView, DEFAULT_NAMESPACE,
+};
+use crate::source::Change;
 
 /// Errors that stop loading altogether.
 #[derive(Debug, thiserror::Error)]
@@ -32,9 +44,9 @@ pub enum ManifestError {
     },
 }
 
-/// Load every manifest under `dir`. Every Node is kept (a `kubectl get nodes -o yaml` dump
-/// of the whole cluster is the normal input); the model picks this node's own by name.
-pub fn load_dir(dir: &Path) -> Result<(Objects, Vec<Problem>), ManifestError> {
+/// The YAML files of `dir` (not recursive, hidden files skipped, symlinks followed), by
+/// name.
+fn yaml_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, ManifestError> {
     let err = |source| ManifestError::ReadDir {
         dir: dir.to_path_buf(),
         source,
@@ -52,7 +64,295 @@ pub fn load_dir(dir: &Path) -> Result<(Objects, Vec<Problem>), ManifestError> {
         files.push((name.to_string(), path));
     }
     files.sort();
+    Ok(files)
+}
 
+/// An object a manifest defines.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum ObjRef {
+    Service(Key),
+    Slice(Key),
+    Pod(Key),
+    Node(String),
+}
+
+impl ObjRef {
+    fn describe(&self) -> String {
+        match self {
+            ObjRef::Service(k) => format!("Service {}/{}", k.namespace, k.name),
+            ObjRef::Slice(k) => format!("EndpointSlice {}/{}", k.namespace, k.name),
+            ObjRef::Pod(k) => format!("Pod {}/{}", k.namespace, k.name),
+            ObjRef::Node(n) => format!("Node {n}"),
+        }
+    }
+}
+
+/// One object of a parsed file: its view, as the change that sets it.
+type Defined = (ObjRef, Change);
+
+/// A parsed file: its objects and its problems.
+type Parsed = (Vec<Defined>, Vec<Problem>);
+
+/// Parse one file into its objects' views (in document order) and its problems.
+fn parse_file(name: &str, path: &Path, cfg: &ModelConfig) -> Parsed {
+    let mut loader = Loader {
+        keep_duplicate_nodes: true,
+        ..Loader::default()
+    };
+    match fs::read_to_string(path) {
+        Ok(text) => loader.load_str(name, &text),
+        Err(e) => loader.problem(name, format!("cannot read: {e}")),
+    }
+    let o = loader.objects;
+    let mut out = Vec::with_capacity(o.services.len() + o.slices.len() + o.pods.len());
+    for s in &o.services {
+        let v = ServiceView::new(s, cfg);
+        let k = Key::new(v.namespace.clone(), v.name.clone());
+        out.push((ObjRef::Service(k.clone()), Change::Service(k, Some(v))));
+    }
+    drop(o.services);
+    for s in &o.slices {
+        let k = Key::new(
+            s.metadata.namespace.clone().unwrap_or_default(),
+            s.metadata.name.clone().unwrap_or_default(),
+        );
+        out.push((
+            ObjRef::Slice(k.clone()),
+            Change::Slice(k, SliceView::new(s, cfg)),
+        ));
+    }
+    drop(o.slices);
+    for p in &o.pods {
+        let v = PodView::new(p, cfg);
+        let k = Key::new(v.namespace.clone(), v.name.clone());
+        out.push((ObjRef::Pod(k.clone()), Change::Pod(k, Some(v))));
+    }
+    for n in &o.nodes {
+        let v = NodeView::new(n);
+        out.push((
+            ObjRef::Node(v.name.clone()),
+            Change::Node(v.name.clone(), Some(v)),
+        ));
+    }
+    (out, loader.problems)
+}
+
+/// The deletion of `r`.
+fn deleted(r: &ObjRef) -> Change {
+    match r {
+        ObjRef::Service(k) => Change::Service(k.clone(), None),
+        ObjRef::Slice(k) => Change::Slice(k.clone(), None),
+        ObjRef::Pod(k) => Change::Pod(k.clone(), None),
+        ObjRef::Node(n) => Change::Node(n.clone(), None),
+    }
+}
+
+/// A file as last read: its size and modification time, and what it defines (in order).
+#[derive(Debug)]
+struct FileState {
+    fingerprint: (u64, SystemTime),
+    defines: Vec<ObjRef>,
+}
+
+/// A manifests directory read incrementally; see the module docs.
+#[derive(Debug)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    cfg: ModelConfig,
+    files: BTreeMap<String, FileState>,
+    /// Who defines each object: (file, position in the file), first wins.
+    owners: HashMap<ObjRef, BTreeSet<(String, usize)>>,
+    /// Files to parse again at the next poll whatever their fingerprint.
+    forced: BTreeSet<String>,
+    threads: usize,
+}
+
+/// What one [`ManifestDir::poll`] found.
+#[derive(Debug, Default)]
+pub struct Poll {
+    pub changes: Vec<Change>,
+    /// Problems of the files parsed (each file's, and objects defined twice).
+    pub problems: Vec<Problem>,
+    /// Files parsed.
+    pub parsed: usize,
+}
+
+impl ManifestDir {
+    /// Fails when `dir` cannot be read.
+    pub fn new(dir: &Path, cfg: ModelConfig) -> Result<Self, ManifestError> {
+        yaml_files(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            cfg,
+            files: BTreeMap::new(),
+            owners: HashMap::new(),
+            forced: BTreeSet::new(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        })
+    }
+
+    /// Look at the directory and parse the files that are new or changed; returns the
+    /// changes of the objects they (no longer) define. Nothing changed: no changes.
+    pub fn poll(&mut self) -> Result<Poll, ManifestError> {
+        let listed = yaml_files(&self.dir)?;
+        let mut todo: Vec<(String, PathBuf, (u64, SystemTime))> = Vec::new();
+        let mut present = BTreeSet::new();
+        for (name, path) in listed {
+            let Ok(md) = fs::metadata(&path) else {
+                continue; // gone since the listing: the next poll sees it
+            };
+            let fp = (md.len(), md.modified().unwrap_or(SystemTime::UNIX_EPOCH));
+            present.insert(name.clone());
+            let same = self.files.get(&name).is_some_and(|f| f.fingerprint == fp);
+            if !same || self.forced.contains(&name) {
+                todo.push((name, path, fp));
+            }
+        }
+        let removed: Vec<String> = self
+            .files
+            .keys()
+            .filter(|n| !present.contains(*n))
+            .cloned()
+            .collect();
+        self.forced.clear();
+        let mut out = Poll::default();
+        if todo.is_empty() && removed.is_empty() {
+            return Ok(out);
+        }
+
+        let parsed = self.parse_all(&todo);
+        out.parsed = parsed.len();
+        // The objects whose definitions change, with their holder before.
+        let mut affected: BTreeMap<ObjRef, Option<(String, usize)>> = BTreeMap::new();
+        let mut touch = |owners: &HashMap<ObjRef, BTreeSet<(String, usize)>>, r: &ObjRef| {
+            affected
+                .entry(r.clone())
+                .or_insert_with(|| owners.get(r).and_then(|s| s.first().cloned()));
+        };
+        for name in removed.iter().chain(todo.iter().map(|(n, _, _)| n)) {
+            if let Some(f) = self.files.get(name) {
+                for r in &f.defines {
+                    touch(&self.owners, r);
+                }
+            }
+        }
+        for (_, defs, _) in &parsed {
+            for (r, _) in defs {
+                touch(&self.owners, r);
+            }
+        }
+        // Forget the old definitions of the files read again or gone, then add the new.
+        for name in removed.iter().chain(todo.iter().map(|(n, _, _)| n)) {
+            if let Some(f) = self.files.remove(name) {
+                for r in f.defines {
+                    if let Some(s) = self.owners.get_mut(&r) {
+                        s.retain(|(file, _)| file != name);
+                        if s.is_empty() {
+                            self.owners.remove(&r);
+                        }
+                    }
+                }
+            }
+        }
+        let mut defs_by_file: HashMap<&str, HashMap<&ObjRef, &Change>> = HashMap::new();
+        for ((name, _, fp), (defs, problems)) in
+            todo.iter().zip(parsed.iter().map(|(_, d, p)| (d, p)))
+        {
+            out.problems.extend(problems.iter().cloned());
+            let mut defines = Vec::with_capacity(defs.len());
+            let mut mine = HashMap::with_capacity(defs.len());
+            for (i, (r, change)) in defs.iter().enumerate() {
+                let set = self.owners.entry(r.clone()).or_default();
+                set.insert((name.clone(), i));
+                defines.push(r.clone());
+                // The first definition in the file is the file's.
+                mine.entry(r).or_insert(change);
+            }
+            defs_by_file.insert(name.as_str(), mine);
+            self.files.insert(
+                name.clone(),
+                FileState {
+                    fingerprint: *fp,
+                    defines,
+                },
+            );
+        }
+        for (r, before) in &affected {
+            let now = self.owners.get(r).and_then(|s| s.first().cloned());
+            if let Some(s) = self.owners.get(r).filter(|s| s.len() > 1) {
+                if let Some((file, i)) = s.iter().nth(1) {
+                    let (first, j) = s.first().cloned().unwrap_or_default();
+                    out.problems.push(Problem::new(
+                        format!("{file} object {}", i + 1),
+                        format!(
+                            "{} is defined again; keeping the first definition ({first} \
+                             object {})",
+                            r.describe(),
+                            j + 1
+                        ),
+                    ));
+                }
+            }
+            match now {
+                None => out.changes.push(deleted(r)),
+                Some((file, _)) => match defs_by_file.get(file.as_str()).and_then(|m| m.get(r)) {
+                    Some(change) => out.changes.push((*change).clone()),
+                    // Held by a file not read now: read it again if the holder changed.
+                    None if before.as_ref().map(|b| &b.0) != Some(&file) => {
+                        self.forced.insert(file);
+                    }
+                    None => {}
+                },
+            }
+        }
+        drop(defs_by_file);
+        if !self.forced.is_empty() {
+            let more = self.poll()?;
+            out.changes.extend(more.changes);
+            out.problems.extend(more.problems);
+            out.parsed += more.parsed;
+        }
+        Ok(out)
+    }
+
+    /// Parse `files`, on several threads when there are several.
+    fn parse_all(
+        &self,
+        files: &[(String, PathBuf, (u64, SystemTime))],
+    ) -> Vec<(String, Vec<Defined>, Vec<Problem>)> {
+        let threads = self.threads.min(files.len()).max(1);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let slots: Vec<std::sync::Mutex<Option<Parsed>>> =
+            files.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((name, path, _)) = files.get(i) else {
+                        return;
+                    };
+                    let r = parse_file(name, path, &self.cfg);
+                    if let Ok(mut slot) = slots[i].lock() {
+                        *slot = Some(r);
+                    }
+                });
+            }
+        });
+        files
+            .iter()
+            .zip(slots)
+            .map(|((name, _, _), slot)| {
+                let (defs, problems) = slot.into_inner().ok().flatten().unwrap_or_default();
+                (name.clone(), defs, problems)
+            })
+            .collect()
+    }
+}
+
+/// Load every manifest under `dir`. Every Node is kept (a `kubectl get nodes -o yaml` dump
+/// of the whole cluster is the normal input); the model picks this node's own by name.
+pub fn load_dir(dir: &Path) -> Result<(Objects, Vec<Problem>), ManifestError> {
+    let files = yaml_files(dir)?;
     let mut loader = Loader::default();
     for (name, path) in files {
         match fs::read_to_string(&path) {
@@ -78,6 +378,8 @@ pub fn load_str(origin: &str, text: &str, objects: &mut Objects, problems: &mut 
 struct Loader {
     objects: Objects,
     problems: Vec<Problem>,
+    /// Keep every Node definition (the caller deals with duplicates).
+    keep_duplicate_nodes: bool,
 }
 
 impl Loader {
@@ -200,11 +502,12 @@ impl Loader {
 
     fn add_node(&mut self, origin: &str, node: Node) {
         let name = node.metadata.name.clone().unwrap_or_default();
-        if self
-            .objects
-            .nodes
-            .iter()
-            .any(|n| n.metadata.name.as_deref() == Some(name.as_str()))
+        if !self.keep_duplicate_nodes
+            && self
+                .objects
+                .nodes
+                .iter()
+                .any(|n| n.metadata.name.as_deref() == Some(name.as_str()))
         {
             self.problem(
                 origin,

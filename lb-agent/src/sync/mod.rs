@@ -213,6 +213,8 @@ pub struct Syncer {
     /// Identities and frontends no longer desired: their ids may be freed.
     released_backends: Vec<BKey>,
     released_frontends: Vec<Frontend4Key>,
+    /// Desired frontends programmed without a svc id: written again when one is freed.
+    uncounted: BTreeSet<Frontend4Key>,
     adopted: bool,
     limits: Limits,
 }
@@ -233,6 +235,7 @@ impl Syncer {
             pending_backends: BTreeSet::new(),
             released_backends: Vec::new(),
             released_frontends: Vec::new(),
+            uncounted: BTreeSet::new(),
             adopted: false,
             limits,
         }
@@ -296,6 +299,11 @@ impl Syncer {
     /// The svc id (index into `LB_SVC_STATS`) of a frontend, once allocated.
     pub fn svc_id(&self, id: &FrontendId) -> Option<u32> {
         self.svc_ids.get(&frontend_key(id)).copied()
+    }
+
+    /// Frontends programmed without per-frontend counters (every svc id was in use).
+    pub fn uncounted(&self) -> usize {
+        self.uncounted.len()
     }
 
     /// How many frontends wait to be written (changed, or failed and retried).

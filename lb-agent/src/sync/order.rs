@@ -458,10 +458,12 @@ impl Syncer {
         resets: Option<&mut Vec<u32>>,
     ) -> u32 {
         if let Some(sid) = self.svc_ids.get(&fkey) {
+            self.uncounted.remove(&fkey);
             return *sid;
         }
         match self.svc_alloc.alloc() {
             Some(sid) => {
+                self.uncounted.remove(&fkey);
                 // A reused id must not inherit the counters of the frontend it served.
                 match resets {
                     Some(resets) => resets.push(sid),
@@ -487,6 +489,7 @@ impl Syncer {
                     }
                 );
                 r.uncounted.push(*id);
+                self.uncounted.insert(fkey);
                 lb_common::service::NO_SVC_ID
             }
         }
@@ -737,6 +740,11 @@ impl Syncer {
             }
         }
         free.retain(|id| self.svc_alloc.is_used(*id));
+        if !free.is_empty() {
+            // Frontends waiting for a counter slot try again at the next flush.
+            self.uncounted.retain(|k| self.want.contains_key(k));
+            self.pending.extend(self.uncounted.iter().copied());
+        }
         self.svc_alloc.free(&mut free);
     }
 }
