@@ -177,3 +177,49 @@ pub fn update_batch<K: bytemuck::Pod, V: bytemuck::Pod>(
     }
     (done, Ok(()))
 }
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Every entry of a hash map, `chunk` per `BPF_MAP_LOOKUP_BATCH` call (far fewer syscalls
+/// than a get_next_key + lookup per entry). `K`/`V` must be the map's exact key and value
+/// layouts.
+pub fn dump_batch<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: BorrowedFd<'_>,
+    chunk: usize,
+) -> io::Result<Vec<(K, V)>> {
+    let mut chunk = chunk.max(1);
+    let mut out = Vec::new();
+    // The position token: a bucket index for hash maps; room for any key.
+    let mut token_in = [0u8; 64];
+    let mut token_out = [0u8; 64];
+    let mut first = true;
+    loop {
+        let mut keys: Vec<K> = vec![K::zeroed(); chunk];
+        let mut values: Vec<V> = vec![V::zeroed(); chunk];
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(chunk);
+        out.extend(keys.into_iter().zip(values).take(n));
+        match r {
+            Ok(_) => {}
+            // The last batch.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            // One bucket holds more entries than `chunk`: ask for more at once.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
+                chunk *= 2;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        token_in = token_out;
+        first = false;
+    }
+}

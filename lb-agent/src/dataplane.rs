@@ -286,6 +286,21 @@ impl BpfDataplane {
         self.caps
     }
 
+    /// The entry at `key` of the services map, if any (one lookup).
+    pub fn service(&self, key: &Frontend4Key) -> Result<Option<Service4Value>> {
+        match self.services.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(
+                lb_common::maps::LB4_SERVICES,
+                0,
+                "read",
+                format!("{key:?}"),
+                e,
+            )),
+        }
+    }
+
     /// All conntrack entries (for tests and `status`).
     pub fn conntrack(&self) -> Result<Vec<(lb_common::Ct4Key, lb_common::Ct4Value)>> {
         self.ct
@@ -305,6 +320,9 @@ impl BpfDataplane {
         Ok(())
     }
 }
+
+/// Entries per `BPF_MAP_LOOKUP_BATCH` when reading a whole map.
+const DUMP_CHUNK: usize = 8192;
 
 fn services_cap(pins: &PinLayout, name: &'static str) -> u32 {
     open_pinned_map(pins, name)
@@ -339,6 +357,12 @@ fn ignore_missing(
 
 impl Dataplane for BpfDataplane {
     fn services(&self) -> Result<Vec<(Frontend4Key, Service4Value)>> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        if let Ok(all) = crate::bpfsys::dump_batch(self.services.map().fd().as_fd(), DUMP_CHUNK) {
+            return Ok(all);
+        }
+        // A kernel without batch lookups: one entry at a time.
         self.services
             .iter()
             .map(|r| {
@@ -377,6 +401,11 @@ impl Dataplane for BpfDataplane {
         })
     }
     fn backends(&self) -> Result<Vec<(u32, Backend4)>> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        if let Ok(all) = crate::bpfsys::dump_batch(self.backends.map().fd().as_fd(), DUMP_CHUNK) {
+            return Ok(all);
+        }
         self.backends
             .iter()
             .map(|r| {

@@ -617,6 +617,7 @@ fn control_plane(part: &PartResult, out: &mut String) {
         }
         t.render(out);
     }
+    agent_rows(part, out);
     let known: Vec<&str> = methods
         .iter()
         .copied()
@@ -625,6 +626,7 @@ fn control_plane(part: &PartResult, out: &mut String) {
             "backend change -> first new connection on the new pod",
             "memory",
         ])
+        .chain(AGENT_CASES)
         .collect();
     let other: Vec<&Row> = part
         .rows
@@ -642,6 +644,109 @@ fn control_plane(part: &PartResult, out: &mut String) {
         }
         t.render(out);
     }
+}
+
+/// The agent's own rows (`lb-agent run`, measured from outside).
+const AGENT_CASES: [&str; 6] = [
+    "agent: list complete -> maps programmed",
+    "agent: one EndpointSlice change -> map written",
+    "agent: sustained EndpointSlice changes",
+    "agent: manifests from files -> maps programmed",
+    "agent: one manifest file edit -> map written",
+    "agent: peak RSS",
+];
+
+/// The agent's target rows: one line per measurement, with the issue's target.
+fn agent_rows(part: &PartResult, out: &mut String) {
+    let rows: Vec<&Row> = part
+        .rows
+        .iter()
+        .filter(|r| AGENT_CASES.contains(&r.case.as_str()))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let n = rows.iter().map(|r| r.services).max().unwrap_or(0);
+    out.push_str(&format!(
+        "### The agent (`lb-agent run`), {} Services × 10 endpoints, observed through its maps
+
+",
+        count(n)
+    ));
+    let mut t = Table::new(&["source", "measure", "result", "target"]);
+    let ms = |r: &Row, m: &str| {
+        r.get(m)
+            .map_or_else(|| "—".to_string(), |v| format!("{:.1} ms", v.median))
+    };
+    for r in rows {
+        let source = r.params.get("source").cloned().unwrap_or_default();
+        let (measure, result, target) = match r.case.as_str() {
+            "agent: list complete -> maps programmed" => (
+                "list complete → maps fully programmed".to_string(),
+                format!(
+                    "{} ({} from the agent's start)",
+                    ms(r, "list_to_programmed_ms"),
+                    ms(r, "start_to_programmed_ms")
+                ),
+                "≤ 2 s",
+            ),
+            "agent: one EndpointSlice change -> map written" => (
+                format!(
+                    "one EndpointSlice change → map written ({} changes)",
+                    r.params.get("changes").cloned().unwrap_or_default()
+                ),
+                format!("p50 {}, p99 {}", ms(r, "p50_ms"), ms(r, "p99_ms")),
+                "p50 ≤ 2 ms, p99 ≤ 10 ms",
+            ),
+            "agent: sustained EndpointSlice changes" => (
+                format!(
+                    "{}/s for {} s",
+                    r.params.get("rate_per_s").cloned().unwrap_or_default(),
+                    r.params.get("duration_s").cloned().unwrap_or_default()
+                ),
+                format!(
+                    "p50 {}, p99 {}, max {}; p99 first/last {} s: {} / {}; unapplied after \
+                     10 s: {}",
+                    ms(r, "p50_ms"),
+                    ms(r, "p99_ms"),
+                    ms(r, "max_ms"),
+                    r.params.get("window_s").cloned().unwrap_or_default(),
+                    ms(r, "first_window_p99_ms"),
+                    ms(r, "last_window_p99_ms"),
+                    r.params
+                        .get("unapplied_after_10s")
+                        .cloned()
+                        .unwrap_or_default()
+                ),
+                "no growing backlog",
+            ),
+            "agent: manifests from files -> maps programmed" => (
+                format!(
+                    "from {} files → maps fully programmed",
+                    r.params.get("files").cloned().unwrap_or_default()
+                ),
+                format!("{} from the agent's start", ms(r, "start_to_programmed_ms")),
+                "≤ 5 s",
+            ),
+            "agent: one manifest file edit -> map written" => (
+                format!(
+                    "one file edit → map written ({} edits)",
+                    r.params.get("changes").cloned().unwrap_or_default()
+                ),
+                format!("p50 {}, max {}", ms(r, "p50_ms"), ms(r, "max_ms")),
+                "≤ 500 ms",
+            ),
+            _ => (
+                "agent peak RSS (VmHWM)".to_string(),
+                r.get("peak_rss_mib")
+                    .map_or_else(|| "—".to_string(), |v| format!("{:.0} MiB", v.median)),
+                "≤ 250 MB",
+            ),
+        };
+        let result = failed(r).unwrap_or(result);
+        t.row(vec![source, measure, result, target.to_string()]);
+    }
+    t.render(out);
 }
 
 /// Checks a report written by `lb-bench suite` (`cargo xtask bench`): it exists, has at

@@ -2,8 +2,8 @@
 //! of our datapath, side by side with kube-proxy's iptables and nftables modes.
 //!
 //! The benchmark is the `lb-bench` crate; this command only orchestrates it: it checks for
-//! root, runs the set-up, builds `lb-bench` (and `lb-loadgen`, `lb-podserver` from
-//! `lb-testkit`) in release, then runs `lb-bench suite` with its progress streamed. That
+//! root, runs the set-up, builds `lb-bench` (and `lb-agent`, whose binary the control-plane
+//! part runs, and `lb-loadgen`, `lb-podserver` from `lb-testkit`) in release, then runs `lb-bench suite` with its progress streamed. That
 //! runs each selected part in a process of its own, writes `target/bench/report.md` (also
 //! printed), `target/bench/results.json` and the plots (`*.svg`, `*.png`), and fails unless
 //! the report is complete (`lb_bench::report::check_report`).
@@ -77,8 +77,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     p.section(2);
     build(
         &p,
-        "build lb-bench, lb-loadgen, lb-podserver (release)",
-        &["-p", "lb-bench", "-p", "lb-testkit", "--bins"],
+        "build lb-bench, lb-agent, lb-loadgen, lb-podserver (release)",
+        &[
+            "-p",
+            "lb-bench",
+            "-p",
+            "lb-agent",
+            "-p",
+            "lb-testkit",
+            "--bins",
+        ],
     )?;
     // Ctrl-C reaches lb-bench too (same process group); it stops after the running part,
     // and we wait for it instead of dying first.

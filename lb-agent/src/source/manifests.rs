@@ -398,6 +398,9 @@ impl Loader {
             }
             index += 1;
             let origin = format!("{file} document {index}");
+            if self.load_typed(doc) {
+                continue;
+            }
             let parsed = serde_yaml::from_str::<Value>(doc).and_then(|mut v| {
                 v.apply_merge()?; // `<<: *anchor` merge keys, as kubectl understands them
                 Ok(v)
@@ -406,6 +409,47 @@ impl Loader {
                 Ok(v) => self.load_value(&origin, v, None),
                 Err(e) => self.problem(&origin, format!("invalid YAML: {e}")),
             }
+        }
+    }
+
+    /// The fast path for a plain object of a known kind: straight into its type, without
+    /// the generic YAML value in between. Anything else (lists, merge keys, an error) is
+    /// left to the generic path, which reports problems; returns whether it was loaded.
+    fn load_typed(&mut self, doc: &str) -> bool {
+        if doc.contains("<<") {
+            return false;
+        }
+        let Some(kinds) = sniff(doc) else {
+            return false;
+        };
+        match kinds {
+            ("v1", "Service") => match serde_yaml::from_str::<Service>(doc) {
+                Ok(mut s) => {
+                    default_namespace(&mut s.metadata);
+                    self.objects.services.push(s);
+                    true
+                }
+                Err(_) => false,
+            },
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                match serde_yaml::from_str::<EndpointSlice>(doc) {
+                    Ok(mut s) => {
+                        default_namespace(&mut s.metadata);
+                        self.objects.slices.push(s);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            ("v1", "Pod") => match serde_yaml::from_str::<Pod>(doc) {
+                Ok(mut p) => {
+                    default_namespace(&mut p.metadata);
+                    self.objects.pods.push(p);
+                    true
+                }
+                Err(_) => false,
+            },
+            _ => false,
         }
     }
 
@@ -517,6 +561,34 @@ impl Loader {
         }
         self.objects.nodes.push(node);
     }
+}
+
+/// `(apiVersion, kind)` of a document from its top-level lines, when both are plain
+/// scalars there.
+fn sniff(doc: &str) -> Option<(&str, &str)> {
+    let (mut api, mut kind) = (None, None);
+    for line in doc.lines() {
+        if line.starts_with([' ', '\t', '#', '-']) {
+            continue;
+        }
+        if let Some(v) = line.strip_prefix("kind:") {
+            kind = Some(scalar(v)?);
+        } else if let Some(v) = line.strip_prefix("apiVersion:") {
+            api = Some(scalar(v)?);
+        }
+    }
+    Some((api?, kind?))
+}
+
+/// A plain scalar value as written after `key:` (quotes and a trailing comment removed).
+fn scalar(v: &str) -> Option<&str> {
+    let v = v.split(" #").next().unwrap_or("").trim();
+    let v = v
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+        .unwrap_or(v);
+    (!v.is_empty()).then_some(v)
 }
 
 fn str_field(map: &Mapping, field: &str) -> Option<String> {

@@ -17,8 +17,17 @@
 //! - A watch from a resourceVersion older than the compaction point answers `200` with a
 //!   single `ERROR` event carrying a `Status` with code 410, reason `Expired`, and ends.
 //!
-//! Not implemented: `limit`/`continue` pagination (a list is always one page), label
-//! selectors (answered 400), writes over HTTP (tests change objects with Rust methods).
+//! - `limit`/`continue` pagination: the first page takes a snapshot of the matching objects
+//!   and every page of it reports the snapshot's resourceVersion (a consistent list, as
+//!   etcd gives); a continue token whose snapshot is gone or older than the compaction point
+//!   answers `410 Expired`.
+//!
+//! Objects are stored as the JSON the server sends (shared, not copied, by the history and
+//! the list snapshots), so that a world of 100,000 Services with their EndpointSlices fits
+//! in memory for the benchmark.
+//!
+//! Not implemented: label selectors (answered 400), writes over HTTP (tests change objects
+//! with Rust methods).
 //!
 //! The control API ([`FakeApiServer`] methods) changes objects (emitting events), sends
 //! bookmarks, compacts history, closes or aborts every open watch, holds list or watch
@@ -124,14 +133,54 @@ enum EventType {
     Deleted,
 }
 
+/// One stored object version: its JSON as a watch event carries it (with `kind` and
+/// `apiVersion`) and as a list item (without them).
+#[derive(Debug)]
+struct Stored {
+    full: Bytes,
+    item: Bytes,
+    namespace: Option<String>,
+}
+
+impl Stored {
+    fn new(mut v: Value) -> Arc<Stored> {
+        let full = Bytes::from(serde_json::to_vec(&v).expect("json"));
+        if let Some(m) = v.as_object_mut() {
+            m.remove("kind");
+            m.remove("apiVersion");
+        }
+        let item = Bytes::from(serde_json::to_vec(&v).expect("json"));
+        let namespace = v
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Arc::new(Stored {
+            full,
+            item,
+            namespace,
+        })
+    }
+
+    fn value(&self) -> Value {
+        serde_json::from_slice(&self.full).expect("stored json")
+    }
+}
+
 #[derive(Debug)]
 struct Change {
     rv: u64,
     kind: Kind,
     etype: EventType,
     /// The object before a modification.
-    prev: Option<Value>,
-    obj: Value,
+    prev: Option<Arc<Stored>>,
+    obj: Arc<Stored>,
+}
+
+/// A list in progress: the objects it is made of, as of `rv`.
+#[derive(Debug)]
+struct Snapshot {
+    rv: u64,
+    items: Vec<Arc<Stored>>,
 }
 
 type Chunk = Result<Bytes, io::Error>;
@@ -151,8 +200,15 @@ struct Inner {
     rv: u64,
     next_uid: u64,
     next_watcher_id: u64,
-    objects: HashMap<Kind, BTreeMap<(String, String), Value>>,
+    objects: HashMap<Kind, BTreeMap<(String, String), Arc<Stored>>>,
     log: Vec<Change>,
+    /// Changes kept in `log` at most (older ones are compacted away); 0 = all.
+    history_limit: usize,
+    /// Paginated lists in progress, by continue-token id.
+    snapshots: HashMap<u64, Snapshot>,
+    next_snapshot: u64,
+    /// When the last page of the latest complete list of each kind was sent.
+    list_done: HashMap<Kind, std::time::Instant>,
     /// A watch from a resourceVersion below this answers 410 Gone.
     compacted: u64,
     watchers: Vec<Watcher>,
@@ -254,8 +310,11 @@ impl FakeApiServer {
         let rv = inner.rv;
         let key = (ns, name);
         let prev = inner.objects.entry(kind).or_default().get(&key).cloned();
-        let uid = match prev.as_ref().and_then(|p| p.pointer("/metadata/uid")) {
-            Some(uid) => uid.clone(),
+        let prev_uid = prev
+            .as_ref()
+            .and_then(|p| p.value().pointer("/metadata/uid").cloned());
+        let uid = match prev_uid {
+            Some(uid) => uid,
             None => {
                 inner.next_uid += 1;
                 json!(format!("00000000-0000-0000-0000-{:012}", inner.next_uid))
@@ -271,6 +330,7 @@ impl FakeApiServer {
             "manager": "fake-apiserver",
             "operation": "Update",
         }]);
+        let v = Stored::new(v);
         inner
             .objects
             .entry(kind)
@@ -303,7 +363,7 @@ impl FakeApiServer {
             String::new()
         };
         let mut inner = self.shared.lock();
-        let Some(mut obj) = inner
+        let Some(obj) = inner
             .objects
             .entry(kind)
             .or_default()
@@ -313,7 +373,9 @@ impl FakeApiServer {
         };
         inner.rv += 1;
         let rv = inner.rv;
+        let mut obj = obj.value();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let obj = Stored::new(obj);
         inner.record(Change {
             rv,
             kind,
@@ -337,8 +399,28 @@ impl FakeApiServer {
             .get(&Kind::of::<K>())
             .into_iter()
             .flat_map(|m| m.values())
-            .map(|v| serde_json::from_value(v.clone()).expect("stored object"))
+            .map(|v| serde_json::from_slice(&v.full).expect("stored object"))
             .collect()
+    }
+
+    /// How many objects of `kind` there are.
+    pub fn count(&self, kind: Kind) -> usize {
+        self.shared
+            .lock()
+            .objects
+            .get(&kind)
+            .map_or(0, BTreeMap::len)
+    }
+
+    /// Keep at most `limit` changes of history (older ones are compacted away, as etcd's
+    /// compaction does); 0 keeps everything.
+    pub fn set_history_limit(&self, limit: usize) {
+        self.shared.lock().history_limit = limit;
+    }
+
+    /// When the last page of the latest complete list of `kind` was sent.
+    pub fn list_done(&self, kind: Kind) -> Option<std::time::Instant> {
+        self.shared.lock().list_done.get(&kind).copied()
     }
 
     /// The current global resourceVersion.
@@ -356,7 +438,7 @@ impl FakeApiServer {
             if !w.bookmarks {
                 return true;
             }
-            let line = event_line(
+            let line = value_line(
                 "BOOKMARK",
                 &json!({
                     "kind": w.kind.name(),
@@ -470,6 +552,11 @@ impl Inner {
             None => !w.tx.is_closed(),
         });
         self.log.push(change);
+        if self.history_limit > 0 && self.log.len() > 2 * self.history_limit {
+            let cut = self.log.len() - self.history_limit;
+            self.compacted = self.log[cut].rv;
+            self.log.drain(..cut);
+        }
     }
 }
 
@@ -489,9 +576,9 @@ fn watch_event(w: &Watcher, c: &Change) -> Option<Bytes> {
                 (false, true) => ("ADDED", c.obj.clone()),
                 (true, false) => {
                     // Leaves the selection: DELETED with the old object at the new version.
-                    let mut old = c.prev.clone()?;
+                    let mut old = c.prev.as_ref()?.value();
                     old["metadata"]["resourceVersion"] = json!(c.rv.to_string());
-                    ("DELETED", old)
+                    ("DELETED", Stored::new(old))
                 }
                 (false, false) => return None,
             }
@@ -500,14 +587,22 @@ fn watch_event(w: &Watcher, c: &Change) -> Option<Bytes> {
     Some(event_line(etype, &obj))
 }
 
-fn event_line(etype: &str, obj: &Value) -> Bytes {
+fn event_line(etype: &str, obj: &Stored) -> Bytes {
+    let mut line = Vec::with_capacity(obj.full.len() + 32);
+    line.extend_from_slice(format!("{{\"type\":\"{etype}\",\"object\":").as_bytes());
+    line.extend_from_slice(&obj.full);
+    line.extend_from_slice(b"}\n");
+    Bytes::from(line)
+}
+
+fn value_line(etype: &str, obj: &Value) -> Bytes {
     let mut line = serde_json::to_vec(&json!({"type": etype, "object": obj})).expect("json");
     line.push(b'\n');
     Bytes::from(line)
 }
 
-fn in_namespace(obj: &Value, ns: Option<&str>) -> bool {
-    ns.is_none_or(|ns| obj.pointer("/metadata/namespace").and_then(Value::as_str) == Some(ns))
+fn in_namespace(obj: &Stored, ns: Option<&str>) -> bool {
+    ns.is_none_or(|ns| obj.namespace.as_deref() == Some(ns))
 }
 
 /// A parsed `fieldSelector`.
@@ -532,9 +627,13 @@ impl FieldSelector {
         Ok(FieldSelector(terms))
     }
 
-    fn matches(&self, obj: &Value) -> bool {
+    fn matches(&self, obj: &Stored) -> bool {
+        if self.0.is_empty() {
+            return true;
+        }
+        let obj = obj.value();
         self.0.iter().all(|(field, eq, value)| {
-            let mut cur = obj;
+            let mut cur = &obj;
             for part in field.split('.') {
                 cur = cur.get(part).unwrap_or(&Value::Null);
             }
@@ -654,7 +753,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     if is_watch {
         Ok(watch_request(&shared, kind, namespace, selector, &query).await)
     } else {
-        Ok(list_request(&shared, kind, namespace.as_deref(), &selector).await)
+        Ok(list_request(&shared, kind, namespace.as_deref(), &selector, &query).await)
     }
 }
 
@@ -663,6 +762,7 @@ async fn list_request(
     kind: Kind,
     namespace: Option<&str>,
     selector: &FieldSelector,
+    query: &HashMap<String, String>,
 ) -> Response<Body> {
     shared.lock().stats_mut(kind).lists += 1;
     shared.bump();
@@ -681,29 +781,97 @@ async fn list_request(
             return error(code, &reason, "injected by the fake apiserver");
         }
     }
-    let items: Vec<Value> = inner
-        .objects
-        .get(&kind)
-        .into_iter()
-        .flat_map(|m| m.values())
-        .filter(|o| in_namespace(o, namespace) && selector.matches(o))
-        .map(|o| {
-            let mut o = o.clone();
-            if let Some(m) = o.as_object_mut() {
-                m.remove("kind");
-                m.remove("apiVersion");
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0);
+    let (rv, items, next) = match query.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let parsed = token
+                .split_once(':')
+                .and_then(|(id, at)| Some((id.parse::<u64>().ok()?, at.parse::<usize>().ok()?)));
+            let compacted = inner.compacted;
+            let Some((id, at)) =
+                parsed.filter(|(id, _)| inner.snapshots.get(id).is_some_and(|s| s.rv >= compacted))
+            else {
+                drop(inner);
+                return error(
+                    StatusCode::GONE,
+                    "Expired",
+                    "the provided continue parameter is too old to display a consistent list \
+                     result",
+                );
+            };
+            let snap = &inner.snapshots[&id];
+            let end = limit.map_or(snap.items.len(), |l| (at + l).min(snap.items.len()));
+            let items: Vec<Bytes> = snap.items[at.min(end)..end]
+                .iter()
+                .map(|o| o.item.clone())
+                .collect();
+            let rv = snap.rv;
+            let next = if end < snap.items.len() {
+                Some(format!("{id}:{end}"))
+            } else {
+                inner.snapshots.remove(&id);
+                None
+            };
+            (rv, items, next)
+        }
+        None => {
+            let all: Vec<Arc<Stored>> = inner
+                .objects
+                .get(&kind)
+                .into_iter()
+                .flat_map(|m| m.values())
+                .filter(|o| in_namespace(o, namespace) && selector.matches(o))
+                .cloned()
+                .collect();
+            let rv = inner.rv;
+            match limit.filter(|l| *l < all.len()) {
+                Some(l) => {
+                    let items = all[..l].iter().map(|o| o.item.clone()).collect();
+                    inner.next_snapshot += 1;
+                    let id = inner.next_snapshot;
+                    inner.snapshots.insert(id, Snapshot { rv, items: all });
+                    (rv, items, Some(format!("{id}:{l}")))
+                }
+                None => (rv, all.iter().map(|o| o.item.clone()).collect(), None),
             }
-            o
-        })
-        .collect();
-    let body = json!({
-        "kind": format!("{}List", kind.name()),
-        "apiVersion": kind.api_version(),
-        "metadata": {"resourceVersion": inner.rv.to_string()},
-        "items": items,
-    });
+        }
+    };
+    if next.is_none() {
+        inner.list_done.insert(kind, std::time::Instant::now());
+    }
     drop(inner);
-    full(StatusCode::OK, &body)
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if let Some(next) = &next {
+        metadata["continue"] = json!(next);
+    }
+    let head = format!(
+        "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{},\"items\":[",
+        kind.name(),
+        kind.api_version(),
+        metadata
+    );
+    let mut body =
+        Vec::with_capacity(head.len() + items.iter().map(|i| i.len() + 1).sum::<usize>() + 2);
+    body.extend_from_slice(head.as_bytes());
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(item);
+    }
+    body.extend_from_slice(b"]}");
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(
+            Full::new(Bytes::from(body))
+                .map_err(|never: Infallible| match never {})
+                .boxed(),
+        )
+        .expect("response")
 }
 
 async fn watch_request(
@@ -753,7 +921,7 @@ async fn watch_request(
                 "Expired",
                 &format!("too old resource version: {n} ({compacted})"),
             );
-            let line = event_line("ERROR", &gone);
+            let line = value_line("ERROR", &gone);
             return Response::builder()
                 .status(StatusCode::OK)
                 .header("content-type", "application/json")

@@ -124,6 +124,9 @@ pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
         }
     }
 
+    // The agent itself, through the real binary: kube source and manifests.
+    out.rows.extend(crate::agent::run(quick, p));
+
     p.say(&format!(
         "control-plane: endpoint change -> datapath, in the lab at N={}",
         plan.lab_n

@@ -20,9 +20,13 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_bench::schema::PARTS;
 
+mod agent;
 mod bpf_batch;
 mod control_plane;
 mod e2e;
+/// The agent tests' fake Kubernetes API server (one source, two users).
+#[path = "../../../../lb-agent/tests/support/fake_apiserver.rs"]
+mod fake_apiserver;
 mod labkit;
 mod per_packet;
 mod remote;
@@ -51,6 +55,9 @@ enum Command {
     Report(ReportArgs),
     /// Print the kube-proxy rule set the baselines load for N Services.
     Rules(RulesArgs),
+    /// Only the agent measurements of the control-plane part (lb-agent run, kube source and
+    /// manifests); `$LB_BENCH_AGENT` names another agent binary to measure the same way.
+    Agent(PartArgs),
     #[command(flatten)]
     Part(Part),
 }
@@ -167,6 +174,7 @@ fn main() -> ExitCode {
         Command::Suite(a) => suite::suite(a.quick, &a.only, &a.out),
         Command::Report(a) => suite::report(&a.out),
         Command::Rules(a) => print_rules(a).map(|()| ExitCode::SUCCESS),
+        Command::Agent(a) => run_agent(a).map(|()| ExitCode::SUCCESS),
         Command::Part(part) => run_part(part).map(|()| ExitCode::SUCCESS),
     };
     match result {
@@ -194,6 +202,29 @@ fn print_rules(a: &RulesArgs) -> anyhow::Result<()> {
         RulesFormat::Nftables => rules::nftables_script(&set.ports, &labkit::node_config()),
     };
     std::io::stdout().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// `lb-bench agent [--quick] --out FILE`: the agent measurements alone.
+fn run_agent(a: &PartArgs) -> anyhow::Result<()> {
+    lb_testkit::lab::require_root();
+    let p = Progress {
+        part: "control-plane".to_owned(),
+        start: Instant::now(),
+    };
+    let result = lb_bench::schema::PartResult {
+        part: "control-plane".into(),
+        quick: a.quick,
+        rows: agent::run(a.quick, &p),
+        elapsed_s: p.start.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
+    std::fs::write(&a.out, serde_json::to_vec_pretty(&result)?)?;
+    p.say(&format!(
+        "done: {} rows written to {}",
+        result.rows.len(),
+        a.out.display()
+    ));
     Ok(())
 }
 
