@@ -29,13 +29,73 @@ impl BKey {
     }
 }
 
+/// A set of ids: a bitset for the low ids the allocator hands out (a million ids take
+/// 128 KiB), a tree for any far-away id found in the maps.
+#[derive(Debug, Clone, Default)]
+struct IdSet {
+    bits: Vec<u64>,
+    far: BTreeSet<u32>,
+}
+
+impl IdSet {
+    /// Ids below this are kept in the bitset (at most 8 MiB of it).
+    const DENSE: u32 = 1 << 26;
+
+    fn insert(&mut self, id: u32) -> bool {
+        if id >= Self::DENSE {
+            return self.far.insert(id);
+        }
+        let (w, b) = ((id / 64) as usize, id % 64);
+        if self.bits.len() <= w {
+            self.bits.resize(w + 1, 0);
+        }
+        let had = self.bits[w] & (1 << b) != 0;
+        self.bits[w] |= 1 << b;
+        !had
+    }
+
+    fn remove(&mut self, id: u32) -> bool {
+        if id >= Self::DENSE {
+            return self.far.remove(&id);
+        }
+        let (w, b) = ((id / 64) as usize, id % 64);
+        match self.bits.get_mut(w) {
+            Some(word) if *word & (1 << b) != 0 => {
+                *word &= !(1 << b);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn contains(&self, id: u32) -> bool {
+        if id >= Self::DENSE {
+            return self.far.contains(&id);
+        }
+        self.bits
+            .get((id / 64) as usize)
+            .is_some_and(|w| w & (1 << (id % 64)) != 0)
+    }
+
+    /// Every id, ascending.
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        let dense = self.bits.iter().enumerate().flat_map(|(w, word)| {
+            let word = *word;
+            (0..64u32)
+                .filter(move |b| word & (1 << b) != 0)
+                .map(move |b| w as u32 * 64 + b)
+        });
+        dense.chain(self.far.iter().copied())
+    }
+}
+
 /// Allocates ids from `start..end`: never-used ids first, then freed ones oldest first.
 #[derive(Debug, Clone)]
 pub(super) struct IdAlloc {
     start: u64,
     end: u64,
     next: u64,
-    used: BTreeSet<u32>,
+    used: IdSet,
     freed: VecDeque<u32>,
 }
 
@@ -45,7 +105,7 @@ impl IdAlloc {
             start,
             end,
             next: start,
-            used: BTreeSet::new(),
+            used: IdSet::default(),
             freed: VecDeque::new(),
         }
     }
@@ -78,7 +138,7 @@ impl IdAlloc {
         }
         // Gaps below `next` that were never seen (left by an earlier run).
         let mut cand = self.start;
-        for &u in &self.used {
+        for u in self.used.iter() {
             match u64::from(u).cmp(&cand) {
                 std::cmp::Ordering::Less => {}
                 std::cmp::Ordering::Equal => cand += 1,
@@ -96,7 +156,7 @@ impl IdAlloc {
 
     /// Whether `id` is in use.
     pub(super) fn is_used(&self, id: u32) -> bool {
-        self.used.contains(&id)
+        self.used.contains(id)
     }
 
     /// Free `ids` (those in use), ascending: the order they are reused in.
@@ -104,7 +164,7 @@ impl IdAlloc {
         ids.sort_unstable();
         ids.dedup();
         for id in ids.drain(..) {
-            if self.used.remove(&id) {
+            if self.used.remove(id) {
                 self.freed.push_back(id);
             }
         }
@@ -113,9 +173,9 @@ impl IdAlloc {
     /// Free every used id not in `keep`.
     #[cfg(test)]
     pub(super) fn retain(&mut self, keep: &BTreeSet<u32>) {
-        let gone: Vec<u32> = self.used.difference(keep).copied().collect();
+        let gone: Vec<u32> = self.used.iter().filter(|id| !keep.contains(id)).collect();
         for id in gone {
-            self.used.remove(&id);
+            self.used.remove(id);
             self.freed.push_back(id);
         }
     }

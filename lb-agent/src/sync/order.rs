@@ -38,6 +38,8 @@ use crate::model::{FrontendId, Proto};
 
 /// Puts at or above this many go through `BPF_MAP_UPDATE_BATCH`.
 const BATCH_MIN: usize = 1024;
+/// Backends (and eighths of it, frontends) prepared and written at a time.
+const CHUNK: usize = 65_536;
 
 fn describe_backend(b: &Backend4) -> String {
     let proto = Proto::from_ipproto(b.proto).map_or_else(|| b.proto.to_string(), |p| p.to_string());
@@ -105,12 +107,16 @@ impl Syncer {
         let pending = std::mem::take(&mut self.pending);
         let mut unsynced: BTreeSet<Frontend4Key> = BTreeSet::new();
         let mut released = Released::default();
-        let mut write_backends = std::mem::take(&mut self.pending_backends);
+        let mut write_backends: Vec<BKey> = std::mem::take(&mut self.pending_backends)
+            .into_iter()
+            .collect();
         for k in &pending {
             if let Some(w) = self.want.get(k) {
                 write_backends.extend(w.backends.iter().map(|(b, _)| *b));
             }
         }
+        write_backends.sort_unstable();
+        write_backends.dedup();
 
         // 1. New node addresses.
         let new_addrs: Vec<Ipv4Addr> = self
@@ -145,41 +151,43 @@ impl Syncer {
 
         // 3. New and changed backends.
         let mut missing: BTreeSet<BKey> = BTreeSet::new();
-        let mut puts: Vec<(u32, Backend4)> = Vec::new();
-        for key in &write_backends {
-            let Some(count) = self.want_backends.get(key) else {
-                continue;
-            };
-            let value = Backend4 {
-                flags: count.flags(),
-                ..bkey_backend(key)
-            };
-            let id = match self.backend_ids.get(key) {
-                Some(id) => *id,
-                None => match self.backend_alloc.alloc() {
-                    Some(id) => {
-                        self.backend_ids.insert(*key, id);
-                        id
-                    }
-                    None => {
-                        missing.insert(*key);
-                        r.failures.push(SyncFailure {
-                            entry: format!("backend {}", describe_backend(&value)),
-                            error: SyncError::BackendIdsExhausted {
-                                limit: self.backend_alloc.limit(),
-                            },
-                        });
-                        continue;
-                    }
-                },
-            };
-            if self.shadow.backend(id) != Some(value) {
-                puts.push((id, value));
+        // In chunks, so that a first sync of millions of entries never holds them all twice.
+        for chunk in write_backends.chunks(CHUNK) {
+            let mut puts: Vec<(u32, Backend4)> = Vec::with_capacity(chunk.len());
+            for key in chunk {
+                let Some(count) = self.want_backends.get(key) else {
+                    continue;
+                };
+                let value = Backend4 {
+                    flags: count.flags(),
+                    ..bkey_backend(key)
+                };
+                let id = match self.backend_ids.get(key) {
+                    Some(id) => *id,
+                    None => match self.backend_alloc.alloc() {
+                        Some(id) => {
+                            self.backend_ids.insert(*key, id);
+                            id
+                        }
+                        None => {
+                            missing.insert(*key);
+                            r.failures.push(SyncFailure {
+                                entry: format!("backend {}", describe_backend(&value)),
+                                error: SyncError::BackendIdsExhausted {
+                                    limit: self.backend_alloc.limit(),
+                                },
+                            });
+                            continue;
+                        }
+                    },
+                };
+                if self.shadow.backend(id) != Some(value) {
+                    puts.push((id, value));
+                }
             }
+            self.put_backends(&puts, &mut missing, dp, r);
         }
         drop(write_backends);
-        self.put_backends(&puts, &mut missing, dp, r);
-        drop(puts);
 
         // 4. Changed frontends: shrinking ones first (they free slots), then the others.
         let (shrinking, growing): (Vec<Frontend4Key>, Vec<Frontend4Key>) = pending
@@ -201,7 +209,10 @@ impl Syncer {
             .map(|w| w.backends.len())
             .sum();
         if slots >= BATCH_MIN {
-            self.sync_growing_batched(growing, &missing, dp, r, &mut released, &mut unsynced);
+            // A chunk's slots, then its masters: every master still follows its own slots.
+            for chunk in growing.chunks(CHUNK / 8) {
+                self.sync_growing_batched(chunk, &missing, dp, r, &mut released, &mut unsynced);
+            }
         } else {
             for fkey in growing {
                 if !self.sync_frontend(fkey, &missing, dp, r, &mut released) {
@@ -582,7 +593,7 @@ impl Syncer {
     /// by one.
     fn sync_growing_batched(
         &mut self,
-        growing: Vec<Frontend4Key>,
+        growing: &[Frontend4Key],
         missing: &BTreeSet<BKey>,
         dp: &mut impl Dataplane,
         r: &mut SyncReport,
@@ -592,7 +603,7 @@ impl Syncer {
         let mut plans = Vec::with_capacity(growing.len());
         let mut one_by_one = Vec::new();
         let mut resets = Vec::new();
-        for fkey in growing {
+        for &fkey in growing {
             let Some(w) = self.want.get(&fkey) else {
                 continue;
             };

@@ -313,6 +313,9 @@ impl BackendTable {
         if self.dense_ok(id) {
             let i = id as usize;
             if self.dense.len() <= i {
+                // Grow by a quarter, not double: a million backends, not two.
+                let more = (i + 1 - self.dense.len()).max(self.dense.len() / 4);
+                self.dense.reserve_exact(more);
                 self.dense.resize(i + 1, None);
             }
             self.dense[i] = Some(b);
