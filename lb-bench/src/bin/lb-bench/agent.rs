@@ -345,6 +345,25 @@ impl Running {
         (kb("VmHWM:"), kb("VmRSS:"))
     }
 
+    /// Kernel memory of the BPF maps the agent holds (each map once), MiB: charged to its
+    /// memory cgroup along with its RSS.
+    fn maps_mib(&self) -> f64 {
+        let dir = format!("/proc/{}/fdinfo", self.proc.pid());
+        let mut seen = std::collections::BTreeMap::new();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let field = |k: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            if let (Some(id), Some(bytes)) = (field("map_id:"), field("memlock:")) {
+                seen.insert(id, bytes);
+            }
+        }
+        seen.values().sum::<u64>() as f64 / (1024.0 * 1024.0)
+    }
+
     fn stop(mut self) {
         let _ = self.proc.terminate();
         drop(self.proc);
@@ -535,6 +554,7 @@ fn kube_source(plan: &Plan, p: &Progress) -> anyhow::Result<Vec<Row>> {
     let mut agent = Running::start(ns, pins, n, &["--kubeconfig", &kc_s])?;
     let result = measure_kube(plan, p, &server, &mut agent);
     let (peak, rss) = agent.rss();
+    let maps = agent.maps_mib();
     agent.stop();
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
@@ -543,9 +563,16 @@ fn kube_source(plan: &Plan, p: &Progress) -> anyhow::Result<Vec<Row>> {
         row(CASE_RSS, "kube", n)
             .metric("peak_rss_mib", "MiB", Stat::single(peak))
             .metric("rss_mib", "MiB", Stat::single(rss))
-            .note("VmHWM and VmRSS of the lb-agent process at the end of the kube measurements"),
+            .metric("bpf_maps_mib", "MiB", Stat::single(maps))
+            .note(
+                "VmHWM and VmRSS of the lb-agent process at the end of the kube measurements; \
+                 bpf_maps_mib: kernel memory of its maps (fdinfo memlock), also charged to \
+                 its memory cgroup",
+            ),
     );
-    p.say(&format!("  agent (kube): peak RSS {peak:.0} MiB"));
+    p.say(&format!(
+        "  agent (kube): peak RSS {peak:.0} MiB, BPF maps {maps:.0} MiB"
+    ));
     Ok(rows)
 }
 
@@ -841,6 +868,7 @@ fn manifests_source(plan: &Plan, p: &Progress) -> anyhow::Result<Vec<Row>> {
         Ok(rows)
     })();
     let (peak, rss) = agent.rss();
+    let maps = agent.maps_mib();
     agent.stop();
     let _ = std::fs::remove_dir_all(&dir);
     let mut rows = result?;
@@ -848,10 +876,13 @@ fn manifests_source(plan: &Plan, p: &Progress) -> anyhow::Result<Vec<Row>> {
         row(CASE_RSS, "manifests", n)
             .metric("peak_rss_mib", "MiB", Stat::single(peak))
             .metric("rss_mib", "MiB", Stat::single(rss))
+            .metric("bpf_maps_mib", "MiB", Stat::single(maps))
             .note(
                 "VmHWM and VmRSS of the lb-agent process at the end of the manifests measurements",
             ),
     );
-    p.say(&format!("  agent (manifests): peak RSS {peak:.0} MiB"));
+    p.say(&format!(
+        "  agent (manifests): peak RSS {peak:.0} MiB, BPF maps {maps:.0} MiB"
+    ));
     Ok(rows)
 }
