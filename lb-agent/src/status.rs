@@ -85,6 +85,45 @@ fn backend_name(b: &Backend4) -> String {
     s
 }
 
+/// Where the socket hooks pinned under `bpffs` are attached: the cgroup's path under the
+/// cgroup v2 mount (found by its id, the directory's inode), or its id alone.
+fn socket_hooks(bpffs: &Path) -> Option<String> {
+    let id = lb_agent::loader::attached_cgroup_id(bpffs)?;
+    let root = std::fs::read_to_string("/proc/mounts")
+        .ok()
+        .and_then(|m| lb_agent::loader::cgroup2_mount(&m));
+    let path = root.and_then(|r| find_cgroup(&r, id));
+    Some(match path {
+        Some(p) => format!("{} (cgroup id {id})", p.display()),
+        None => format!("cgroup id {id}"),
+    })
+}
+
+/// The directory under `root` (at most 4 levels deep, 20,000 directories) whose inode is
+/// `id`.
+fn find_cgroup(root: &Path, id: u64) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut queue = std::collections::VecDeque::from([(root.to_path_buf(), 0)]);
+    let mut seen = 0;
+    while let Some((dir, depth)) = queue.pop_front() {
+        seen += 1;
+        if seen > 20_000 {
+            return None;
+        }
+        if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+            return Some(dir);
+        }
+        if depth < 4 {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    queue.push_back((e.path(), depth + 1));
+                }
+            }
+        }
+    }
+    None
+}
+
 /// Print rows as aligned columns (like `kubectl get`).
 fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -161,10 +200,12 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
     let stats = dp.stats()?;
     let ct = dp.conntrack()?.len();
     let ifaces = attached_interfaces(bpffs);
+    let hooks = socket_hooks(bpffs);
     match format {
         Format::Json => {
             let out = json!({
                 "interfaces": ifaces,
+                "socket_hooks": hooks,
                 "node_addrs": node_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                 "frontends": fe_json,
                 "backends": backends.iter().map(|(id, b)| json!({"id": id, "backend": backend_name(b), "proto": proto(b.proto)})).collect::<Vec<_>>(),
@@ -191,6 +232,7 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
                         .join(",")
                 }
             );
+            println!("SOCKET HOOKS: {}\n", hooks.as_deref().unwrap_or("off"));
             if node_addrs.is_empty() {
                 println!(
                     "warning: no node addresses: NodePorts and wildcard hostPorts answer nowhere. \
