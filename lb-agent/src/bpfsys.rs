@@ -1,6 +1,7 @@
-//! The bpf(2) commands aya 0.14 does not expose for pinned cgroup links: opening a pin
+//! The bpf(2) commands aya 0.14 does not expose: for pinned cgroup links, opening a pin
 //! (`BPF_OBJ_GET`), swapping a link's program in place (`BPF_LINK_UPDATE`) and reading the
-//! cgroup a link is attached to (`BPF_OBJ_GET_INFO_BY_FD`).
+//! cgroup a link is attached to (`BPF_OBJ_GET_INFO_BY_FD`); for maps, batch lookups and
+//! deletes (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_DELETE_BATCH`).
 use std::{
     ffi::CString,
     io,
@@ -98,4 +99,94 @@ pub fn link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<Option<u64>> {
     let b = info[0].to_ne_bytes();
     let link_type = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
     Ok((link_type == BPF_LINK_TYPE_CGROUP && info[2] != 0).then_some(info[2]))
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Every entry of the hash map `map`, read `chunk` at a time with `BPF_MAP_LOOKUP_BATCH`.
+/// `K`/`V` must be the map's exact key and value layouts (`#[repr(C)]` Pod types).
+pub fn map_lookup_batch<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: BorrowedFd<'_>,
+    chunk: usize,
+) -> io::Result<Vec<(K, V)>> {
+    let chunk = chunk.max(1);
+    let mut out = Vec::new();
+    let mut keys = vec![K::zeroed(); chunk];
+    let mut values = vec![V::zeroed(); chunk];
+    // The hash maps' batch token is a bucket index (u32); a u64 leaves room.
+    let (mut in_tok, mut out_tok) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_mut(&mut in_tok) as u64
+            },
+            out_batch: std::ptr::from_mut(&mut out_tok) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(chunk);
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match r {
+            Ok(_) => {}
+            // ENOENT: the walk is complete (the last entries, if any, came with it).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        in_tok = out_tok;
+        first = false;
+    }
+}
+
+/// Delete `keys` from the hash map `map` with `BPF_MAP_DELETE_BATCH`, `chunk` at a time.
+/// Keys already gone (the datapath or the LRU removed them meanwhile) are skipped. Returns
+/// how many were deleted.
+pub fn map_delete_batch<K: bytemuck::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    chunk: usize,
+) -> io::Result<usize> {
+    let chunk = chunk.max(1);
+    let mut deleted = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let part = &rest[..rest.len().min(chunk)];
+        let mut attr = BatchAttr {
+            keys: part.as_ptr() as u64,
+            count: part.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let r = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        let n = (attr.count as usize).min(part.len());
+        deleted += n;
+        match r {
+            Ok(_) => rest = &rest[part.len()..],
+            // The key at `n` is gone already: skip it and go on after it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[n + 1..],
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
 }

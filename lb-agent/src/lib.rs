@@ -1,6 +1,7 @@
 //! lb-agent: loads and pins the datapath, and keeps its maps equal to this node's desired
 //! state derived from Kubernetes objects.
-mod bpfsys;
+pub mod bpfsys;
+pub mod ct_gc;
 pub mod dataplane;
 pub mod health;
 pub mod http;

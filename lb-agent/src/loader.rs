@@ -526,6 +526,38 @@ pub fn set_snat(
     })
 }
 
+/// The datapath's conntrack timeouts (seconds; 0 keeps the built-in default) and ICMP
+/// reject rate (per second and CPU; 0: never reply, drop), from the agent's flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtPolicy {
+    pub tcp_syn_s: u32,
+    pub tcp_s: u32,
+    pub tcp_fin_s: u32,
+    pub udp_s: u32,
+    pub reject_per_s: u32,
+}
+
+/// Write `p` into the pinned `LB_CONFIG`; returns the whole config as written (for the GC).
+pub fn set_ct_policy(pins: &PinLayout, p: &CtPolicy) -> Result<LbConfig, LoadError> {
+    update_config(pins, |c| {
+        c.ct_timeout_tcp_syn_s = p.tcp_syn_s;
+        c.ct_timeout_tcp_s = p.tcp_s;
+        c.ct_timeout_tcp_fin_s = p.tcp_fin_s;
+        c.ct_timeout_udp_s = p.udp_s;
+        c.reject_per_s = p.reject_per_s;
+    })?;
+    read_config(pins)
+}
+
+/// The pinned `LB_CONFIG`.
+pub fn read_config(pins: &PinLayout) -> Result<LbConfig, LoadError> {
+    let data = open_pinned_map(pins, maps::LB_CONFIG)?;
+    let cfg: Array<MapData, LbConfig> = Array::try_from(aya::maps::Map::Array(data))
+        .map_err(|source| map_err(maps::LB_CONFIG, source))?;
+    cfg.get(&0, 0)
+        .map_err(|source| map_err(maps::LB_CONFIG, source))
+}
+
 /// Tell the socket hooks which network namespace is the node's own (the calling thread's:
 /// 127.0.0.0/8 is the node's loopback only there) and whether NodePorts answer on it.
 pub fn set_socket_policy(pins: &PinLayout, localhost_nodeports: bool) -> Result<(), LoadError> {

@@ -67,6 +67,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     datapath.remove_legacy_pins()?;
+    let ct_cfg = lb_agent::loader::set_ct_policy(
+        datapath.pins(),
+        &lb_agent::loader::CtPolicy {
+            tcp_syn_s: args.ct_timeout_tcp_syn,
+            tcp_s: args.ct_timeout_tcp,
+            tcp_fin_s: args.ct_timeout_tcp_fin,
+            udp_s: args.ct_timeout_udp,
+            reject_per_s: args.reject_rate,
+        },
+    )?;
+    let gc_stats = Arc::new(lb_agent::ct_gc::GcStats::default());
+    if args.ct_gc_interval > 0 {
+        lb_agent::ct_gc::spawn(
+            datapath.pins().clone(),
+            ct_cfg,
+            Duration::from_secs(u64::from(args.ct_gc_interval)),
+            gc_stats.clone(),
+        );
+    }
     let mut dp = datapath.dataplane()?;
     let caps = dp.capacities();
     let mut syncer = Syncer::new(Limits {
@@ -77,7 +96,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .adopt(&dp)
         .context("reading the entries an earlier agent left in the pinned maps")?;
 
-    let metrics = Arc::new(Mutex::new(Metrics::default()));
+    let metrics = Arc::new(Mutex::new(Metrics {
+        ct_gc: gc_stats,
+        ct_capacity: u64::from(caps.ct),
+        ..Metrics::default()
+    }));
     if let Some(addr) = args.metrics_addr {
         crate::metrics::serve(addr, args.bpffs.clone(), metrics.clone()).await?;
         log::info!("metrics on http://{addr}/metrics");

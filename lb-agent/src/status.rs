@@ -199,6 +199,8 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
     let node_addrs = dp.node_addrs()?;
     let stats = dp.stats()?;
     let ct = dp.conntrack()?.len();
+    let ct_cap = dp.capacities().ct;
+    let ct_pct = 100.0 * ct as f64 / f64::from(ct_cap.max(1));
     let ifaces = attached_interfaces(bpffs);
     let hooks = socket_hooks(bpffs);
     match format {
@@ -211,12 +213,13 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
                 "backends": backends.iter().map(|(id, b)| json!({"id": id, "backend": backend_name(b), "proto": proto(b.proto)})).collect::<Vec<_>>(),
                 "counters": stats.iter().map(|(r, c)| json!({"reason": r.name(), "packets": c.packets, "bytes": c.bytes})).collect::<Vec<_>>(),
                 "conntrack_entries": ct,
+                "conntrack_capacity": ct_cap,
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Format::Table => {
             println!(
-                "INTERFACES: {}   NODE ADDRESSES: {}   CONNTRACK ENTRIES: {ct}\n",
+                "INTERFACES: {}   NODE ADDRESSES: {}   CONNTRACK ENTRIES: {ct} / {ct_cap} ({ct_pct:.1}%)\n",
                 if ifaces.is_empty() {
                     "<none>".to_string()
                 } else {
@@ -254,7 +257,13 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
             let c_rows: Vec<Vec<String>> = stats
                 .iter()
                 .map(|(r, c)| {
-                    let verdict = if r.is_drop() { "drop" } else { "pass" };
+                    let verdict = if r.is_event() {
+                        "event"
+                    } else if r.is_drop() {
+                        "drop"
+                    } else {
+                        "pass"
+                    };
                     vec![
                         r.name().to_string(),
                         verdict.to_string(),

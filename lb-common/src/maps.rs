@@ -40,6 +40,14 @@ pub const LB_STATS_MAX: u32 = 64;
 pub const LB_SVC_STATS: &str = "LB_SVC_STATS_V1";
 pub const LB_SVC_STATS_MAX: u32 = 65_536;
 
+/// Fragment tracking, LRU: [`crate::Frag4Key`] -> [`crate::Frag4Value`].
+pub const LB4_FRAG: &str = "LB4_FRAG_V1";
+pub const LB4_FRAG_MAX: u32 = 8_192;
+
+/// Per-CPU token bucket of the ICMP rejects: one [`crate::RateLimit`].
+pub const LB_REJECT_RATE: &str = "LB_REJECT_RATE_V1";
+pub const LB_REJECT_RATE_MAX: u32 = 1;
+
 /// Reverse translation of the socket hooks, LRU: [`crate::SockRev4Key`] (socket cookie and
 /// backend) -> [`crate::SockRev4Value`] (the Service address the socket asked for).
 pub const LB4_SOCK_REVNAT: &str = "LB4_SOCK_REVNAT_V1";
@@ -50,11 +58,13 @@ pub const LB_CONFIG: &str = "LB_CONFIG_V2";
 pub const LB_CONFIG_MAX: u32 = 1;
 
 /// Every map the agent pins, for sweeps and `status`.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 12] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_CT,
     LB4_SNAT,
+    LB4_FRAG,
+    LB_REJECT_RATE,
     LB4_AFFINITY,
     LB4_SOCK_REVNAT,
     LB4_NODE_ADDRS,

@@ -15,6 +15,8 @@
 
 mod affinity;
 mod conntrack;
+mod frag;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -28,7 +30,10 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use lb_common::{conntrack::ct_flags, Backend4, Reason};
+use lb_common::{
+    conntrack::{ct_flags, frag_flags, CT_FORWARD, CT_REPLY},
+    Backend4, Reason,
+};
 
 use crate::{
     parse::{Malformed, Mode, Parsed, Skip},
@@ -47,9 +52,9 @@ use crate::{
 /// backend, and their replies, leave from XDP instead (see `nodeport`): the stack would drop
 /// them as martian.
 #[xdp]
-pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
+pub fn lb_xdp_ingress(mut ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let (reason, action) = match try_xdp_ingress(&ctx, bytes) {
+    let (reason, action) = match try_xdp_ingress(&mut ctx, bytes) {
         Ok(v) => (v.reason, v.action),
         Err(reason) => (reason, xdp_action::XDP_DROP),
     };
@@ -59,9 +64,14 @@ pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
 
 /// `Ok(verdict)`: pass, TX or redirect with that reason. `Err(reason)`: drop with that reason.
 #[inline(always)]
-fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Verdict, Reason> {
+fn try_xdp_ingress(ctx: &mut XdpContext, bytes: u64) -> Result<Verdict, Reason> {
     let flow = match parse::parse_v4(ctx, Mode::Strict) {
         Ok(Parsed::Flow(flow)) => flow,
+        Ok(Parsed::Fragment(f)) => return frag::ingress_v4(ctx, &f, bytes),
+        Ok(Parsed::IcmpErr(e)) => {
+            return icmp::ingress_v4(ctx, &e)
+                .unwrap_or(Ok(Verdict::pass(Reason::XdpPassNotService)));
+        }
         Ok(Parsed::Skip(skip)) => return Ok(Verdict::pass(xdp_skip_reason(skip))),
         Err(Malformed::L2) => return Err(Reason::XdpDropMalformedL2),
         Err(Malformed::L3) => return Err(Reason::XdpDropMalformedL3),
@@ -81,15 +91,20 @@ fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Verdict, Reason> {
     let (ct, new) = match conntrack::lookup_v4(&flow) {
         Some(ct) => (ct, false),
         None => {
-            let (id, backend) = if fe.svc.affinity_timeout_s != 0 {
+            let chosen = if fe.svc.affinity_timeout_s != 0 {
                 affinity::select_backend_v4(
                     &fe,
                     affinity::Client::addr(flow.saddr),
                     lb::flow_hash_v4(&flow),
-                )?
+                )
             } else {
-                let (id, backend, _slot) = lb::select_backend_v4(&fe, lb::flow_hash_v4(&flow))?;
-                (id, backend)
+                lb::select_backend_v4(&fe, lb::flow_hash_v4(&flow)).map(|(id, b, _)| (id, b))
+            };
+            let (id, backend) = match chosen {
+                Ok(c) => c,
+                // kube-proxy's REJECT: an ICMP port unreachable, rate-limited.
+                Err(Reason::XdpDropNoBackend) => return icmp::reject_v4(ctx),
+                Err(r) => return Err(r),
             };
             let flags = if nodeport::needs_snat(&fe, &backend) {
                 ct_flags::SNAT
@@ -119,8 +134,17 @@ fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Verdict, Reason> {
     nat::dnat_v4(ctx, flow.proto, ct.nat_addr, ct.nat_port)?;
     stats::count_svc(fe.svc.svc_id, bytes);
     if let Some(snat) = snat {
+        frag::record_v4(
+            &flow,
+            CT_FORWARD,
+            snat.addr,
+            ct.nat_addr,
+            frag_flags::FORWARD,
+            fe.svc.svc_id,
+        );
         return nodeport::forward_v4(ctx, &flow, &backend, &snat);
     }
+    frag::record_v4(&flow, CT_FORWARD, flow.saddr, ct.nat_addr, 0, fe.svc.svc_id);
     Ok(Verdict::pass(if new {
         Reason::XdpFwdNewFlow
     } else {
@@ -132,7 +156,6 @@ fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Verdict, Reason> {
 fn xdp_skip_reason(skip: Skip) -> Reason {
     match skip {
         Skip::NonIpv4 => Reason::XdpPassNonIpv4,
-        Skip::Fragment => Reason::XdpPassFragment,
         Skip::IpOptions => Reason::XdpPassIpOptions,
         Skip::OtherProto => Reason::XdpPassNotService,
     }
@@ -164,6 +187,21 @@ pub fn lb_tc_egress(mut ctx: TcContext) -> i32 {
 fn try_tc_egress(ctx: &mut TcContext, bytes: u64) -> Result<Reason, Reason> {
     let flow = match parse::parse_v4(ctx, Mode::Lenient) {
         Ok(Parsed::Flow(flow)) => flow,
+        Ok(Parsed::Fragment(f)) => {
+            return Ok(match frag::egress_v4(ctx, &f, bytes)? {
+                Some(()) => Reason::TcFragRevNat,
+                None => Reason::TcPassNotTracked,
+            });
+        }
+        Ok(Parsed::IcmpErr(e)) => {
+            return Ok(match icmp::egress_v4(ctx, &e)? {
+                Some(svc_id) => {
+                    stats::count_svc(svc_id, bytes);
+                    Reason::TcIcmpErrRevNat
+                }
+                None => Reason::TcPassNotTracked,
+            });
+        }
         Ok(Parsed::Skip(_)) => return Ok(Reason::TcPassOther),
         Err(_) => return Ok(Reason::TcPassMalformed),
     };
@@ -171,6 +209,7 @@ fn try_tc_egress(ctx: &mut TcContext, bytes: u64) -> Result<Reason, Reason> {
         return Ok(Reason::TcPassNotTracked);
     };
     nat::revnat_v4(ctx, &flow, ct.nat_addr, ct.nat_port)?;
+    frag::record_v4(&flow, CT_REPLY, ct.nat_addr, flow.daddr, 0, ct.svc_id);
     stats::count_svc(ct.svc_id, bytes);
     Ok(Reason::TcRevNat)
 }

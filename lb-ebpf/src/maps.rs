@@ -4,8 +4,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    maps::*, Affinity4Key, Affinity4Value, Backend4, Counter, Ct4Key, Ct4Value, Frontend4Key,
-    LbConfig, Service4Value, Snat4Value, SockRev4Key, SockRev4Value,
+    maps::*, Affinity4Key, Affinity4Value, Backend4, Counter, Ct4Key, Ct4Value, Frag4Key,
+    Frag4Value, Frontend4Key, LbConfig, RateLimit, Service4Value, Snat4Value, SockRev4Key,
+    SockRev4Value,
 };
 
 #[map(name = "LB4_SERVICES_V1")]
@@ -23,6 +24,12 @@ pub static SNAT: LruHashMap<Ct4Key, Snat4Value> = LruHashMap::pinned(LB4_SNAT_MA
 #[map(name = "LB4_AFFINITY_V1")]
 pub static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value> =
     LruHashMap::pinned(LB4_AFFINITY_MAX, 0);
+
+#[map(name = "LB4_FRAG_V1")]
+pub static FRAG: LruHashMap<Frag4Key, Frag4Value> = LruHashMap::pinned(LB4_FRAG_MAX, 0);
+
+#[map(name = "LB_REJECT_RATE_V1")]
+pub static REJECT_RATE: PerCpuArray<RateLimit> = PerCpuArray::pinned(LB_REJECT_RATE_MAX, 0);
 
 #[map(name = "LB4_SOCK_REVNAT_V1")]
 pub static SOCK_REVNAT: LruHashMap<SockRev4Key, SockRev4Value> =

@@ -123,6 +123,12 @@ impl Harness {
         }
     }
 
+    /// Set the conntrack timeouts and the ICMP reject rate in the pinned `LB_CONFIG`.
+    pub fn set_ct_policy(&mut self, p: &lb_agent::loader::CtPolicy) {
+        lb_agent::loader::set_ct_policy(&PinLayout::new(self._pins.path()), p)
+            .expect("set the conntrack policy");
+    }
+
     pub fn add_node_addr(&mut self, addr: std::net::Ipv4Addr) {
         self.maps.put_node_addr(addr).expect("put node addr");
     }
@@ -256,8 +262,32 @@ impl Harness {
 /// The affinity map as the tests see it.
 pub type AffinityMap = aya::maps::HashMap<aya::maps::MapData, Affinity4Key, Affinity4Value>;
 
-/// Per-reason packet deltas between two stats snapshots (only non-zero ones).
+/// Per-reason packet deltas between two stats snapshots (only non-zero ones, verdicts
+/// only: the conntrack events are in [`event_deltas`]).
 pub fn stat_deltas(
+    before: &BTreeMap<Reason, Counter>,
+    after: &BTreeMap<Reason, Counter>,
+) -> BTreeMap<Reason, (u64, u64)> {
+    all_deltas(before, after)
+        .into_iter()
+        .filter(|(r, _)| !r.is_event())
+        .collect()
+}
+
+/// The conntrack event counters that changed (`Reason::is_event`): entries created,
+/// expired, restored, removed.
+pub fn event_deltas(
+    before: &BTreeMap<Reason, Counter>,
+    after: &BTreeMap<Reason, Counter>,
+) -> BTreeMap<Reason, u64> {
+    all_deltas(before, after)
+        .into_iter()
+        .filter(|(r, _)| r.is_event())
+        .map(|(r, (n, _))| (r, n))
+        .collect()
+}
+
+fn all_deltas(
     before: &BTreeMap<Reason, Counter>,
     after: &BTreeMap<Reason, Counter>,
 ) -> BTreeMap<Reason, (u64, u64)> {
