@@ -1,6 +1,7 @@
 //! Conntrack garbage collection. The datapath expires an idle flow when its next packet
 //! comes; flows that never send again are collected here: every `--ct-gc-interval` the
-//! agent reads the whole `LB4_CT` map with `BPF_MAP_LOOKUP_BATCH`, and deletes with
+//! agent reads the whole `LB4_CT` and `LB4_CT_SYN` maps with `BPF_MAP_LOOKUP_BATCH`, and
+//! deletes with
 //! `BPF_MAP_DELETE_BATCH` every entry idle for longer than its timeout (by protocol and TCP
 //! state, `LbConfig::ct_timeout_s`). It runs on a thread of its own, never on the async
 //! workers.
@@ -53,21 +54,24 @@ pub struct GcReport {
     pub took: Duration,
 }
 
-/// Collect once: read every entry, delete the expired ones.
+/// Collect once: read every entry of both conntrack maps (`LB4_CT`, `LB4_CT_SYN`), delete
+/// the expired ones.
 pub fn collect(pins: &PinLayout, cfg: &LbConfig) -> Result<GcReport, LoadError> {
     let started = Instant::now();
-    let map = open_pinned_map(pins, maps::LB4_CT)?;
-    let fd = map.fd().as_fd();
-    let entries: Vec<(Ct4Key, Ct4Value)> = bpfsys::map_lookup_batch(fd, BATCH)
-        .map_err(io_err(format!("reading {} (batch)", maps::LB4_CT)))?;
-    let expired = expired_keys(&entries, monotonic_ns(), cfg);
-    let deleted = bpfsys::map_delete_batch(fd, &expired, BATCH)
-        .map_err(io_err(format!("deleting from {} (batch)", maps::LB4_CT)))?;
-    Ok(GcReport {
-        entries: entries.len(),
-        expired: deleted,
-        took: started.elapsed(),
-    })
+    let mut report = GcReport::default();
+    for name in [maps::LB4_CT, maps::LB4_CT_SYN] {
+        let map = open_pinned_map(pins, name)?;
+        let fd = map.fd().as_fd();
+        let entries: Vec<(Ct4Key, Ct4Value)> = bpfsys::map_lookup_batch(fd, BATCH)
+            .map_err(io_err(format!("reading {name} (batch)")))?;
+        let expired = expired_keys(&entries, monotonic_ns(), cfg);
+        let deleted = bpfsys::map_delete_batch(fd, &expired, BATCH)
+            .map_err(io_err(format!("deleting from {name} (batch)")))?;
+        report.entries += entries.len();
+        report.expired += deleted;
+    }
+    report.took = started.elapsed();
+    Ok(report)
 }
 
 /// What the collector has done, for `/metrics`.

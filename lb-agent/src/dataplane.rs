@@ -183,6 +183,8 @@ pub struct BpfDataplane {
     backends: aya::maps::HashMap<aya::maps::MapData, u32, Backend4>,
     node_addrs: aya::maps::HashMap<aya::maps::MapData, u32, u32>,
     ct: aya::maps::HashMap<aya::maps::MapData, lb_common::Ct4Key, lb_common::Ct4Value>,
+    /// Half-open TCP flows (`LB4_CT_SYN`).
+    ct_syn: aya::maps::HashMap<aya::maps::MapData, lb_common::Ct4Key, lb_common::Ct4Value>,
     stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
     svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
     caps: Capacities,
@@ -217,13 +219,16 @@ impl BpfDataplane {
         let services = typed(m::LB4_SERVICES, open(m::LB4_SERVICES)?.try_into())?;
         let backends = typed(m::LB4_BACKENDS, open(m::LB4_BACKENDS)?.try_into())?;
         let node_addrs = typed(m::LB4_NODE_ADDRS, open(m::LB4_NODE_ADDRS)?.try_into())?;
-        let ct = match open(m::LB4_CT)? {
-            aya::maps::Map::LruHashMap(d) => typed(
-                m::LB4_CT,
-                aya::maps::HashMap::try_from(aya::maps::Map::HashMap(d)),
-            )?,
-            other => typed(m::LB4_CT, aya::maps::HashMap::try_from(other))?,
+        let lru = |name: &'static str| -> std::result::Result<_, LoadError> {
+            match open(name)? {
+                aya::maps::Map::LruHashMap(d) => {
+                    typed(name, aya::maps::HashMap::try_from(aya::maps::Map::HashMap(d)))
+                }
+                other => typed(name, aya::maps::HashMap::try_from(other)),
+            }
         };
+        let ct = lru(m::LB4_CT)?;
+        let ct_syn = lru(m::LB4_CT_SYN)?;
         let stats = typed(m::LB_STATS, open(m::LB_STATS)?.try_into())?;
         let svc_stats = typed(m::LB_SVC_STATS, open(m::LB_SVC_STATS)?.try_into())?;
         let caps = Capacities {
@@ -237,6 +242,7 @@ impl BpfDataplane {
             backends,
             node_addrs,
             ct,
+            ct_syn,
             stats,
             svc_stats,
             caps,
@@ -248,8 +254,16 @@ impl BpfDataplane {
         self.caps
     }
 
-    /// All conntrack entries (for tests and `status`).
+    /// All conntrack entries, established (`LB4_CT`) then half-open (`LB4_CT_SYN`), for
+    /// tests and `status`.
     pub fn conntrack(&self) -> Result<Vec<(lb_common::Ct4Key, lb_common::Ct4Value)>> {
+        let mut v = self.conntrack_established()?;
+        v.extend(self.conntrack_half_open()?);
+        Ok(v)
+    }
+
+    /// The entries of `LB4_CT`.
+    pub fn conntrack_established(&self) -> Result<Vec<(lb_common::Ct4Key, lb_common::Ct4Value)>> {
         self.ct
             .iter()
             .map(|r| {
@@ -258,11 +272,25 @@ impl BpfDataplane {
             .collect()
     }
 
-    /// Remove every conntrack entry (tests).
+    /// The entries of `LB4_CT_SYN`.
+    pub fn conntrack_half_open(&self) -> Result<Vec<(lb_common::Ct4Key, lb_common::Ct4Value)>> {
+        self.ct_syn
+            .iter()
+            .map(|r| {
+                r.map_err(|e| {
+                    map_err(lb_common::maps::LB4_CT_SYN, 0, "iterate", String::new(), e)
+                })
+            })
+            .collect()
+    }
+
+    /// Remove every conntrack entry, both maps (tests).
     pub fn clear_conntrack(&mut self) -> Result<()> {
-        let keys: Vec<_> = self.conntrack()?.into_iter().map(|(k, _)| k).collect();
-        for k in keys {
+        for (k, _) in self.conntrack_established()? {
             let _ = self.ct.remove(&k);
+        }
+        for (k, _) in self.conntrack_half_open()? {
+            let _ = self.ct_syn.remove(&k);
         }
         Ok(())
     }

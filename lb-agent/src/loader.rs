@@ -31,6 +31,12 @@ pub use crate::pins::{open_pinned_map, Capacities, LoadError, PinLayout, DEFAULT
 /// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP=1`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
+/// Entries of the half-open conntrack (`LB4_CT_SYN`) for a conntrack of `ct` entries: a
+/// quarter, at least 1024.
+pub fn ct_syn_size(ct: u32) -> u32 {
+    (ct / 4).max(1024)
+}
+
 /// bpffs magic number (`BPF_FS_MAGIC`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -97,6 +103,7 @@ impl Datapath {
             .map_max_entries(maps::LB4_SERVICES, caps.services)
             .map_max_entries(maps::LB4_BACKENDS, caps.backends)
             .map_max_entries(maps::LB4_CT, caps.ct)
+            .map_max_entries(maps::LB4_CT_SYN, ct_syn_size(caps.ct))
             .map_max_entries(maps::LB_SVC_STATS, caps.svc_stats)
             .load(EBPF_OBJECT)
             .map_err(|e| classify("loading the eBPF object", e.into()))?;

@@ -190,14 +190,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         for f in &report.failures {
             log::warn!("sync: {f}");
         }
-        log::info!(
-            "sync: {} frontends, {} puts, {} deletes, {} failures in {:.1} ms",
-            desired.frontends.len(),
-            report.puts,
-            report.deletes,
-            report.failures.len(),
-            took.as_secs_f64() * 1e3
-        );
         let hc_failed = health_servers.set(&desired.health_checks).await;
         for (port, why) in &hc_failed {
             log::warn!("healthCheckNodePort {port}: {why}; retried on the next sync");
@@ -214,6 +206,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             m.health_checks = health_servers.ports().len();
             m.health_check_bind_failures = hc_failed.len();
         }
+        // Logged once /metrics and the health endpoints show this sync (tests wait for it).
+        log::info!(
+            "sync: {} frontends, {} puts, {} deletes, {} failures in {:.1} ms",
+            desired.frontends.len(),
+            report.puts,
+            report.deletes,
+            report.failures.len(),
+            took.as_secs_f64() * 1e3
+        );
         if !report.is_ok() || !hc_failed.is_empty() {
             log::warn!("sync: retrying failed entries in {backoff:?}");
             retry_at = Some(tokio::time::Instant::now() + backoff);

@@ -15,6 +15,13 @@ pub const LB4_BACKENDS_MAX: u32 = 65_536;
 pub const LB4_CT: &str = "LB4_CT_V1";
 pub const LB4_CT_MAX: u32 = 262_144;
 
+/// Conntrack of TCP flows not yet established (a SYN seen, no ACK from the client yet), LRU,
+/// same layout as [`LB4_CT`]. Kept apart so that a SYN flood evicts only other half-open
+/// flows, never established ones: a flow moves to `LB4_CT` with the client's first ACK.
+pub const LB4_CT_SYN: &str = "LB4_CT_SYN_V1";
+/// Default entries of [`LB4_CT_SYN`]: a quarter of the conntrack's, unless set apart.
+pub const LB4_CT_SYN_MAX: u32 = 65_536;
+
 /// SNAT of flows to remote backends, LRU: [`crate::Ct4Key`] -> [`crate::Snat4Value`].
 pub const LB4_SNAT: &str = "LB4_SNAT_V1";
 pub const LB4_SNAT_MAX: u32 = 131_072;
@@ -58,10 +65,11 @@ pub const LB_CONFIG: &str = "LB_CONFIG_V2";
 pub const LB_CONFIG_MAX: u32 = 1;
 
 /// Every map the agent pins, for sweeps and `status`.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_CT,
+    LB4_CT_SYN,
     LB4_SNAT,
     LB4_FRAG,
     LB_REJECT_RATE,

@@ -9,7 +9,7 @@ use lb_common::{
 
 use crate::{
     lb::{backend_exists, Frontend},
-    maps::{CONFIG, CT},
+    maps::{CONFIG, CT, CT_SYN},
     parse::{Flow4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
@@ -41,7 +41,13 @@ pub fn forward_key_v4(flow: &Flow4) -> Ct4Key {
 #[inline(always)]
 pub fn lookup_v4(flow: &Flow4) -> Option<Ct4Value> {
     let key = forward_key_v4(flow);
-    let entry = CT.get_ptr_mut(key)?;
+    let Some(entry) = CT.get_ptr_mut(key) else {
+        return if flow.proto == IPPROTO_TCP {
+            lookup_half_open_v4(flow, key)
+        } else {
+            None
+        };
+    };
     // SAFETY: LRU entries are plain data; a concurrent eviction at worst yields a stale copy.
     let mut value = unsafe { *entry };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
@@ -85,6 +91,62 @@ pub fn lookup_v4(flow: &Flow4) -> Option<Ct4Value> {
         }
     }
     Some(value)
+}
+
+/// A TCP flow not in `LB4_CT` may be half-open in `LB4_CT_SYN`: a retransmitted SYN finds it
+/// there; the client's first packet without SYN (the handshake's ACK, or a RST) moves it to
+/// `LB4_CT`. A SYN flood thus only ever evicts other half-open flows.
+#[inline(always)]
+fn lookup_half_open_v4(flow: &Flow4, key: Ct4Key) -> Option<Ct4Value> {
+    // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
+    let value = unsafe { CT_SYN.get(key) }.copied()?;
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let expired = now.wrapping_sub(value.last_seen_ns) > timeout_ns(flow.proto, value.flags);
+    // A retransmitted SYN picks again when its backend is gone; the handshake's ACK keeps it,
+    // as an established flow does.
+    let repick = flow.tcp_flags & TCP_SYN != 0 && !backend_exists(value.backend_id);
+    let rev_key = reply_key_of_v4(flow, &value);
+    if expired || repick {
+        let mut n = u64::from(CT_SYN.remove(key).is_ok());
+        if value.flags & ct_flags::SNAT == 0 {
+            n += u64::from(CT_SYN.remove(rev_key).is_ok());
+        }
+        let r = if expired {
+            Reason::CtExpired
+        } else {
+            Reason::CtRemoved
+        };
+        stats::count_n(r, n);
+        return None;
+    }
+    if flow.tcp_flags & TCP_SYN != 0 {
+        return Some(value);
+    }
+    let flags = value.flags
+        | if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            ct_flags::CLOSING
+        } else {
+            ct_flags::ESTABLISHED
+        };
+    let fwd = Ct4Value {
+        flags,
+        last_seen_ns: now,
+        ..value
+    };
+    // Best effort: if the move fails the half-open entries keep serving the flow.
+    if CT.insert(key, fwd, BPF_ANY).is_ok() {
+        let snat = value.flags & ct_flags::SNAT != 0;
+        if snat || CT.insert(rev_key, reply_value_of_v4(flow, &fwd), BPF_ANY).is_ok() {
+            let _ = CT_SYN.remove(key);
+            if !snat {
+                let _ = CT_SYN.remove(rev_key);
+            }
+        } else {
+            let _ = CT.remove(key);
+        }
+    }
+    Some(fwd)
 }
 
 /// The idle timeout of a flow of `proto` in state `flags`, from `LB_CONFIG`.
@@ -168,7 +230,12 @@ pub fn reply_key_v4(flow: &Flow4) -> Ct4Key {
 /// if it was evicted: a flow whose backend does all the talking stays alive.
 #[inline(always)]
 pub fn lookup_reply_v4(flow: &Flow4) -> Option<Ct4Value> {
-    let entry = CT.get_ptr_mut(reply_key_v4(flow))?;
+    let key = reply_key_v4(flow);
+    let Some(entry) = CT.get_ptr_mut(key) else {
+        // A half-open flow's SYN-ACK.
+        // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
+        return unsafe { CT_SYN.get(key) }.copied();
+    };
     // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
     let value = unsafe { *entry };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
@@ -197,7 +264,9 @@ pub fn lookup_reply_v4(flow: &Flow4) -> Option<Ct4Value> {
 /// Remove the forward entry of `flow` (a new flow that could not be completed).
 #[inline(always)]
 pub fn remove_v4(flow: &Flow4) {
-    let _ = CT.remove(forward_key_v4(flow));
+    let key = forward_key_v4(flow);
+    let _ = CT.remove(key);
+    let _ = CT_SYN.remove(key);
 }
 
 /// Create the forward and reply entries of a new flow. On failure nothing is left behind.
@@ -228,18 +297,20 @@ pub fn create_v4(
         created_ns: now,
         last_seen_ns: now,
     };
-    CT.insert(fwd_key, fwd, BPF_ANY)
+    // A SYN starts a half-open flow, kept apart from the established ones.
+    let map = if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        &CT_SYN
+    } else {
+        &CT
+    };
+    map.insert(fwd_key, fwd, BPF_ANY)
         .map_err(|_| Reason::XdpDropCtInsert)?;
     if flags & ct_flags::SNAT == 0
-        && CT
-            .insert(
-                reply_key_of_v4(flow, &fwd),
-                reply_value_of_v4(flow, &fwd),
-                BPF_ANY,
-            )
+        && map
+            .insert(reply_key_of_v4(flow, &fwd), reply_value_of_v4(flow, &fwd), BPF_ANY)
             .is_err()
     {
-        let _ = CT.remove(fwd_key);
+        let _ = map.remove(fwd_key);
         return Err(Reason::XdpDropCtInsert);
     }
     stats::count_n(

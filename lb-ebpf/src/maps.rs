@@ -18,6 +18,9 @@ pub static BACKENDS: HashMap<u32, Backend4> = HashMap::pinned(LB4_BACKENDS_MAX, 
 #[map(name = "LB4_CT_V1")]
 pub static CT: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(LB4_CT_MAX, 0);
 
+#[map(name = "LB4_CT_SYN_V1")]
+pub static CT_SYN: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(LB4_CT_SYN_MAX, 0);
+
 #[map(name = "LB4_SNAT_V1")]
 pub static SNAT: LruHashMap<Ct4Key, Snat4Value> = LruHashMap::pinned(LB4_SNAT_MAX, 0);
 
