@@ -221,9 +221,10 @@ impl BpfDataplane {
         let node_addrs = typed(m::LB4_NODE_ADDRS, open(m::LB4_NODE_ADDRS)?.try_into())?;
         let lru = |name: &'static str| -> std::result::Result<_, LoadError> {
             match open(name)? {
-                aya::maps::Map::LruHashMap(d) => {
-                    typed(name, aya::maps::HashMap::try_from(aya::maps::Map::HashMap(d)))
-                }
+                aya::maps::Map::LruHashMap(d) => typed(
+                    name,
+                    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(d)),
+                ),
                 other => typed(name, aya::maps::HashMap::try_from(other)),
             }
         };
@@ -277,9 +278,7 @@ impl BpfDataplane {
         self.ct_syn
             .iter()
             .map(|r| {
-                r.map_err(|e| {
-                    map_err(lb_common::maps::LB4_CT_SYN, 0, "iterate", String::new(), e)
-                })
+                r.map_err(|e| map_err(lb_common::maps::LB4_CT_SYN, 0, "iterate", String::new(), e))
             })
             .collect()
     }

@@ -137,7 +137,11 @@ fn lookup_half_open_v4(flow: &Flow4, key: Ct4Key) -> Option<Ct4Value> {
     // Best effort: if the move fails the half-open entries keep serving the flow.
     if CT.insert(key, fwd, BPF_ANY).is_ok() {
         let snat = value.flags & ct_flags::SNAT != 0;
-        if snat || CT.insert(rev_key, reply_value_of_v4(flow, &fwd), BPF_ANY).is_ok() {
+        if snat
+            || CT
+                .insert(rev_key, reply_value_of_v4(flow, &fwd), BPF_ANY)
+                .is_ok()
+        {
             let _ = CT_SYN.remove(key);
             if !snat {
                 let _ = CT_SYN.remove(rev_key);
@@ -307,7 +311,11 @@ pub fn create_v4(
         .map_err(|_| Reason::XdpDropCtInsert)?;
     if flags & ct_flags::SNAT == 0
         && map
-            .insert(reply_key_of_v4(flow, &fwd), reply_value_of_v4(flow, &fwd), BPF_ANY)
+            .insert(
+                reply_key_of_v4(flow, &fwd),
+                reply_value_of_v4(flow, &fwd),
+                BPF_ANY,
+            )
             .is_err()
     {
         let _ = map.remove(fwd_key);

@@ -296,6 +296,13 @@ pub fn parse_v4<P: Packet>(pkt: &P, mode: Mode) -> Result<Parsed, Malformed> {
     let (sport, dport, tcp_flags) = match (ip.proto, mode) {
         (IPPROTO_TCP | IPPROTO_UDP, Mode::Lenient) => {
             let ports: [[u8; 2]; 2] = pkt.read(l4_off).ok_or(Malformed::L4)?;
+            // The reverse NAT rewrites the L4 checksum: it must be inside the packet.
+            let csum_off = if ip.proto == IPPROTO_TCP {
+                TCP_CSUM_OFF
+            } else {
+                UDP_CSUM_OFF
+            };
+            let _: [u8; 2] = pkt.read(l4_off + csum_off).ok_or(Malformed::L4)?;
             (raw16(ports[0]), raw16(ports[1]), 0)
         }
         (IPPROTO_TCP, Mode::Strict) => {

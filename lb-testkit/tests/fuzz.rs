@@ -29,11 +29,12 @@
 //! header, TCP data offset < 5 or beyond tot_len or the frame, UDP length < 8 or beyond the
 //! IP payload; TCP/UDP checks apply to unfragmented frames without IP options (those are
 //! passed before L4 parsing). TC (lenient, the stack's own egress) rejects truncated
-//! Ethernet/IPv4 headers, version != 4, IHL < 5 and L4 headers cut before the ports.
+//! Ethernet/IPv4 headers, version != 4, IHL < 5 and L4 headers cut before their checksum
+//! field (the reverse NAT rewrites it).
 //! `BPF_PROG_RUN` refuses frames shorter than an Ethernet header (so the L2 check cannot be
 //! reached), and for TC also IPv4 frames shorter than 34 bytes: those are counted as refused.
 //!
-//! `known_bug_*` tests are datapath bugs the fuzzer found, minimized, ignored until fixed.
+//! Datapath bugs the fuzzer found are kept, minimized, as regression tests at the end.
 //!
 //! `LB_FUZZ_SEED` (decimal or 0x-hex) overrides the seed of the random tests (printed),
 //! `LB_FUZZ_FRAMES` the number of frames of the first; `LB_FUZZ_BLESS=1` rewrites the corpus
@@ -701,9 +702,12 @@ fn xdp_malformed(f: &[u8]) -> Option<Reason> {
     if f[14] >> 4 != 4 || ihl < 20 || tot < ihl || tot > len - 14 {
         return Some(Reason::XdpDropMalformedL3);
     }
-    if be16(f, 20) & 0x3fff != 0 || ihl != 20 {
+    // A non-first fragment has no L4 header to check; a first one (MF, offset 0) has.
+    let frag = be16(f, 20);
+    if frag & 0x1fff != 0 || ihl != 20 {
         return None;
     }
+    let first_frag = frag & 0x2000 != 0;
     let seg = tot - 20;
     let bad = match f[23] {
         IPPROTO_TCP => {
@@ -713,8 +717,9 @@ fn xdp_malformed(f: &[u8]) -> Option<Reason> {
             doff.is_none_or(|d| d < 20 || d > seg || 34 + d > len)
         }
         IPPROTO_UDP => {
+            // A first fragment carries only part of the datagram its UDP length describes.
             let ulen = len.checked_sub(34 + 8).map(|_| usize::from(be16(f, 38)));
-            ulen.is_none_or(|u| u < 8 || u > seg)
+            ulen.is_none_or(|u| u < 8 || seg < 8 || if first_frag { u < seg } else { u > seg })
         }
         _ => false,
     };
@@ -737,10 +742,15 @@ fn tc_malformed(f: &[u8]) -> bool {
     if f[14] >> 4 != 4 || ihl < 20 {
         return true;
     }
-    if be16(f, 20) & 0x3fff != 0 {
+    if be16(f, 20) & 0x1fff != 0 {
         return false;
     }
-    matches!(f[23], IPPROTO_TCP | IPPROTO_UDP) && len < 14 + ihl + 4
+    // The ports, and the checksum field the reverse NAT rewrites.
+    match f[23] {
+        IPPROTO_TCP => len < 14 + ihl + 18,
+        IPPROTO_UDP => len < 14 + ihl + 8,
+        _ => false,
+    }
 }
 
 /// Whether `BPF_PROG_RUN` refuses `f` for `prog` (EINVAL): shorter than an Ethernet
@@ -1998,19 +2008,17 @@ fn malformed_corpus() {
 // ---------------------------------------------------------------------------------------
 // Datapath bugs found by the fuzzer, minimized
 
-/// KNOWN DATAPATH BUG (found by `random_and_mutated_frames`, which tolerates it: TC_ACT_SHOT
-/// is a valid action). TC egress parses only the ports of a frame (lenient mode), then
-/// reverse-NATs a tracked reply with `bpf_l4_csum_replace` on its TCP/UDP checksum field.
-/// When the frame ends before that field (a TCP header cut after 4..17 bytes, a UDP header
-/// after 4..7), the helper fails and the reply is dropped as `tc_drop_rewrite`, where the
-/// documented policy passes an egress frame it cannot parse untouched as
+/// Regression (found by `random_and_mutated_frames`, which tolerated it: TC_ACT_SHOT is a
+/// valid action). TC egress parsed only the ports of a frame (lenient mode), then
+/// reverse-NATed a tracked reply with `bpf_l4_csum_replace` on its TCP/UDP checksum field.
+/// When the frame ended before that field (a TCP header cut after 4..17 bytes, a UDP
+/// header after 4..7), the helper failed and the reply was dropped as `tc_drop_rewrite`,
+/// where the documented policy passes an egress frame it cannot parse untouched as
 /// `tc_pass_malformed`. Minimized: a tracked reply cut right after its ports, tot_len and
-/// IPv4 checksum agreeing with the cut. Ignored until fixed in lb-ebpf; run it with
-/// `cargo test -p lb-testkit --test fuzz -- --ignored`.
+/// IPv4 checksum agreeing with the cut. Fixed: the lenient parse requires the checksum
+/// field inside the packet.
 #[test]
-#[ignore = "known datapath bug: TC drops a tracked reply cut inside its L4 header \
-            (tc_drop_rewrite) instead of passing it untouched as tc_pass_malformed"]
-fn known_bug_tc_drops_tracked_reply_cut_inside_l4_header() {
+fn tc_passes_a_tracked_reply_cut_inside_its_l4_header_as_malformed() {
     let mut h = Harness::new("fuzz-bug-tc", &Default::default());
     h.add_node_addr(NODE);
     let client = sa(Ipv4Addr::new(10, 200, 0, 2), 40_000);
