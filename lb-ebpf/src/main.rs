@@ -1,15 +1,15 @@
-//! Entry points only: XDP ingress on the node's uplinks (DNAT) and TC egress (reverse NAT).
-//! Each thin entry calls a `try_` function; every verdict, pass or drop, is counted by reason.
+//! Entry points only: XDP ingress on the node's uplinks (DNAT), TC egress (reverse NAT) and
+//! the cgroup socket hooks. Each thin entry calls a `try_` function (or its module's entry);
+//! every verdict, pass or drop, is counted by reason.
 //!
-//! One module per concern, Cilium/Katran style: `parse` (headers, both programs), `lb`
-//! (frontend lookup, backend choice), `affinity` (sessionAffinity ClientIP), `conntrack`
-//! (forward and reply entries), `nat` (rewrites), `nodeport` (SNAT for remote backends and
-//! forwarding from XDP), `stats` (verdict counters), `maps`. The pure arithmetic (checksums,
-//! flow hash, slot choice) lives in `lb_common::{csum, select}` and is property-tested on the
-//! host. `sock` holds the cgroup socket hooks (socket-level load balancing for the node's
-//! own processes and pods), sharing `lb` and `affinity` with XDP. Coming modules slot in
-//! beside these: `icmp` (error translation, looked up through `conntrack`) and `frag`
-//! (fragment tracking, before the L4 part of `parse`).
+//! One module per concern, Cilium/Katran style: `parse` (headers, fragments, ICMP errors;
+//! both programs), `lb` (frontend lookup, backend choice), `affinity` (sessionAffinity
+//! ClientIP), `conntrack` (forward and reply entries, half-open flows, timeouts), `nat`
+//! (rewrites), `nodeport` (SNAT for remote backends and forwarding from XDP), `icmp` (error
+//! translation and the no-endpoint REJECT), `frag` (fragment tracking), `sock` (socket-level
+//! load balancing for the node's own processes and pods, sharing `lb` and `affinity`),
+//! `stats` (verdict counters), `maps`. The pure arithmetic (checksums, flow hash, slot
+//! choice) lives in `lb_common::{csum, select}` and is property-tested on the host.
 #![no_std]
 #![no_main]
 
