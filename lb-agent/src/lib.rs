@@ -8,5 +8,6 @@ pub mod http;
 pub mod loader;
 pub mod model;
 pub mod pins;
+pub mod ports;
 pub mod source;
 pub mod sync;

@@ -502,7 +502,7 @@ impl XdpPass {
 }
 
 /// Change the pinned `LB_CONFIG` with `f` (written only when it changed).
-fn update_config(pins: &PinLayout, f: impl FnOnce(&mut LbConfig)) -> Result<(), LoadError> {
+pub(crate) fn update_config(pins: &PinLayout, f: impl FnOnce(&mut LbConfig)) -> Result<(), LoadError> {
     let data = open_pinned_map(pins, maps::LB_CONFIG)?;
     let map = aya::maps::Map::Array(data);
     let mut cfg: Array<MapData, LbConfig> =

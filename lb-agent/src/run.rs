@@ -87,6 +87,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let mut dp = datapath.dataplane()?;
+    let mut port_filter = match lb_agent::ports::PortFilter::open(datapath.pins()) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            log::warn!("port filter unavailable ({e}); every packet goes through the lookups");
+            None
+        }
+    };
     let caps = dp.capacities();
     let mut syncer = Syncer::new(Limits {
         svc_ids: caps.svc_stats,
@@ -185,7 +192,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Err(e) => log::warn!("setting the SNAT configuration: {e}"),
             }
         }
+        // The port filter covers the new frontends before they exist, and lets go of the
+        // old ones only once they are gone.
+        let ports = lb_agent::ports::desired_ports(&desired, &args.snat_ports);
+        if let Some(f) = port_filter.as_mut() {
+            if let Err(e) = f.widen(&ports) {
+                log::warn!("port filter: {e}; switching it off");
+                let _ = f.set_active(false);
+                port_filter = None;
+            }
+        }
         let report = syncer.apply(&desired, &mut dp);
+        if let (Some(f), true) = (port_filter.as_mut(), report.is_ok()) {
+            match f.narrow(&ports).and_then(|_| f.set_active(true)) {
+                Ok(()) => {}
+                Err(e) => {
+                    log::warn!("port filter: {e}; switching it off");
+                    let _ = f.set_active(false);
+                    port_filter = None;
+                }
+            }
+        }
         let took = started.elapsed();
         for f in &report.failures {
             log::warn!("sync: {f}");

@@ -39,6 +39,13 @@ pub const LB4_AFFINITY_MAX: u32 = 65_536;
 pub const LB4_NODE_ADDRS: &str = "LB4_NODE_ADDRS_V1";
 pub const LB4_NODE_ADDRS_MAX: u32 = 256;
 
+/// The port filter: `u8` bits ([`crate::service::port_bits`]) per host-order port, read
+/// first by both packet programs so that traffic no frontend or backend uses leaves after
+/// one array read. Used only while `LbConfig::flags` has `PORT_FILTER` (set by the agent
+/// once it has written every port).
+pub const LB_PORTS: &str = "LB_PORTS_V1";
+pub const LB_PORTS_MAX: u32 = 65_536;
+
 /// Per-CPU verdict counters indexed by [`crate::Reason`]: `u32` -> [`crate::Counter`].
 pub const LB_STATS: &str = "LB_STATS_V1";
 pub const LB_STATS_MAX: u32 = 64;
@@ -65,7 +72,7 @@ pub const LB_CONFIG: &str = "LB_CONFIG_V2";
 pub const LB_CONFIG_MAX: u32 = 1;
 
 /// Every map the agent pins, for sweeps and `status`.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_CT,
@@ -76,6 +83,7 @@ pub const ALL_MAPS: [&str; 13] = [
     LB4_AFFINITY,
     LB4_SOCK_REVNAT,
     LB4_NODE_ADDRS,
+    LB_PORTS,
     LB_STATS,
     LB_SVC_STATS,
     LB_CONFIG,

@@ -154,12 +154,45 @@ pub struct Backend4 {
     pub node_addr: u32,
 }
 
+/// Bits of `LB_PORTS` entries.
+pub mod port_bits {
+    /// Some TCP frontend listens on this port (or it is a SNAT port: replies arrive on it).
+    pub const TCP_FRONTEND: u8 = 1 << 0;
+    pub const UDP_FRONTEND: u8 = 1 << 1;
+    /// Some TCP backend serves from this port (replies leave from it).
+    pub const TCP_BACKEND: u8 = 1 << 2;
+    pub const UDP_BACKEND: u8 = 1 << 3;
+
+    /// The frontend bit of `proto` (6 or 17).
+    #[inline(always)]
+    pub const fn frontend(proto: u8) -> u8 {
+        if proto == crate::IPPROTO_TCP {
+            TCP_FRONTEND
+        } else {
+            UDP_FRONTEND
+        }
+    }
+
+    /// The backend bit of `proto` (6 or 17).
+    #[inline(always)]
+    pub const fn backend(proto: u8) -> u8 {
+        if proto == crate::IPPROTO_TCP {
+            TCP_BACKEND
+        } else {
+            UDP_BACKEND
+        }
+    }
+}
+
 /// [`LbConfig::flags`] bits.
 pub mod config_flags {
     /// The socket hooks translate NodePorts on 127.0.0.0/8 for the node's own processes
     /// (`--localhost-nodeports`). Without it, `127.0.0.1:<nodePort>` is left untouched, as
     /// kube-proxy's nftables mode does. hostPorts on 127.0.0.0/8 are translated either way.
     pub const LOCALHOST_NODEPORTS: u32 = 1 << 0;
+    /// `LB_PORTS` holds every frontend and backend port: packets whose port has no bit
+    /// there pass at once.
+    pub const PORT_FILTER: u32 = 1 << 1;
 }
 
 /// The single entry of `LB_CONFIG`.

@@ -32,6 +32,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     conntrack::{ct_flags, frag_flags, CT_FORWARD, CT_REPLY},
+    service::port_bits,
     Backend4, Reason,
 };
 
@@ -77,6 +78,13 @@ fn try_xdp_ingress(ctx: &mut XdpContext, bytes: u64) -> Result<Verdict, Reason> 
         Err(Malformed::L3) => return Err(Reason::XdpDropMalformedL3),
         Err(Malformed::L4) => return Err(Reason::XdpDropMalformedL4),
     };
+    if !lb::port_may_match_v4(flow.dport, port_bits::frontend(flow.proto)) {
+        return Ok(Verdict::pass(Reason::XdpPassNotService));
+    }
+    // A tracked flow needs nothing but its conntrack entry: one lookup.
+    if let Some(ct) = conntrack::lookup_v4(&flow) {
+        return forward_flow_v4(ctx, &flow, &ct, false, bytes);
+    }
     let Some(fe) = lb::lookup_frontend_v4(&flow) else {
         // Not a frontend: perhaps a remote backend's reply to a SNATed flow.
         return match nodeport::reverse_v4(ctx, &flow) {
@@ -88,32 +96,39 @@ fn try_xdp_ingress(ctx: &mut XdpContext, bytes: u64) -> Result<Verdict, Reason> 
             None => Ok(Verdict::pass(Reason::XdpPassNotService)),
         };
     };
-    let (ct, new) = match conntrack::lookup_v4(&flow) {
-        Some(ct) => (ct, false),
-        None => {
-            let chosen = if fe.svc.affinity_timeout_s != 0 {
-                affinity::select_backend_v4(
-                    &fe,
-                    affinity::Client::addr(flow.saddr),
-                    lb::flow_hash_v4(&flow),
-                )
-            } else {
-                lb::select_backend_v4(&fe, lb::flow_hash_v4(&flow)).map(|(id, b, _)| (id, b))
-            };
-            let (id, backend) = match chosen {
-                Ok(c) => c,
-                // kube-proxy's REJECT: an ICMP port unreachable, rate-limited.
-                Err(Reason::XdpDropNoBackend) => return icmp::reject_v4(ctx),
-                Err(r) => return Err(r),
-            };
-            let flags = if nodeport::needs_snat(&fe, &backend) {
-                ct_flags::SNAT
-            } else {
-                0
-            };
-            (conntrack::create_v4(&flow, &fe, id, &backend, flags)?, true)
-        }
+    let chosen = if fe.svc.affinity_timeout_s != 0 {
+        affinity::select_backend_v4(
+            &fe,
+            affinity::Client::addr(flow.saddr),
+            lb::flow_hash_v4(&flow),
+        )
+    } else {
+        lb::select_backend_v4(&fe, lb::flow_hash_v4(&flow)).map(|(id, b, _)| (id, b))
     };
+    let (id, backend) = match chosen {
+        Ok(c) => c,
+        // kube-proxy's REJECT: an ICMP port unreachable, rate-limited.
+        Err(Reason::XdpDropNoBackend) => return icmp::reject_v4(ctx),
+        Err(r) => return Err(r),
+    };
+    let flags = if nodeport::needs_snat(&fe, &backend) {
+        ct_flags::SNAT
+    } else {
+        0
+    };
+    let ct = conntrack::create_v4(&flow, &fe, id, &backend, flags)?;
+    forward_flow_v4(ctx, &flow, &ct, true, bytes)
+}
+
+/// DNAT (and for a remote backend, SNAT and send on) a packet of the flow pinned by `ct`.
+#[inline(always)]
+fn forward_flow_v4(
+    ctx: &mut XdpContext,
+    flow: &parse::Flow4,
+    ct: &lb_common::Ct4Value,
+    new: bool,
+    bytes: u64,
+) -> Result<Verdict, Reason> {
     // A flow to a remote backend gets its SNAT source first: a flow that cannot have one is
     // dropped untouched.
     let backend = Backend4 {
@@ -124,27 +139,27 @@ fn try_xdp_ingress(ctx: &mut XdpContext, bytes: u64) -> Result<Verdict, Reason> 
     let snat = match (ct.flags & ct_flags::SNAT != 0, new) {
         (false, _) => None,
         (true, true) => Some(
-            nodeport::create_v4(&flow, &backend, fe.svc.svc_id).inspect_err(|_| {
+            nodeport::create_v4(flow, &backend, ct.svc_id).inspect_err(|_| {
                 // No SNAT port: leave no half-made flow behind.
-                conntrack::remove_v4(&flow);
+                conntrack::remove_v4(flow);
             })?,
         ),
-        (true, false) => Some(nodeport::lookup_v4(&flow, &backend, fe.svc.svc_id)?),
+        (true, false) => Some(nodeport::lookup_v4(flow, &backend, ct.svc_id)?),
     };
     nat::dnat_v4(ctx, flow.proto, ct.nat_addr, ct.nat_port)?;
-    stats::count_svc(fe.svc.svc_id, bytes);
+    stats::count_svc(ct.svc_id, bytes);
     if let Some(snat) = snat {
         frag::record_v4(
-            &flow,
+            flow,
             CT_FORWARD,
             snat.addr,
             ct.nat_addr,
             frag_flags::FORWARD,
-            fe.svc.svc_id,
+            ct.svc_id,
         );
-        return nodeport::forward_v4(ctx, &flow, &backend, &snat);
+        return nodeport::forward_v4(ctx, flow, &backend, &snat);
     }
-    frag::record_v4(&flow, CT_FORWARD, flow.saddr, ct.nat_addr, 0, fe.svc.svc_id);
+    frag::record_v4(flow, CT_FORWARD, flow.saddr, ct.nat_addr, 0, ct.svc_id);
     Ok(Verdict::pass(if new {
         Reason::XdpFwdNewFlow
     } else {
@@ -205,6 +220,9 @@ fn try_tc_egress(ctx: &mut TcContext, bytes: u64) -> Result<Reason, Reason> {
         Ok(Parsed::Skip(_)) => return Ok(Reason::TcPassOther),
         Err(_) => return Ok(Reason::TcPassMalformed),
     };
+    if !lb::port_may_match_v4(flow.sport, port_bits::backend(flow.proto)) {
+        return Ok(Reason::TcPassNotTracked);
+    }
     let Some(ct) = conntrack::lookup_reply_v4(&flow) else {
         return Ok(Reason::TcPassNotTracked);
     };

@@ -31,6 +31,8 @@ pub struct Harness {
     pub datapath: Datapath,
     pub maps: BpfDataplane,
     next_backend: u32,
+    /// The port-filter bits of every frontend added ([`Harness::enable_port_filter`]).
+    ports: std::collections::BTreeMap<u16, u8>,
     // Declared last: removed after the datapath's fds are closed.
     _pins: PinDir,
 }
@@ -119,6 +121,7 @@ impl Harness {
             datapath,
             maps,
             next_backend: 1,
+            ports: Default::default(),
             _pins: pins,
         }
     }
@@ -133,10 +136,28 @@ impl Harness {
         self.maps.put_node_addr(addr).expect("put node addr");
     }
 
+    /// Write the ports of every frontend added so far (and `snat`, where SNATed flows'
+    /// replies arrive) into `LB_PORTS` and switch the port filter on, as the agent does.
+    pub fn enable_port_filter(&mut self, snat: std::ops::RangeInclusive<u16>) {
+        let mut ports = self.ports.clone();
+        for p in snat {
+            *ports.entry(p).or_default() |=
+                service::port_bits::TCP_FRONTEND | service::port_bits::UDP_FRONTEND;
+        }
+        let mut f = lb_agent::ports::PortFilter::open(&PinLayout::new(self._pins.path()))
+            .expect("open LB_PORTS");
+        f.narrow(&ports).expect("write LB_PORTS");
+        f.set_active(true).expect("switch the port filter on");
+    }
+
     /// Program a frontend in the agent's order: backends, slots, then the master entry.
     /// Returns the backend ids, in `spec.backends` order.
     pub fn add_frontend(&mut self, spec: &FrontendSpec) -> Vec<u32> {
         let key = spec.key();
+        *self.ports.entry(spec.port).or_default() |= service::port_bits::frontend(spec.proto);
+        for b in &spec.backends {
+            *self.ports.entry(b.port()).or_default() |= service::port_bits::backend(spec.proto);
+        }
         let mut ids = Vec::new();
         for (i, b) in spec.backends.iter().enumerate() {
             let id = self.next_backend;

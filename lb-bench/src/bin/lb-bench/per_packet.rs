@@ -233,6 +233,29 @@ fn remote_backend(i: usize) -> u32 {
     0x0a80_0001 + i as u32
 }
 
+/// The port filter as the agent keeps it: every frontend and backend port of `e`, and the
+/// SNAT ports; then switched on.
+fn enable_port_filter(
+    pins: &lb_agent::loader::PinLayout,
+    e: &services::Entries,
+) -> anyhow::Result<()> {
+    use lb_common::service::port_bits;
+    let mut ports = std::collections::BTreeMap::<u16, u8>::new();
+    for (k, _) in &e.masters {
+        *ports.entry(u16::from_be(k.port)).or_default() |= port_bits::frontend(k.proto);
+    }
+    for (_, b) in &e.backends {
+        *ports.entry(u16::from_be(b.port)).or_default() |= port_bits::backend(b.proto);
+    }
+    for p in SNAT_PORTS {
+        *ports.entry(p).or_default() |= port_bits::TCP_FRONTEND | port_bits::UDP_FRONTEND;
+    }
+    let mut f = lb_agent::ports::PortFilter::open(pins)?;
+    f.narrow(&ports)?;
+    f.set_active(true)?;
+    Ok(())
+}
+
 fn measure(
     n: usize,
     fill: usize,
@@ -256,6 +279,7 @@ fn measure(
     let mut h = Harness::new("bench-pp", &caps);
     h.add_node_addr(NODE_IP);
     bpf_batch::program(h.datapath.pins(), &entries, 8192)?;
+    enable_port_filter(h.datapath.pins(), &entries)?;
     if fill > 0 {
         fill_conntrack(&h, fill)?;
         let len = h.ct_len();
