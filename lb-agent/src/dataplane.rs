@@ -187,7 +187,45 @@ pub struct BpfDataplane {
     ct_syn: aya::maps::HashMap<aya::maps::MapData, lb_common::Ct4Key, lb_common::Ct4Value>,
     stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
     svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
+    /// The timed programs' run-time histogram (absent in pins of older agents).
+    latency: Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>>,
     caps: Capacities,
+}
+
+/// The datapath's run-time histogram: per program (XDP ingress, TC egress), the runs in each
+/// log2 nanosecond bucket (`lb_common::maps::LB_LATENCY`), summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Latency {
+    pub xdp: Vec<u64>,
+    pub tc: Vec<u64>,
+}
+
+impl Latency {
+    /// The upper bound in ns of bucket `k` (`2^k - 1`; bucket 0 is 0 ns).
+    pub fn upper_ns(k: usize) -> u64 {
+        if k >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << k) - 1
+        }
+    }
+
+    /// The bucket upper bound below which `q` (0..1) of `buckets` lie, `None` if empty.
+    pub fn quantile_ns(buckets: &[u64], q: f64) -> Option<u64> {
+        let total: u64 = buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (k, n) in buckets.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return Some(Self::upper_ns(k));
+            }
+        }
+        None
+    }
 }
 
 fn aya_io(e: aya::maps::MapError) -> std::io::Error {
@@ -232,6 +270,9 @@ impl BpfDataplane {
         let ct_syn = lru(m::LB4_CT_SYN)?;
         let stats = typed(m::LB_STATS, open(m::LB_STATS)?.try_into())?;
         let svc_stats = typed(m::LB_SVC_STATS, open(m::LB_SVC_STATS)?.try_into())?;
+        let latency = open(m::LB_LATENCY)
+            .ok()
+            .and_then(|map| aya::maps::PerCpuArray::try_from(map).ok());
         let caps = Capacities {
             services: services_cap(pins, m::LB4_SERVICES),
             backends: services_cap(pins, m::LB4_BACKENDS),
@@ -246,7 +287,28 @@ impl BpfDataplane {
             ct_syn,
             stats,
             svc_stats,
+            latency,
             caps,
+        })
+    }
+
+    /// The run-time histogram of the timed programs, summed over CPUs (`None`: the pins
+    /// have no histogram map).
+    pub fn latency(&self) -> Option<Latency> {
+        let map = self.latency.as_ref()?;
+        let n = lb_common::maps::LATENCY_BUCKETS;
+        let read = |prog: u32| -> Vec<u64> {
+            (0..n)
+                .map(|b| {
+                    map.get(&(prog * n + b), 0)
+                        .map(|v| v.iter().sum())
+                        .unwrap_or(0)
+                })
+                .collect()
+        };
+        Some(Latency {
+            xdp: read(0),
+            tc: read(1),
         })
     }
 

@@ -119,19 +119,32 @@ impl Datapath {
 
     fn load_programs(&mut self) -> Result<(), LoadError> {
         let progs = self.pins.progs();
-        let xdp = self.xdp_program()?;
-        xdp.load().map_err(|source| {
+        for name in [maps::PROG_XDP_INGRESS, maps::PROG_XDP_INGRESS_TIMED] {
+            let xdp = self.xdp_program_named(name)?;
+            xdp.load().map_err(|source| {
+                classify(
+                    format!("loading XDP program {name}"),
+                    prog_err(name, source),
+                )
+            })?;
+            repin(&progs.join(name), |p| xdp.pin(p))?;
+        }
+        // The benchmark's floor (an XDP program that only returns XDP_PASS): loaded, not
+        // pinned.
+        let floor = self.xdp_program_named(maps::PROG_XDP_PASS)?;
+        floor.load().map_err(|source| {
             classify(
-                "loading XDP program",
-                prog_err(maps::PROG_XDP_INGRESS, source),
+                format!("loading XDP program {}", maps::PROG_XDP_PASS),
+                prog_err(maps::PROG_XDP_PASS, source),
             )
         })?;
-        repin(&progs.join(maps::PROG_XDP_INGRESS), |p| xdp.pin(p))?;
-        let tc = self.tc_program()?;
-        tc.load().map_err(|source| {
-            classify("loading TC program", prog_err(maps::PROG_TC_EGRESS, source))
-        })?;
-        repin(&progs.join(maps::PROG_TC_EGRESS), |p| tc.pin(p))?;
+        for name in [maps::PROG_TC_EGRESS, maps::PROG_TC_EGRESS_TIMED] {
+            let tc = self.tc_program_named(name)?;
+            tc.load().map_err(|source| {
+                classify(format!("loading TC program {name}"), prog_err(name, source))
+            })?;
+            repin(&progs.join(name), |p| tc.pin(p))?;
+        }
         for (name, _) in maps::SOCK_PROGS {
             let prog = self.sock_program(name)?;
             prog.load().map_err(|source| {
@@ -255,41 +268,68 @@ impl Datapath {
 
     /// The XDP program (for attaching, and for `test_run` in fixture tests).
     pub fn xdp_program(&mut self) -> Result<&mut Xdp, LoadError> {
+        self.xdp_program_named(maps::PROG_XDP_INGRESS)
+    }
+
+    /// An XDP program by name: `lb_xdp_ingress` or its timed variant.
+    pub fn xdp_program_named(&mut self, name: &'static str) -> Result<&mut Xdp, LoadError> {
         let prog = self
             .ebpf
-            .program_mut(maps::PROG_XDP_INGRESS)
-            .ok_or(LoadError::MissingProgram(maps::PROG_XDP_INGRESS))?;
-        prog.try_into()
-            .map_err(|source| prog_err(maps::PROG_XDP_INGRESS, source))
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?;
+        prog.try_into().map_err(|source| prog_err(name, source))
     }
 
     /// The TC program (for attaching, and for `test_run` in fixture tests).
     pub fn tc_program(&mut self) -> Result<&mut SchedClassifier, LoadError> {
+        self.tc_program_named(maps::PROG_TC_EGRESS)
+    }
+
+    /// A TC program by name: `lb_tc_egress` or its timed variant.
+    pub fn tc_program_named(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut SchedClassifier, LoadError> {
         let prog = self
             .ebpf
-            .program_mut(maps::PROG_TC_EGRESS)
-            .ok_or(LoadError::MissingProgram(maps::PROG_TC_EGRESS))?;
-        prog.try_into()
-            .map_err(|source| prog_err(maps::PROG_TC_EGRESS, source))
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?;
+        prog.try_into().map_err(|source| prog_err(name, source))
     }
 
     /// Attach XDP ingress and TC egress to `iface` and pin both links. If links are already
     /// pinned for `iface` (an earlier agent), the new programs replace the old ones inside
     /// those links atomically.
     pub fn attach(&mut self, iface: &str) -> Result<XdpAttachMode, LoadError> {
+        self.attach_with(iface, false)
+    }
+
+    /// [`Datapath::attach`]; with `timed`, the program variants that record their own run
+    /// time in `LB_LATENCY` (`--latency-histogram`).
+    pub fn attach_with(&mut self, iface: &str, timed: bool) -> Result<XdpAttachMode, LoadError> {
         if nix_if_nametoindex(iface) == 0 {
             return Err(LoadError::NoSuchInterface(iface.to_string()));
         }
+        let (xdp, tc) = if timed {
+            (maps::PROG_XDP_INGRESS_TIMED, maps::PROG_TC_EGRESS_TIMED)
+        } else {
+            (maps::PROG_XDP_INGRESS, maps::PROG_TC_EGRESS)
+        };
         let xdp_pin = self.pins.xdp_link(iface);
         let tc_pin = self.pins.tc_link(iface);
-        let mode = self.attach_xdp(iface, &xdp_pin)?;
-        self.attach_tc(iface, &tc_pin)?;
+        let mode = self.attach_xdp(iface, &xdp_pin, xdp)?;
+        self.attach_tc(iface, &tc_pin, tc)?;
         Ok(mode)
     }
 
-    fn attach_xdp(&mut self, iface: &str, pin: &Path) -> Result<XdpAttachMode, LoadError> {
+    fn attach_xdp(
+        &mut self,
+        iface: &str,
+        pin: &Path,
+        name: &'static str,
+    ) -> Result<XdpAttachMode, LoadError> {
         let what = format!("attaching XDP to {iface}");
-        let xdp = self.xdp_program()?;
+        let xdp = self.xdp_program_named(name)?;
         let (id, mode) = match PinnedLink::from_pin(pin) {
             Ok(old) => {
                 let link =
@@ -299,16 +339,16 @@ impl Datapath {
                     })?;
                 let id = xdp
                     .attach_to_link(link)
-                    .map_err(|source| classify(&what, prog_err(maps::PROG_XDP_INGRESS, source)))?;
+                    .map_err(|source| classify(&what, prog_err(name, source)))?;
                 (id, XdpAttachMode::Replaced)
             }
             Err(e) if not_found(&e) => match xdp.attach(iface, XdpMode::Driver) {
                 Ok(id) => (id, XdpAttachMode::Native),
                 Err(native_err) => {
                     log::warn!("native XDP on {iface} failed ({native_err}); using generic mode");
-                    let id = xdp.attach(iface, XdpMode::Skb).map_err(|source| {
-                        classify(&what, prog_err(maps::PROG_XDP_INGRESS, source))
-                    })?;
+                    let id = xdp
+                        .attach(iface, XdpMode::Skb)
+                        .map_err(|source| classify(&what, prog_err(name, source)))?;
                     (id, XdpAttachMode::Generic)
                 }
             },
@@ -319,9 +359,7 @@ impl Datapath {
                 })
             }
         };
-        let link = xdp
-            .take_link(id)
-            .map_err(|source| prog_err(maps::PROG_XDP_INGRESS, source))?;
+        let link = xdp.take_link(id).map_err(|source| prog_err(name, source))?;
         let fd: FdLink = link.try_into().map_err(|source| LoadError::Link {
             path: pin.to_path_buf(),
             source,
@@ -330,9 +368,9 @@ impl Datapath {
         Ok(mode)
     }
 
-    fn attach_tc(&mut self, iface: &str, pin: &Path) -> Result<(), LoadError> {
+    fn attach_tc(&mut self, iface: &str, pin: &Path, name: &'static str) -> Result<(), LoadError> {
         let what = format!("attaching TC egress to {iface}");
-        let tc = self.tc_program()?;
+        let tc = self.tc_program_named(name)?;
         let id = match PinnedLink::from_pin(pin) {
             Ok(old) => {
                 let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|source| {
@@ -342,7 +380,7 @@ impl Datapath {
                     }
                 })?;
                 tc.attach_to_link(link)
-                    .map_err(|source| classify(&what, prog_err(maps::PROG_TC_EGRESS, source)))?
+                    .map_err(|source| classify(&what, prog_err(name, source)))?
             }
             Err(e) if not_found(&e) => tc
                 .attach_with_options(
@@ -350,7 +388,7 @@ impl Datapath {
                     TcAttachType::Egress,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-                .map_err(|source| classify(&what, prog_err(maps::PROG_TC_EGRESS, source)))?,
+                .map_err(|source| classify(&what, prog_err(name, source)))?,
             Err(source) => {
                 return Err(LoadError::Link {
                     path: pin.to_path_buf(),
@@ -358,9 +396,7 @@ impl Datapath {
                 })
             }
         };
-        let link = tc
-            .take_link(id)
-            .map_err(|source| prog_err(maps::PROG_TC_EGRESS, source))?;
+        let link = tc.take_link(id).map_err(|source| prog_err(name, source))?;
         let fd: FdLink = link.try_into().map_err(|source| LoadError::Link {
             path: pin.to_path_buf(),
             source,
@@ -502,7 +538,10 @@ impl XdpPass {
 }
 
 /// Change the pinned `LB_CONFIG` with `f` (written only when it changed).
-pub(crate) fn update_config(pins: &PinLayout, f: impl FnOnce(&mut LbConfig)) -> Result<(), LoadError> {
+pub(crate) fn update_config(
+    pins: &PinLayout,
+    f: impl FnOnce(&mut LbConfig),
+) -> Result<(), LoadError> {
     let data = open_pinned_map(pins, maps::LB_CONFIG)?;
     let map = aya::maps::Map::Array(data);
     let mut cfg: Array<MapData, LbConfig> =

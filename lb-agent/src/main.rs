@@ -57,6 +57,11 @@ pub struct RunArgs {
     /// Uplink interfaces to attach to (XDP ingress + TC egress).
     #[arg(long, value_delimiter = ',', required = true)]
     iface: Vec<String>,
+    /// Attach the program variants that record their own run time (bpf_ktime_get_ns at
+    /// entry and exit) in per-CPU log2 nanosecond buckets, shown by `status` and exported as
+    /// the lb_datapath_run_duration_ns histogram. Off, the plain programs run: no cost.
+    #[arg(long)]
+    latency_histogram: bool,
     #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
     bpffs: PathBuf,
     /// Watch a cluster through this kubeconfig.

@@ -128,6 +128,7 @@ pub fn render(m: &Metrics, dp: &BpfDataplane) -> String {
         let _ = writeln!(o, "lb_map_entries{{map=\"{map}\"}} {n}");
     }
     render_conntrack(&mut o, m, dp);
+    render_latency(&mut o, dp);
     if let Ok(stats) = dp.stats() {
         let _ = writeln!(
             o,
@@ -168,6 +169,47 @@ pub fn render(m: &Metrics, dp: &BpfDataplane) -> String {
     let _ = writeln!(o, "# TYPE lb_service_bytes_total counter");
     o.push_str(&bytes);
     o
+}
+
+/// The timed programs' run time as a Prometheus histogram (`--latency-histogram`), per
+/// program: cumulative log2 buckets, `le` the bucket's upper bound in ns. `_sum` is
+/// estimated from the buckets' midpoints (the datapath keeps counts only).
+fn render_latency(o: &mut String, dp: &BpfDataplane) {
+    let Some(l) = dp.latency() else {
+        return;
+    };
+    let _ = writeln!(
+        o,
+        "# HELP lb_datapath_run_duration_ns Run time of the datapath programs (--latency-histogram), log2 buckets."
+    );
+    let _ = writeln!(o, "# TYPE lb_datapath_run_duration_ns histogram");
+    for (prog, buckets) in [("xdp", &l.xdp), ("tc", &l.tc)] {
+        let last = buckets.iter().rposition(|n| *n > 0).unwrap_or(0);
+        let (mut cum, mut sum) = (0u64, 0f64);
+        for (k, n) in buckets.iter().enumerate().take(last.max(12) + 1) {
+            cum += n;
+            let hi = lb_agent::dataplane::Latency::upper_ns(k);
+            let lo = if k == 0 { 0 } else { 1u64 << (k - 1) };
+            sum += *n as f64 * (lo as f64 + hi as f64) / 2.0;
+            let _ = writeln!(
+                o,
+                "lb_datapath_run_duration_ns_bucket{{prog=\"{prog}\",le=\"{hi}\"}} {cum}"
+            );
+        }
+        let total: u64 = buckets.iter().sum();
+        let _ = writeln!(
+            o,
+            "lb_datapath_run_duration_ns_bucket{{prog=\"{prog}\",le=\"+Inf\"}} {total}"
+        );
+        let _ = writeln!(
+            o,
+            "lb_datapath_run_duration_ns_sum{{prog=\"{prog}\"}} {sum}"
+        );
+        let _ = writeln!(
+            o,
+            "lb_datapath_run_duration_ns_count{{prog=\"{prog}\"}} {total}"
+        );
+    }
 }
 
 /// Conntrack occupancy and lifecycle: entries now (counted by the GC's last walk), the

@@ -36,9 +36,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     lb_agent::loader::set_socket_policy(datapath.pins(), args.localhost_nodeports)?;
     for iface in &args.iface {
         let mode = datapath
-            .attach(iface)
+            .attach_with(iface, args.latency_histogram)
             .with_context(|| format!("attaching to {iface}"))?;
-        log::info!("attached to {iface} ({mode:?})");
+        log::info!(
+            "attached to {iface} ({mode:?}{})",
+            if args.latency_histogram {
+                ", with the latency histogram"
+            } else {
+                ""
+            }
+        );
         accept_local(iface);
     }
     match socket_cgroup(args.cgroup.as_deref())? {

@@ -124,6 +124,46 @@ fn find_cgroup(root: &Path, id: u64) -> Option<std::path::PathBuf> {
     None
 }
 
+/// The run-time histogram (`--latency-histogram`): per program the runs, p50 and p99 (as
+/// bucket upper bounds), then the non-empty buckets side by side.
+fn print_latency(l: &lb_agent::dataplane::Latency) {
+    use lb_agent::dataplane::Latency;
+    let q = |b: &[u64], q: f64| {
+        Latency::quantile_ns(b, q).map_or("-".to_string(), |v| format!("<= {v} ns"))
+    };
+    println!("DATAPATH RUN TIME (--latency-histogram; log2 buckets)");
+    table(
+        &["PROGRAM", "RUNS", "P50", "P99"],
+        &[
+            vec![
+                "xdp ingress".into(),
+                l.xdp.iter().sum::<u64>().to_string(),
+                q(&l.xdp, 0.5),
+                q(&l.xdp, 0.99),
+            ],
+            vec![
+                "tc egress".into(),
+                l.tc.iter().sum::<u64>().to_string(),
+                q(&l.tc, 0.5),
+                q(&l.tc, 0.99),
+            ],
+        ],
+    );
+    let rows: Vec<Vec<String>> = (0..l.xdp.len())
+        .filter(|k| l.xdp[*k] + l.tc[*k] > 0)
+        .map(|k| {
+            let lo = if k == 0 { 0 } else { 1u64 << (k - 1) };
+            vec![
+                format!("{lo}-{} ns", Latency::upper_ns(k)),
+                l.xdp[k].to_string(),
+                l.tc[k].to_string(),
+            ]
+        })
+        .collect();
+    println!();
+    table(&["BUCKET", "XDP", "TC"], &rows);
+}
+
 /// Print rows as aligned columns (like `kubectl get`).
 fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -203,6 +243,7 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
     let ct_pct = 100.0 * ct as f64 / f64::from(ct_cap.max(1));
     let ifaces = attached_interfaces(bpffs);
     let hooks = socket_hooks(bpffs);
+    let latency = dp.latency();
     match format {
         Format::Json => {
             let out = json!({
@@ -214,6 +255,7 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
                 "counters": stats.iter().map(|(r, c)| json!({"reason": r.name(), "packets": c.packets, "bytes": c.bytes})).collect::<Vec<_>>(),
                 "conntrack_entries": ct,
                 "conntrack_capacity": ct_cap,
+                "latency_ns_log2_buckets": latency.as_ref().map(|l| json!({"xdp": l.xdp, "tc": l.tc})),
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
@@ -273,6 +315,13 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
                 })
                 .collect();
             table(&["REASON", "VERDICT", "PACKETS", "BYTES"], &c_rows);
+            if let Some(l) = latency
+                .as_ref()
+                .filter(|l| l.xdp.iter().chain(&l.tc).any(|n| *n > 0))
+            {
+                println!();
+                print_latency(l);
+            }
         }
     }
     Ok(())

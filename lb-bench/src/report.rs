@@ -379,6 +379,19 @@ fn per_packet(part: &PartResult, out: &mut String) {
             }
             t.row(cells);
         }
+        if part
+            .rows
+            .iter()
+            .any(|r| r.case == case && r.get("above_floor_ns").is_some())
+        {
+            let mut cells = vec!["↳ above the empty-program floor".to_owned(), prog.clone()];
+            for cfg in &configs {
+                cells.push(
+                    find(&case, cfg).map_or("—".into(), |r| metric_cell(r, "above_floor_ns")),
+                );
+            }
+            t.row(cells);
+        }
     }
     for r in part.rows.iter().filter(|r| r.case == "setup") {
         t.row(vec![

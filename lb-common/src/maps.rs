@@ -67,12 +67,20 @@ pub const LB_REJECT_RATE_MAX: u32 = 1;
 pub const LB4_SOCK_REVNAT: &str = "LB4_SOCK_REVNAT_V1";
 pub const LB4_SOCK_REVNAT_MAX: u32 = 262_144;
 
+/// Per-CPU log2 histogram of the programs' own run time (`--latency-histogram`): `u64`
+/// counts at `prog * LATENCY_BUCKETS + bucket`, `prog` 0 for XDP ingress and 1 for TC
+/// egress; bucket `k` counts runs of `2^(k-1)` to `2^k - 1` ns (bucket 0: 0 ns). Written only
+/// by the `_timed` program variants.
+pub const LB_LATENCY: &str = "LB_LATENCY_V1";
+pub const LATENCY_BUCKETS: u32 = 64;
+pub const LB_LATENCY_MAX: u32 = 2 * LATENCY_BUCKETS;
+
 /// One-entry array holding [`crate::LbConfig`] (V2: with the host netns cookie).
 pub const LB_CONFIG: &str = "LB_CONFIG_V2";
 pub const LB_CONFIG_MAX: u32 = 1;
 
 /// Every map the agent pins, for sweeps and `status`.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_CT,
@@ -86,6 +94,7 @@ pub const ALL_MAPS: [&str; 14] = [
     LB_PORTS,
     LB_STATS,
     LB_SVC_STATS,
+    LB_LATENCY,
     LB_CONFIG,
 ];
 
@@ -96,6 +105,9 @@ pub const LEGACY_MAPS: [&str; 1] = ["LB_CONFIG_V1"];
 /// Program names, as the kernel objects name them (`#[xdp]`/`#[classifier]` fn names).
 pub const PROG_XDP_INGRESS: &str = "lb_xdp_ingress";
 pub const PROG_TC_EGRESS: &str = "lb_tc_egress";
+/// The same programs recording their own run time in `LB_LATENCY` (`--latency-histogram`).
+pub const PROG_XDP_INGRESS_TIMED: &str = "lb_xdp_ingress_timed";
+pub const PROG_TC_EGRESS_TIMED: &str = "lb_tc_egress_timed";
 /// An XDP program that passes every frame, for the far end of veth uplinks.
 pub const PROG_XDP_PASS: &str = "lb_xdp_pass";
 /// The cgroup socket hooks (socket-level load balancing), with their attach points.

@@ -1,8 +1,6 @@
 //! Frontend lookup and backend selection (the hash and slot arithmetic is in
 //! `lb_common::select`, host-tested).
-use lb_common::{
-    select, service::config_flags, Backend4, Frontend4Key, Reason, Service4Value,
-};
+use lb_common::{select, service::config_flags, Backend4, Frontend4Key, Reason, Service4Value};
 
 use crate::{
     maps::{BACKENDS, CONFIG, NODE_ADDRS, PORTS, SERVICES},

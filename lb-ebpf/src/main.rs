@@ -27,6 +27,7 @@ mod stats;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
@@ -54,8 +55,24 @@ use crate::{
 /// them as martian.
 #[xdp]
 pub fn lb_xdp_ingress(mut ctx: XdpContext) -> u32 {
+    xdp_ingress(&mut ctx)
+}
+
+/// `lb_xdp_ingress` recording its own run time (`--latency-histogram`): a program of its
+/// own, so that without the option the timing costs nothing.
+#[xdp]
+pub fn lb_xdp_ingress_timed(mut ctx: XdpContext) -> u32 {
+    // SAFETY: no preconditions.
+    let t0 = unsafe { bpf_ktime_get_ns() };
+    let action = xdp_ingress(&mut ctx);
+    stats::record_latency(0, t0);
+    action
+}
+
+#[inline(always)]
+fn xdp_ingress(ctx: &mut XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let (reason, action) = match try_xdp_ingress(&mut ctx, bytes) {
+    let (reason, action) = match try_xdp_ingress(ctx, bytes) {
         Ok(v) => (v.reason, v.action),
         Err(reason) => (reason, xdp_action::XDP_DROP),
     };
@@ -189,8 +206,23 @@ pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
 /// back as their source, so the client sees the address it connected to.
 #[classifier]
 pub fn lb_tc_egress(mut ctx: TcContext) -> i32 {
+    tc_egress(&mut ctx)
+}
+
+/// `lb_tc_egress` recording its own run time (`--latency-histogram`).
+#[classifier]
+pub fn lb_tc_egress_timed(mut ctx: TcContext) -> i32 {
+    // SAFETY: no preconditions.
+    let t0 = unsafe { bpf_ktime_get_ns() };
+    let action = tc_egress(&mut ctx);
+    stats::record_latency(1, t0);
+    action
+}
+
+#[inline(always)]
+fn tc_egress(ctx: &mut TcContext) -> i32 {
     let bytes = u64::from(ctx.len());
-    let (reason, action) = match try_tc_egress(&mut ctx, bytes) {
+    let (reason, action) = match try_tc_egress(ctx, bytes) {
         Ok(reason) => (reason, TC_ACT_OK),
         Err(reason) => (reason, TC_ACT_SHOT),
     };

@@ -50,5 +50,8 @@ pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(LB_STATS_MAX, 0);
 #[map(name = "LB_SVC_STATS_V1")]
 pub static SVC_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(LB_SVC_STATS_MAX, 0);
 
+#[map(name = "LB_LATENCY_V1")]
+pub static LATENCY: PerCpuArray<u64> = PerCpuArray::pinned(LB_LATENCY_MAX, 0);
+
 #[map(name = "LB_CONFIG_V2")]
 pub static CONFIG: Array<LbConfig> = Array::pinned(LB_CONFIG_MAX, 0);

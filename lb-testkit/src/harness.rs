@@ -33,8 +33,22 @@ pub struct Harness {
     next_backend: u32,
     /// The port-filter bits of every frontend added ([`Harness::enable_port_filter`]).
     ports: std::collections::BTreeMap<u16, u8>,
+    /// Which program variant [`Harness::run`] runs.
+    variant: Variant,
     // Declared last: removed after the datapath's fds are closed.
     _pins: PinDir,
+}
+
+/// The program variant a [`Harness`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// `lb_xdp_ingress`, `lb_tc_egress`.
+    Plain,
+    /// `lb_xdp_ingress_timed`, `lb_tc_egress_timed` (`--latency-histogram`).
+    Timed,
+    /// XDP: `lb_xdp_pass`, an empty program returning XDP_PASS (the benchmark's floor);
+    /// TC: the plain program.
+    Floor,
 }
 
 /// A frontend to program: address (`None` = any node address), port, protocol, kind flags.
@@ -122,6 +136,7 @@ impl Harness {
             maps,
             next_backend: 1,
             ports: Default::default(),
+            variant: Variant::Plain,
             _pins: pins,
         }
     }
@@ -134,6 +149,11 @@ impl Harness {
 
     pub fn add_node_addr(&mut self, addr: std::net::Ipv4Addr) {
         self.maps.put_node_addr(addr).expect("put node addr");
+    }
+
+    /// Run `variant` from now on.
+    pub fn set_variant(&mut self, variant: Variant) {
+        self.variant = variant;
     }
 
     /// Write the ports of every frontend added so far (and `snat`, where SNATed flows'
@@ -241,15 +261,20 @@ impl Harness {
             repeat,
             ..Default::default()
         };
+        let (xdp, tc) = match self.variant {
+            Variant::Plain => (maps::PROG_XDP_INGRESS, maps::PROG_TC_EGRESS),
+            Variant::Timed => (maps::PROG_XDP_INGRESS_TIMED, maps::PROG_TC_EGRESS_TIMED),
+            Variant::Floor => (maps::PROG_XDP_PASS, maps::PROG_TC_EGRESS),
+        };
         let res = match prog {
             Prog::Xdp => self
                 .datapath
-                .xdp_program()
+                .xdp_program_named(xdp)
                 .expect("xdp program")
                 .test_run(opts),
             Prog::Tc => self
                 .datapath
-                .tc_program()
+                .tc_program_named(tc)
                 .expect("tc program")
                 .test_run(opts),
         }

@@ -424,3 +424,72 @@ fn a_spoofed_syn_flood_of_twice_the_conntrack_capacity_breaks_no_established_flo
         "the flood reached the datapath"
     );
 }
+
+/// `--latency-histogram`: the timed programs record their own run time; after 50 requests
+/// through a NodePort, `status` shows the run-time table and `/metrics` the histogram, both
+/// with every run the verdict counters saw.
+#[test]
+fn latency_histogram_shows_in_status_and_metrics() {
+    let mut cluster = Topology::new().nodes(1).pods_per_node(1).build();
+    cluster.wait_reachable();
+    cluster.start_pod_servers_with(podserver(), &[HTTP], &[], &[]);
+    let node = &cluster.nodes[0];
+    let svc = service_yaml(
+        "web",
+        "NodePort",
+        Ipv4Addr::new(10, 96, 0, 80),
+        false,
+        &[port("http", "TCP", 80, HTTP, 30080)],
+        &[Endpoint {
+            ip: node.pods[0].ip,
+            ready: true,
+            node: "node0",
+        }],
+    );
+    let (_dir, pins, agents) = start(&cluster, &[svc], &["--latency-histogram"]);
+    assert!(
+        agents[0].proc.log().contains("with the latency histogram"),
+        "{}",
+        agents[0].proc.log()
+    );
+    let target = SocketAddrV4::new(node.ip, 30080);
+    for _ in 0..50 {
+        cluster
+            .client
+            .enter(|| http_get(target, "/", T))
+            .expect("GET through the NodePort");
+    }
+    let status = node.ns.run(&[
+        workspace_bin("lb-agent").to_str().expect("utf-8 path"),
+        "status",
+        "--bpffs",
+        pins[0].path().to_str().expect("utf-8 path"),
+    ]);
+    println!("{status}");
+    assert!(status.contains("DATAPATH RUN TIME"), "{status}");
+    let body = node
+        .ns
+        .enter(|| {
+            http_get(
+                SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
+                "/metrics",
+                T,
+            )
+        })
+        .expect("metrics");
+    let get = |prefix: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let xdp_runs = get("lb_datapath_run_duration_ns_count{prog=\"xdp\"} ");
+    let tc_runs = get("lb_datapath_run_duration_ns_count{prog=\"tc\"} ");
+    let inf = get("lb_datapath_run_duration_ns_bucket{prog=\"xdp\",le=\"+Inf\"} ");
+    println!("histogram: {xdp_runs} XDP runs, {tc_runs} TC runs");
+    // Every request is at least SYN, ACK, data, FIN in and SYN-ACK, data, FIN out.
+    assert!(xdp_runs >= 50 * 4 && tc_runs >= 50 * 3, "{body}");
+    assert_eq!(inf, xdp_runs);
+    let tracked = counter(&node.ns, "xdp_fwd_tracked") + counter(&node.ns, "xdp_fwd_new_flow");
+    assert!(xdp_runs >= tracked, "every counted packet was timed");
+}
