@@ -167,13 +167,21 @@ impl Datapath {
         Ok(())
     }
 
-    /// A socket hook program (`lb_common::maps::SOCK_PROGS`).
-    pub fn sock_program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, LoadError> {
+    /// A program of the object by name, as its type `T`.
+    fn program_as<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, LoadError>
+    where
+        &'a mut aya::programs::Program: TryInto<&'a mut T, Error = ProgramError>,
+    {
         let prog = self
             .ebpf
             .program_mut(name)
             .ok_or(LoadError::MissingProgram(name))?;
         prog.try_into().map_err(|source| prog_err(name, source))
+    }
+
+    /// A socket hook program (`lb_common::maps::SOCK_PROGS`).
+    pub fn sock_program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, LoadError> {
+        self.program_as(name)
     }
 
     /// Attach the socket hooks (connect4, sendmsg4, recvmsg4, getpeername4) to the cgroup v2
@@ -273,11 +281,7 @@ impl Datapath {
 
     /// An XDP program by name: `lb_xdp_ingress` or its timed variant.
     pub fn xdp_program_named(&mut self, name: &'static str) -> Result<&mut Xdp, LoadError> {
-        let prog = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(LoadError::MissingProgram(name))?;
-        prog.try_into().map_err(|source| prog_err(name, source))
+        self.program_as(name)
     }
 
     /// The TC program (for attaching, and for `test_run` in fixture tests).
@@ -290,11 +294,7 @@ impl Datapath {
         &mut self,
         name: &'static str,
     ) -> Result<&mut SchedClassifier, LoadError> {
-        let prog = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(LoadError::MissingProgram(name))?;
-        prog.try_into().map_err(|source| prog_err(name, source))
+        self.program_as(name)
     }
 
     /// Attach XDP ingress and TC egress to `iface` and pin both links. If links are already

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lb_testkit::agent::{
-    node_yaml, service_yaml, start_agent_in, workspace_bin, write_manifest, Agent, Endpoint,
-    ManifestDir, SvcPort,
+    datapath_count, metric, node_yaml, scrape, service_yaml, start_agent_in, workspace_bin,
+    write_manifest, Agent, Endpoint, ManifestDir, SvcPort,
 };
 use lb_testkit::bpffs::PinDir;
 use lb_testkit::lab::{http_get, Cluster, LineConn, Netns, Topology, CLIENT_IF};
@@ -26,20 +26,23 @@ fn podserver() -> &'static Path {
 
 /// A datapath counter from the node's `/metrics`.
 fn counter(ns: &Netns, reason: &str) -> u64 {
-    let body = ns
-        .enter(|| {
-            http_get(
-                SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
-                "/metrics",
-                T,
-            )
-        })
-        .expect("GET /metrics");
-    let needle = format!("lb_datapath_packets_total{{reason=\"{reason}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(needle.as_str()))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    datapath_count(ns, METRICS, reason)
+}
+
+/// A Service `name` with one HTTP NodePort (30080) whose only endpoint is `node`'s first pod.
+fn one_pod_web(name: &str, node: &lb_testkit::lab::NodeNs) -> String {
+    service_yaml(
+        name,
+        "NodePort",
+        Ipv4Addr::new(10, 96, 0, 80),
+        false,
+        &[port("http", "TCP", 80, HTTP, 30080)],
+        &[Endpoint {
+            ip: node.pods[0].ip,
+            ready: true,
+            node: "node0",
+        }],
+    )
 }
 
 fn port(name: &'static str, proto: &'static str, port: u16, target: u16, np: u16) -> SvcPort {
@@ -228,18 +231,7 @@ fn path_mtu_discovery_works_through_a_nodeport_behind_a_smaller_mtu_hop() {
     cluster.wait_reachable();
     cluster.start_pod_servers_with(podserver(), &[HTTP], &[], &[]);
     let node = &cluster.nodes[0];
-    let svc = service_yaml(
-        "big",
-        "NodePort",
-        Ipv4Addr::new(10, 96, 0, 80),
-        false,
-        &[port("http", "TCP", 80, HTTP, 30080)],
-        &[Endpoint {
-            ip: node.pods[0].ip,
-            ready: true,
-            node: "node0",
-        }],
-    );
+    let svc = one_pod_web("big", node);
     let (_dir, _pins, _agents) = start(&cluster, &[svc], &[]);
     let target = SocketAddrV4::new(node.ip, 30080);
     const SIZE: usize = 1 << 20;
@@ -384,22 +376,7 @@ fn a_spoofed_syn_flood_of_twice_the_conntrack_capacity_breaks_no_established_flo
         }
     });
     let after = round(&mut conns, "after");
-    let entries = |what: &str| -> u64 {
-        let body = node
-            .ns
-            .enter(|| {
-                http_get(
-                    SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
-                    "/metrics",
-                    T,
-                )
-            })
-            .expect("metrics");
-        body.lines()
-            .find_map(|l| l.strip_prefix(what))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let entries = |what: &str| -> u64 { metric(&scrape(&node.ns, METRICS), what) };
     println!(
         "SYN flood: {}; established flows answered {during}/{} requests during it and \
          {after}/50 after it; a new connection succeeded {first_ok:?} after the flood \
@@ -434,18 +411,7 @@ fn latency_histogram_shows_in_status_and_metrics() {
     cluster.wait_reachable();
     cluster.start_pod_servers_with(podserver(), &[HTTP], &[], &[]);
     let node = &cluster.nodes[0];
-    let svc = service_yaml(
-        "web",
-        "NodePort",
-        Ipv4Addr::new(10, 96, 0, 80),
-        false,
-        &[port("http", "TCP", 80, HTTP, 30080)],
-        &[Endpoint {
-            ip: node.pods[0].ip,
-            ready: true,
-            node: "node0",
-        }],
-    );
+    let svc = one_pod_web("web", node);
     let (_dir, pins, agents) = start(&cluster, &[svc], &["--latency-histogram"]);
     assert!(
         agents[0].proc.log().contains("with the latency histogram"),
@@ -467,22 +433,8 @@ fn latency_histogram_shows_in_status_and_metrics() {
     ]);
     println!("{status}");
     assert!(status.contains("DATAPATH RUN TIME"), "{status}");
-    let body = node
-        .ns
-        .enter(|| {
-            http_get(
-                SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
-                "/metrics",
-                T,
-            )
-        })
-        .expect("metrics");
-    let get = |prefix: &str| -> u64 {
-        body.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let body = scrape(&node.ns, METRICS);
+    let get = |prefix: &str| -> u64 { metric(&body, prefix) };
     let xdp_runs = get("lb_datapath_run_duration_ns_count{prog=\"xdp\"} ");
     let tc_runs = get("lb_datapath_run_duration_ns_count{prog=\"tc\"} ");
     let inf = get("lb_datapath_run_duration_ns_bucket{prog=\"xdp\",le=\"+Inf\"} ");

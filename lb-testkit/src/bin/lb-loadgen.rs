@@ -19,6 +19,8 @@
 //!
 //! Every loop is bounded by a count and a duration.
 use std::collections::BTreeMap;
+
+use lb_testkit::cli::{get, get_or};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -59,34 +61,7 @@ fn usage() -> String {
 
 /// `--flag value` pairs.
 fn flags(args: &[String]) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let name = flag
-            .strip_prefix("--")
-            .ok_or_else(|| format!("unexpected argument {flag:?}\n{}", usage()))?;
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        out.insert(name.to_owned(), value.clone());
-    }
-    Ok(out)
-}
-
-fn get<T: std::str::FromStr>(f: &BTreeMap<String, String>, name: &str) -> Result<T, String> {
-    let v = f.get(name).ok_or_else(|| format!("--{name} is required"))?;
-    v.parse()
-        .map_err(|_| format!("--{name}: cannot parse {v:?}"))
-}
-
-fn get_or<T: std::str::FromStr>(
-    f: &BTreeMap<String, String>,
-    name: &str,
-    default: T,
-) -> Result<T, String> {
-    if f.contains_key(name) {
-        get(f, name)
-    } else {
-        Ok(default)
-    }
+    lb_testkit::cli::flags(args, &usage())
 }
 
 /// `P` or `P-Q` (inclusive).
