@@ -24,7 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Load and attach the datapath, then keep its maps in sync with the cluster (or manifests).
-    Run(RunArgs),
+    // Boxed: the run flags are large, the other subcommands small.
+    Run(Box<RunArgs>),
     /// Show frontends, backends, hostPorts and counters read from the pinned maps.
     Status {
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
@@ -205,7 +206,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the tokio runtime")?;
-            rt.block_on(run::run(args))
+            rt.block_on(run::run(*args))
         }
         Cmd::Status { bpffs, output } => {
             // `lb-agent status | head` ends quietly, like other CLI tools, not with a panic on

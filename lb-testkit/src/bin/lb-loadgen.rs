@@ -532,78 +532,6 @@ fn flood(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_nearest_rank() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 50.0), 50);
-        assert_eq!(percentile(&v, 99.0), 99);
-        assert_eq!(percentile(&v, 100.0), 100);
-        assert_eq!(percentile(&v, 0.0), 1);
-        assert_eq!(percentile(&[], 50.0), 0);
-    }
-
-    #[test]
-    fn parses_port_ranges() {
-        assert_eq!(port_range("8080").expect("single"), vec![8080]);
-        assert_eq!(
-            port_range("8080-8082").expect("range"),
-            vec![8080, 8081, 8082]
-        );
-        assert!(port_range("9-8").is_err());
-        assert!(port_range("x").is_err());
-    }
-
-    #[test]
-    fn loopback_round_trips() {
-        // Server and clients over 127.0.0.1 in this process's namespace: no lab needed.
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.set_nonblocking(true).expect("nonblocking");
-        let port = l.local_addr().expect("addr").port();
-        let u = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-        u.set_nonblocking(true).expect("nonblocking");
-        let uport = u.local_addr().expect("addr").port();
-        // SAFETY: getppid has no preconditions.
-        let parent = unsafe { libc::getppid() };
-        let flag = AtomicBool::new(false);
-        let stop = Stop {
-            flag: &flag,
-            parent,
-            deadline: Instant::now() + Duration::from_secs(30),
-        };
-        std::thread::scope(|s| {
-            s.spawn(|| tcp_loop(std::slice::from_ref(&l), 7, &stop));
-            s.spawn(|| udp_loop(std::slice::from_ref(&u), 7, &stop));
-            for mode in [Mode::TcpRr, Mode::TcpCrr, Mode::UdpRr] {
-                let p = if mode == Mode::UdpRr { uport } else { port };
-                let mut t = Transactor {
-                    mode,
-                    target: SocketAddrV4::new(Ipv4Addr::LOCALHOST, p),
-                    timeout: Duration::from_secs(2),
-                    tcp: None,
-                    udp: None,
-                };
-                for _ in 0..3 {
-                    assert_eq!(t.once().expect("transaction"), 7);
-                }
-            }
-            let q = UdpSocket::bind("127.0.0.1:0").expect("bind");
-            q.set_read_timeout(Some(Duration::from_secs(2)))
-                .expect("timeout");
-            q.connect(("127.0.0.1", uport)).expect("connect");
-            q.send(b"Fxx").expect("flood");
-            q.send(b"Q").expect("query");
-            let mut buf = [0u8; 64];
-            let n = q.recv(&mut buf).expect("stats");
-            assert_eq!(&buf[..n], b"flood=1 bytes=3");
-            flag.store(true, Ordering::Relaxed);
-        });
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // synflood
 
@@ -692,4 +620,76 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     parts
         .try_into()
         .map_err(|_| format!("MAC {s:?}: need 6 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 50);
+        assert_eq!(percentile(&v, 99.0), 99);
+        assert_eq!(percentile(&v, 100.0), 100);
+        assert_eq!(percentile(&v, 0.0), 1);
+        assert_eq!(percentile(&[], 50.0), 0);
+    }
+
+    #[test]
+    fn parses_port_ranges() {
+        assert_eq!(port_range("8080").expect("single"), vec![8080]);
+        assert_eq!(
+            port_range("8080-8082").expect("range"),
+            vec![8080, 8081, 8082]
+        );
+        assert!(port_range("9-8").is_err());
+        assert!(port_range("x").is_err());
+    }
+
+    #[test]
+    fn loopback_round_trips() {
+        // Server and clients over 127.0.0.1 in this process's namespace: no lab needed.
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.set_nonblocking(true).expect("nonblocking");
+        let port = l.local_addr().expect("addr").port();
+        let u = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        u.set_nonblocking(true).expect("nonblocking");
+        let uport = u.local_addr().expect("addr").port();
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() };
+        let flag = AtomicBool::new(false);
+        let stop = Stop {
+            flag: &flag,
+            parent,
+            deadline: Instant::now() + Duration::from_secs(30),
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| tcp_loop(std::slice::from_ref(&l), 7, &stop));
+            s.spawn(|| udp_loop(std::slice::from_ref(&u), 7, &stop));
+            for mode in [Mode::TcpRr, Mode::TcpCrr, Mode::UdpRr] {
+                let p = if mode == Mode::UdpRr { uport } else { port };
+                let mut t = Transactor {
+                    mode,
+                    target: SocketAddrV4::new(Ipv4Addr::LOCALHOST, p),
+                    timeout: Duration::from_secs(2),
+                    tcp: None,
+                    udp: None,
+                };
+                for _ in 0..3 {
+                    assert_eq!(t.once().expect("transaction"), 7);
+                }
+            }
+            let q = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            q.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            q.connect(("127.0.0.1", uport)).expect("connect");
+            q.send(b"Fxx").expect("flood");
+            q.send(b"Q").expect("query");
+            let mut buf = [0u8; 64];
+            let n = q.recv(&mut buf).expect("stats");
+            assert_eq!(&buf[..n], b"flood=1 bytes=3");
+            flag.store(true, Ordering::Relaxed);
+        });
+    }
 }
