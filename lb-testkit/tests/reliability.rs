@@ -419,38 +419,85 @@ impl Rng {
     }
 }
 
-/// One connect, `GET /`, read to the end, close: the body (the pod's name), or what failed,
-/// with the client port, the step and how long it had taken.
-fn crr(to: SocketAddrV4) -> Result<String, String> {
+/// `t` as `HH:MM:SS.mmm` UTC, the form of the agent's log timestamps.
+fn utc(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let s = d.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        d.subsec_millis()
+    )
+}
+
+/// One connect, `GET /`, read to the end, close: the client port (0 if the connect failed)
+/// and the body (the pod's name), or what failed, with the step and how long it had taken.
+fn crr(to: SocketAddrV4) -> (u16, Result<String, String>) {
     use std::io::{Read as _, Write as _};
     let t = Instant::now();
-    let mut port = 0;
-    let fail = |step: &str, port: u16, e: std::io::Error| {
-        format!("client port {port}: {step} after {:.1?}: {e}", t.elapsed())
+    let fail = |step: &str, e: std::io::Error| format!("{step} after {:.1?}: {e}", t.elapsed());
+    let mut c = match std::net::TcpStream::connect_timeout(&to.into(), T) {
+        Ok(c) => c,
+        Err(e) => return (0, Err(fail("connect", e))),
     };
-    let mut c = std::net::TcpStream::connect_timeout(&to.into(), T)
-        .map_err(|e| fail("connect", port, e))?;
-    port = c.local_addr().map(|a| a.port()).unwrap_or(0);
-    c.set_read_timeout(Some(T))
-        .map_err(|e| fail("setsockopt", port, e))?;
-    c.set_write_timeout(Some(T))
-        .map_err(|e| fail("setsockopt", port, e))?;
-    c.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-        .map_err(|e| fail("write", port, e))?;
-    let mut raw = Vec::new();
-    c.take(64 * 1024)
-        .read_to_end(&mut raw)
-        .map_err(|e| fail("read", port, e))?;
-    let resp = lb_testkit::lab::client::parse_response(&raw).map_err(|e| {
-        format!(
-            "client port {port}: bad response after {:.1?}: {e}",
-            t.elapsed()
-        )
-    })?;
-    if resp.status != 200 {
-        return Err(format!("client port {port}: status {}", resp.status));
+    let port = c.local_addr().map(|a| a.port()).unwrap_or(0);
+    let result = (|| {
+        c.set_read_timeout(Some(T))
+            .map_err(|e| fail("setsockopt", e))?;
+        c.set_write_timeout(Some(T))
+            .map_err(|e| fail("setsockopt", e))?;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+            .map_err(|e| fail("write", e))?;
+        let mut raw = Vec::new();
+        (&mut c)
+            .take(64 * 1024)
+            .read_to_end(&mut raw)
+            .map_err(|e| fail("read", e))?;
+        let resp = lb_testkit::lab::client::parse_response(&raw)
+            .map_err(|e| format!("bad response after {:.1?}: {e}", t.elapsed()))?;
+        if resp.status != 200 {
+            return Err(format!("status {}", resp.status));
+        }
+        Ok(resp.body.trim().to_string())
+    })();
+    (port, result)
+}
+
+/// The conntrack entries (both maps) of the client port `port`, for a failure report.
+fn ct_entries_of(dp: &BpfDataplane, port: u16) -> Vec<String> {
+    let ip = |a: u32| Ipv4Addr::from(u32::from_be(a));
+    let mut out = Vec::new();
+    for (map, entries) in [
+        ("LB4_CT", dp.conntrack_established()),
+        ("LB4_CT_SYN", dp.conntrack_half_open()),
+    ] {
+        for (k, v) in entries.unwrap_or_default() {
+            let theirs = if k.dir == lb_common::conntrack::CT_FORWARD {
+                k.sport
+            } else {
+                k.dport
+            };
+            if k.proto == 6 && u16::from_be(theirs) == port {
+                out.push(format!(
+                    "{map} dir={} {}:{} -> {}:{} => {}:{} backend_id={} flags={:#x} \
+                     last_seen_ns={}",
+                    k.dir,
+                    ip(k.saddr),
+                    u16::from_be(k.sport),
+                    ip(k.daddr),
+                    u16::from_be(k.dport),
+                    ip(v.nat_addr),
+                    u16::from_be(v.nat_port),
+                    v.backend_id,
+                    v.flags,
+                    v.last_seen_ns
+                ));
+            }
+        }
     }
-    Ok(resp.body.trim().to_string())
+    out
 }
 
 /// One connect-request-close of the load: when its connect began, and who answered.
@@ -471,6 +518,9 @@ struct Conn {
 /// (the pod server answers its pod name), close, through the NodePort, noting when each
 /// connect began. A connection is late when it began after the test saw the sync line of
 /// the write that removed its pod and before the write that added that pod back began.
+/// A failed connection is reported with its client port, the step that failed, the flow's
+/// conntrack entries (read at once, before the port is reused) and, beside them, the
+/// agent's conntrack GC runs.
 #[test]
 fn should_not_send_new_connections_to_removed_endpoints_during_6000_endpoint_changes() {
     const PODS: usize = 60;
@@ -503,6 +553,7 @@ fn should_not_send_new_connections_to_removed_endpoints_during_6000_endpoint_cha
     // test saw its removal applied, to the write that adds it back; open while removed).
     let mut forbidden: Vec<Vec<(Instant, Option<Instant>)>> = vec![Vec::new(); PODS];
     let load_start = Instant::now();
+    let load_start_wall = std::time::SystemTime::now();
     for p in all.difference(&current) {
         forbidden[*p].push((load_start, None));
     }
@@ -523,7 +574,16 @@ fn should_not_send_new_connections_to_removed_endpoints_during_6000_endpoint_cha
                             && out.len() < 2_000_000
                         {
                             let start = Instant::now();
-                            let answer = crr(np(HTTP_NP)).and_then(|b| {
+                            let (port, answer) = crr(np(HTTP_NP));
+                            // A failure is rare: note the flow's conntrack entries at once,
+                            // before a later connection reuses the client port.
+                            let answer = answer.map_err(|e| {
+                                let ct = BpfDataplane::open(&PinLayout::new(pins.path()))
+                                    .map(|dp| ct_entries_of(&dp, port))
+                                    .unwrap_or_default();
+                                format!("client port {port}: {e}; conntrack: {ct:#?}")
+                            });
+                            let answer = answer.and_then(|b| {
                                 b.strip_prefix("pod")
                                     .and_then(|n| n.parse::<usize>().ok())
                                     .ok_or_else(|| format!("body {b:?}"))
@@ -621,10 +681,10 @@ fn should_not_send_new_connections_to_removed_endpoints_during_6000_endpoint_cha
     let failures: Vec<String> = conns
         .iter()
         .filter_map(|c| {
-            c.answer
-                .as_ref()
-                .err()
-                .map(|e| format!("{:.3?}: {e}", c.start.duration_since(load_start)))
+            c.answer.as_ref().err().map(|e| {
+                let at = c.start.duration_since(load_start);
+                format!("{at:.3?} ({} UTC): {e}", utc(load_start_wall + at))
+            })
         })
         .collect();
     let late: Vec<String> = conns
@@ -679,9 +739,17 @@ fn should_not_send_new_connections_to_removed_endpoints_during_6000_endpoint_cha
          datapath counters {counters:?}"
     );
     assert_eq!(removed + added, CHANGES);
+    // The agent's conntrack GC runs (its log has UTC times), to set beside the failures.
+    let gc_runs: Vec<String> = agent
+        .proc
+        .log()
+        .lines()
+        .filter(|l| l.contains("conntrack GC"))
+        .map(str::to_owned)
+        .collect();
     assert!(
         failures.is_empty(),
-        "{} failed connections, first: {:#?}",
+        "{} failed connections, first: {:#?}\nconntrack GC runs of the agent: {gc_runs:#?}",
         failures.len(),
         &failures[..failures.len().min(20)]
     );
