@@ -888,3 +888,146 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_
     );
     assert_eq!(lost, 0, "no errors on the socket: {replies:?}");
 }
+
+/// A TCP socket in the calling thread's namespace, bound to `0.0.0.0:port` (SO_REUSEADDR),
+/// connected to `to`: a client that reuses one source port on purpose.
+fn connect_from(port: u16, to: SocketAddrV4) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let sin = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nobody else owns; the stream closes it on drop.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let local = sin(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
+    let remote = sin(to);
+    // SAFETY: valid pointers and lengths for each call; `fd` is open.
+    let failed = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) != 0
+            || libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0
+            || libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0
+    };
+    if failed {
+        return Err(std::io::Error::last_os_error());
+    }
+    stream.set_read_timeout(Some(T))?;
+    stream.set_write_timeout(Some(T))?;
+    Ok(stream)
+}
+
+/// Sends `GET /` on `c` and reads the response to its end: the body (the pod's name).
+fn get_on(mut c: std::net::TcpStream) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    c.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    c.take(64 * 1024)
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("read: {e}"))?;
+    lb_testkit::lab::client::parse_response(&raw).map(|r| r.body.trim().to_string())
+}
+
+/// The conntrack GC race that the churn test above hit once (1 failed connection in about
+/// 2.5 million), replayed step by step with the GC's own pieces (`lb_agent::ct_gc`,
+/// `lb_agent::bpfsys`): the GC reads `LB4_CT`, picks the expired entries, and deletes their
+/// keys some milliseconds later (one collection of 28k entries took 22-81 ms here). A
+/// client that reuses the source port of an expired flow within that window gets new
+/// entries under the same keys, and the GC deletes them: the established connection loses
+/// its conntrack entries. Its next packet picks a backend afresh (here another pod, as the
+/// endpoint changed meanwhile, which an established flow must survive) and is reset, or
+/// the backend's reply leaves without reverse NAT.
+///
+/// It replays `lb_agent::ct_gc::collect` in its two halves (batch lookup + `expired_keys`,
+/// then `map_delete_batch`) with the new connection in between; without the stale delete
+/// the same connection keeps pod0. Fails until the GC checks each entry again just before
+/// deleting it (or the datapath can tell a new flow from the one the GC saw); once the GC
+/// has such phases, this test should call them instead of the raw pieces. Ignored so that
+/// it does not turn every CI run red: run it with `--ignored`.
+#[test]
+#[ignore = "reproduces the conntrack GC race (a live flow's entries deleted under a reused tuple); fails until it is fixed"]
+fn conntrack_gc_must_not_delete_a_new_flow_that_reuses_an_expired_tuple() {
+    use std::os::fd::AsFd as _;
+    const PORT: u16 = 40_123;
+    let (lab, pins, manifests) = lab("rel-gc-race", 2, &[0]);
+    // The GC is off (this test plays it); closed flows expire after 1 s.
+    let agent = lb_testkit::agent::start_agent_with(
+        &lab,
+        &pins,
+        manifests.path(),
+        &["--ct-gc-interval", "0s", "--ct-timeout-tcp-fin", "1s"],
+    );
+    wait_serving(&lab, &agent);
+    let first = lab
+        .client
+        .enter(|| connect_from(PORT, np(HTTP_NP)))
+        .expect("first connection");
+    assert_eq!(get_on(first).as_deref(), Ok("pod0"));
+    // Its entries are CLOSING; after 2.5 s they are expired.
+    std::thread::sleep(Duration::from_millis(2500));
+
+    // The GC, first half: read the map, choose the expired keys.
+    let layout = PinLayout::new(pins.path());
+    let map = lb_agent::pins::open_pinned_map(&layout, lb_common::maps::LB4_CT).expect("LB4_CT");
+    let entries: Vec<(lb_common::Ct4Key, lb_common::Ct4Value)> =
+        lb_agent::bpfsys::map_lookup_batch(map.fd().as_fd(), 4096).expect("batch lookup");
+    let cfg = lb_common::LbConfig {
+        ct_timeout_tcp_fin_s: 1,
+        ..lb_common::LbConfig::default()
+    };
+    let expired = lb_agent::ct_gc::expired_keys(&entries, lb_agent::ct_gc::monotonic_ns(), &cfg);
+    assert!(
+        expired
+            .iter()
+            .any(|k| k.dir == lb_common::conntrack::CT_FORWARD && u16::from_be(k.sport) == PORT),
+        "the first flow's entries are expired: {expired:?}"
+    );
+
+    // Meanwhile: a new connection from the same client port, established on pod0...
+    let second = lab
+        .client
+        .enter(|| connect_from(PORT, np(HTTP_NP)))
+        .expect("second connection");
+    // ...and the Service's endpoint moves to pod1 (an established flow keeps pod0).
+    let syncs = sync_lines(&agent.proc.log()).len();
+    write_web(manifests.path(), &[1]);
+    let t = Instant::now();
+    while sync_lines(&agent.proc.log()).len() <= syncs {
+        assert!(t.elapsed() < Duration::from_secs(10), "no sync within 10 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // The GC, second half: delete the keys it chose.
+    let deleted =
+        lb_agent::bpfsys::map_delete_batch(map.fd().as_fd(), &expired, 4096).expect("batch delete");
+    let ct_now = ct_entries_of(
+        &BpfDataplane::open(&layout).expect("open pinned maps"),
+        PORT,
+    );
+    let answer = get_on(second);
+    println!(
+        "RELIABILITY conntrack GC race: deleted={deleted} entries of port {PORT} after the \
+         delete: {ct_now:?}; the established connection got {answer:?}"
+    );
+    assert_eq!(
+        answer.as_deref(),
+        Ok("pod0"),
+        "the GC deleted the entries of a live flow that reused an expired flow's tuple"
+    );
+}
