@@ -54,24 +54,68 @@ pub struct GcReport {
     pub took: Duration,
 }
 
-/// Collect once: read every entry of both conntrack maps (`LB4_CT`, `LB4_CT_SYN`), delete
-/// the expired ones.
-pub fn collect(pins: &PinLayout, cfg: &LbConfig) -> Result<GcReport, LoadError> {
-    let started = Instant::now();
-    let mut report = GcReport::default();
+/// The entries a GC walk found expired, per map, not deleted yet.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    /// Entries in both maps when they were read.
+    pub entries: usize,
+    pub expired: Vec<(&'static str, Vec<Ct4Key>)>,
+}
+
+/// A GC walk's first half: read every entry of both conntrack maps (`LB4_CT`,
+/// `LB4_CT_SYN`) in batches and pick the expired ones.
+pub fn scan(pins: &PinLayout, cfg: &LbConfig) -> Result<Scan, LoadError> {
+    let mut out = Scan::default();
     for name in [maps::LB4_CT, maps::LB4_CT_SYN] {
         let map = open_pinned_map(pins, name)?;
-        let fd = map.fd().as_fd();
-        let entries: Vec<(Ct4Key, Ct4Value)> = bpfsys::map_lookup_batch(fd, BATCH)
+        let entries: Vec<(Ct4Key, Ct4Value)> = bpfsys::map_lookup_batch(map.fd().as_fd(), BATCH)
             .map_err(io_err(format!("reading {name} (batch)")))?;
-        let expired = expired_keys(&entries, monotonic_ns(), cfg);
-        let deleted = bpfsys::map_delete_batch(fd, &expired, BATCH)
-            .map_err(io_err(format!("deleting from {name} (batch)")))?;
-        report.entries += entries.len();
-        report.expired += deleted;
+        out.entries += entries.len();
+        out.expired
+            .push((name, expired_keys(&entries, monotonic_ns(), cfg)));
     }
-    report.took = started.elapsed();
-    Ok(report)
+    Ok(out)
+}
+
+/// A GC walk's second half: delete the keys of `scan` whose entries are still expired. Each
+/// is read again first: between the walk and now the datapath may have replaced an expired
+/// flow by a new one under the same tuple (a client reusing its port), whose entries must
+/// stay. Returns how many were deleted.
+pub fn delete_expired(pins: &PinLayout, cfg: &LbConfig, scan: &Scan) -> Result<usize, LoadError> {
+    let mut deleted = 0;
+    for (name, keys) in &scan.expired {
+        if keys.is_empty() {
+            continue;
+        }
+        let data = open_pinned_map(pins, name)?;
+        let fd = data.fd().as_fd();
+        let now = monotonic_ns();
+        let still: Vec<Ct4Key> = keys
+            .iter()
+            .filter(|k| {
+                bpfsys::map_lookup::<Ct4Key, Ct4Value>(fd, k)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|v| is_expired(k, &v, now, cfg))
+            })
+            .copied()
+            .collect();
+        deleted += bpfsys::map_delete_batch(fd, &still, BATCH)
+            .map_err(io_err(format!("deleting from {name} (batch)")))?;
+    }
+    Ok(deleted)
+}
+
+/// Collect once: [`scan`], then [`delete_expired`].
+pub fn collect(pins: &PinLayout, cfg: &LbConfig) -> Result<GcReport, LoadError> {
+    let started = Instant::now();
+    let s = scan(pins, cfg)?;
+    let expired = delete_expired(pins, cfg, &s)?;
+    Ok(GcReport {
+        entries: s.entries,
+        expired,
+        took: started.elapsed(),
+    })
 }
 
 /// What the collector has done, for `/metrics`.

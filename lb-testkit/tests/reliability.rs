@@ -954,16 +954,12 @@ fn get_on(mut c: std::net::TcpStream) -> Result<String, String> {
 /// endpoint changed meanwhile, which an established flow must survive) and is reset, or
 /// the backend's reply leaves without reverse NAT.
 ///
-/// It replays `lb_agent::ct_gc::collect` in its two halves (batch lookup + `expired_keys`,
-/// then `map_delete_batch`) with the new connection in between; without the stale delete
-/// the same connection keeps pod0. Fails until the GC checks each entry again just before
-/// deleting it (or the datapath can tell a new flow from the one the GC saw); once the GC
-/// has such phases, this test should call them instead of the raw pieces. Ignored so that
-/// it does not turn every CI run red: run it with `--ignored`.
+/// It runs `lb_agent::ct_gc::collect` in its two phases (`scan`, then `delete_expired`)
+/// with the new connection in between. Fixed: `delete_expired` reads each entry again just
+/// before deleting it, so the new flow's fresh entries stay and the connection keeps pod0.
+/// (With the raw batch delete of the scanned keys, this test failed.)
 #[test]
-#[ignore = "reproduces the conntrack GC race (a live flow's entries deleted under a reused tuple); fails until it is fixed"]
 fn conntrack_gc_must_not_delete_a_new_flow_that_reuses_an_expired_tuple() {
-    use std::os::fd::AsFd as _;
     const PORT: u16 = 40_123;
     let (lab, pins, manifests) = lab("rel-gc-race", 2, &[0]);
     // The GC is off (this test plays it); closed flows expire after 1 s.
@@ -982,21 +978,18 @@ fn conntrack_gc_must_not_delete_a_new_flow_that_reuses_an_expired_tuple() {
     // Its entries are CLOSING; after 2.5 s they are expired.
     std::thread::sleep(Duration::from_millis(2500));
 
-    // The GC, first half: read the map, choose the expired keys.
+    // The GC, first phase: read the maps, choose the expired keys.
     let layout = PinLayout::new(pins.path());
-    let map = lb_agent::pins::open_pinned_map(&layout, lb_common::maps::LB4_CT).expect("LB4_CT");
-    let entries: Vec<(lb_common::Ct4Key, lb_common::Ct4Value)> =
-        lb_agent::bpfsys::map_lookup_batch(map.fd().as_fd(), 4096).expect("batch lookup");
     let cfg = lb_common::LbConfig {
         ct_timeout_tcp_fin_s: 1,
         ..lb_common::LbConfig::default()
     };
-    let expired = lb_agent::ct_gc::expired_keys(&entries, lb_agent::ct_gc::monotonic_ns(), &cfg);
+    let scan = lb_agent::ct_gc::scan(&layout, &cfg).expect("GC scan");
     assert!(
-        expired
-            .iter()
-            .any(|k| k.dir == lb_common::conntrack::CT_FORWARD && u16::from_be(k.sport) == PORT),
-        "the first flow's entries are expired: {expired:?}"
+        scan.expired.iter().flat_map(|(_, k)| k).any(|k| {
+            k.dir == lb_common::conntrack::CT_FORWARD && u16::from_be(k.sport) == PORT
+        }),
+        "the first flow's entries are expired: {scan:?}"
     );
 
     // Meanwhile: a new connection from the same client port, established on pod0...
@@ -1013,9 +1006,8 @@ fn conntrack_gc_must_not_delete_a_new_flow_that_reuses_an_expired_tuple() {
         std::thread::sleep(Duration::from_millis(10));
     }
 
-    // The GC, second half: delete the keys it chose.
-    let deleted =
-        lb_agent::bpfsys::map_delete_batch(map.fd().as_fd(), &expired, 4096).expect("batch delete");
+    // The GC, second phase: delete what is still expired.
+    let deleted = lb_agent::ct_gc::delete_expired(&layout, &cfg, &scan).expect("GC delete");
     let ct_now = ct_entries_of(
         &BpfDataplane::open(&layout).expect("open pinned maps"),
         PORT,
