@@ -59,21 +59,7 @@ pub struct Datapath {
 
 fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
     std::fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
-    // SAFETY: statfs on a valid NUL-terminated path into a zeroed struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let cpath = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|e| io_err(format!("path {}", dir.display()))(io::Error::other(e)))?;
-    // SAFETY: as above.
-    if unsafe { libc::statfs(cpath.as_ptr(), &mut st) } != 0 {
-        return Err(io_err(format!("statfs {}", dir.display()))(
-            io::Error::last_os_error(),
-        ));
-    }
-    #[allow(
-        clippy::unnecessary_cast,
-        reason = "f_type is i64 on x86_64 but u32 elsewhere"
-    )]
-    if st.f_type as i64 != BPF_FS_MAGIC {
+    if fs_magic(dir)? != BPF_FS_MAGIC {
         return Err(LoadError::NotBpffs(dir.to_path_buf()));
     }
     // Root-only: the pins hold the node's load-balancing state.
@@ -461,6 +447,11 @@ pub fn cgroup2_mount(mounts: &str) -> Option<std::path::PathBuf> {
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
 
 fn is_cgroup2(dir: &Path) -> Result<bool, LoadError> {
+    Ok(fs_magic(dir)? == CGROUP2_MAGIC)
+}
+
+/// The filesystem type (`statfs.f_type`) of the mount holding `dir`.
+fn fs_magic(dir: &Path) -> Result<i64, LoadError> {
     // SAFETY: statfs on a valid NUL-terminated path into a zeroed struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let cpath = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
@@ -475,7 +466,7 @@ fn is_cgroup2(dir: &Path) -> Result<bool, LoadError> {
         clippy::unnecessary_cast,
         reason = "f_type is i64 on x86_64 but u32 elsewhere"
     )]
-    Ok(st.f_type as i64 == CGROUP2_MAGIC)
+    Ok(st.f_type as i64)
 }
 
 /// Detach from `iface`: removing the link pins releases the last reference to the links,
