@@ -1,6 +1,7 @@
-//! The bpf(2) commands aya 0.14 does not expose for pinned cgroup links: opening a pin
+//! The bpf(2) commands aya 0.14 does not expose: for pinned cgroup links, opening a pin
 //! (`BPF_OBJ_GET`), swapping a link's program in place (`BPF_LINK_UPDATE`) and reading the
-//! cgroup a link is attached to (`BPF_OBJ_GET_INFO_BY_FD`).
+//! cgroup a link is attached to (`BPF_OBJ_GET_INFO_BY_FD`); for maps, batch lookups and
+//! deletes (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_DELETE_BATCH`).
 use std::{
     ffi::CString,
     io,
@@ -100,6 +101,39 @@ pub fn link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<Option<u64>> {
     Ok((link_type == BPF_LINK_TYPE_CGROUP && info[2] != 0).then_some(info[2]))
 }
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// The `map_elem` member of `union bpf_attr`.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// The value of `key` in the map `map`, `None` when it has none.
+pub fn map_lookup<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    let mut value = V::zeroed();
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_mut(&mut value) as u64,
+        flags: 0,
+    };
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// The `batch` member of `union bpf_attr`.
@@ -116,6 +150,85 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// Every entry of the hash map `map`, read `chunk` at a time with `BPF_MAP_LOOKUP_BATCH`.
+/// `K`/`V` must be the map's exact key and value layouts (`#[repr(C)]` Pod types).
+pub fn map_lookup_batch<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: BorrowedFd<'_>,
+    chunk: usize,
+) -> io::Result<Vec<(K, V)>> {
+    let mut chunk = chunk.max(1);
+    let mut out = Vec::new();
+    let mut keys = vec![K::zeroed(); chunk];
+    let mut values = vec![V::zeroed(); chunk];
+    // The hash maps' batch token is a bucket index (u32); a u64 leaves room.
+    let (mut in_tok, mut out_tok) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_mut(&mut in_tok) as u64
+            },
+            out_batch: std::ptr::from_mut(&mut out_tok) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(chunk);
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match r {
+            Ok(_) => {}
+            // ENOENT: the walk is complete (the last entries, if any, came with it).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            // One bucket holds more entries than `chunk`: ask for more at once.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
+                chunk *= 2;
+                keys.resize(chunk, K::zeroed());
+                values.resize(chunk, V::zeroed());
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        in_tok = out_tok;
+        first = false;
+    }
+}
+
+/// Delete `keys` from the hash map `map` with `BPF_MAP_DELETE_BATCH`, `chunk` at a time.
+/// Keys already gone (the datapath or the LRU removed them meanwhile) are skipped. Returns
+/// how many were deleted.
+pub fn map_delete_batch<K: bytemuck::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    chunk: usize,
+) -> io::Result<usize> {
+    let chunk = chunk.max(1);
+    let mut deleted = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let part = &rest[..rest.len().min(chunk)];
+        let mut attr = BatchAttr {
+            keys: part.as_ptr() as u64,
+            count: part.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let r = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        let n = (attr.count as usize).min(part.len());
+        deleted += n;
+        match r {
+            Ok(_) => rest = &rest[part.len()..],
+            // The key at `n` is gone already: skip it and go on after it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[n + 1..],
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}
 /// Entries per `BPF_MAP_UPDATE_BATCH` call (the kernel copies and applies them one by one,
 /// so this only bounds the size of one call).
 pub const BATCH_CHUNK: usize = 8192;
@@ -176,50 +289,4 @@ pub fn update_batch<K: bytemuck::Pod, V: bytemuck::Pod>(
         }
     }
     (done, Ok(()))
-}
-
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-
-/// Every entry of a hash map, `chunk` per `BPF_MAP_LOOKUP_BATCH` call (far fewer syscalls
-/// than a get_next_key + lookup per entry). `K`/`V` must be the map's exact key and value
-/// layouts.
-pub fn dump_batch<K: bytemuck::Pod, V: bytemuck::Pod>(
-    map: BorrowedFd<'_>,
-    chunk: usize,
-) -> io::Result<Vec<(K, V)>> {
-    let mut chunk = chunk.max(1);
-    let mut out = Vec::new();
-    // The position token: a bucket index for hash maps; room for any key.
-    let mut token_in = [0u8; 64];
-    let mut token_out = [0u8; 64];
-    let mut first = true;
-    loop {
-        let mut keys: Vec<K> = vec![K::zeroed(); chunk];
-        let mut values: Vec<V> = vec![V::zeroed(); chunk];
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
-            out_batch: token_out.as_mut_ptr() as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: chunk as u32,
-            map_fd: map.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let n = (attr.count as usize).min(chunk);
-        out.extend(keys.into_iter().zip(values).take(n));
-        match r {
-            Ok(_) => {}
-            // The last batch.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
-            // One bucket holds more entries than `chunk`: ask for more at once.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
-                chunk *= 2;
-                continue;
-            }
-            Err(e) => return Err(e),
-        }
-        token_in = token_out;
-        first = false;
-    }
 }

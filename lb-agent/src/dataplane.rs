@@ -219,10 +219,50 @@ pub struct BpfDataplane {
     backends: aya::maps::HashMap<aya::maps::MapData, u32, Backend4>,
     node_addrs: aya::maps::HashMap<aya::maps::MapData, u32, u32>,
     ct: aya::maps::HashMap<aya::maps::MapData, lb_common::Ct4Key, lb_common::Ct4Value>,
+    /// Half-open TCP flows (`LB4_CT_SYN`).
+    ct_syn: aya::maps::HashMap<aya::maps::MapData, lb_common::Ct4Key, lb_common::Ct4Value>,
     stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
     svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
+    /// The timed programs' run-time histogram (absent in pins of older agents).
+    latency: Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>>,
     caps: Capacities,
     pins: PinLayout,
+}
+
+/// The datapath's run-time histogram: per program (XDP ingress, TC egress), the runs in each
+/// log2 nanosecond bucket (`lb_common::maps::LB_LATENCY`), summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Latency {
+    pub xdp: Vec<u64>,
+    pub tc: Vec<u64>,
+}
+
+impl Latency {
+    /// The upper bound in ns of bucket `k` (`2^k - 1`; bucket 0 is 0 ns).
+    pub fn upper_ns(k: usize) -> u64 {
+        if k >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << k) - 1
+        }
+    }
+
+    /// The bucket upper bound below which `q` (0..1) of `buckets` lie, `None` if empty.
+    pub fn quantile_ns(buckets: &[u64], q: f64) -> Option<u64> {
+        let total: u64 = buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (k, n) in buckets.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return Some(Self::upper_ns(k));
+            }
+        }
+        None
+    }
 }
 
 fn aya_io(e: aya::maps::MapError) -> std::io::Error {
@@ -254,15 +294,22 @@ impl BpfDataplane {
         let services = typed(m::LB4_SERVICES, open(m::LB4_SERVICES)?.try_into())?;
         let backends = typed(m::LB4_BACKENDS, open(m::LB4_BACKENDS)?.try_into())?;
         let node_addrs = typed(m::LB4_NODE_ADDRS, open(m::LB4_NODE_ADDRS)?.try_into())?;
-        let ct = match open(m::LB4_CT)? {
-            aya::maps::Map::LruHashMap(d) => typed(
-                m::LB4_CT,
-                aya::maps::HashMap::try_from(aya::maps::Map::HashMap(d)),
-            )?,
-            other => typed(m::LB4_CT, aya::maps::HashMap::try_from(other))?,
+        let lru = |name: &'static str| -> std::result::Result<_, LoadError> {
+            match open(name)? {
+                aya::maps::Map::LruHashMap(d) => typed(
+                    name,
+                    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(d)),
+                ),
+                other => typed(name, aya::maps::HashMap::try_from(other)),
+            }
         };
+        let ct = lru(m::LB4_CT)?;
+        let ct_syn = lru(m::LB4_CT_SYN)?;
         let stats = typed(m::LB_STATS, open(m::LB_STATS)?.try_into())?;
         let svc_stats = typed(m::LB_SVC_STATS, open(m::LB_SVC_STATS)?.try_into())?;
+        let latency = open(m::LB_LATENCY)
+            .ok()
+            .and_then(|map| aya::maps::PerCpuArray::try_from(map).ok());
         let caps = Capacities {
             services: services_cap(pins, m::LB4_SERVICES),
             backends: services_cap(pins, m::LB4_BACKENDS),
@@ -274,10 +321,32 @@ impl BpfDataplane {
             backends,
             node_addrs,
             ct,
+            ct_syn,
             stats,
             svc_stats,
+            latency,
             caps,
             pins: pins.clone(),
+        })
+    }
+
+    /// The run-time histogram of the timed programs, summed over CPUs (`None`: the pins
+    /// have no histogram map).
+    pub fn latency(&self) -> Option<Latency> {
+        let map = self.latency.as_ref()?;
+        let n = lb_common::maps::LATENCY_BUCKETS;
+        let read = |prog: u32| -> Vec<u64> {
+            (0..n)
+                .map(|b| {
+                    map.get(&(prog * n + b), 0)
+                        .map(|v| v.iter().sum())
+                        .unwrap_or(0)
+                })
+                .collect()
+        };
+        Some(Latency {
+            xdp: read(0),
+            tc: read(1),
         })
     }
 
@@ -301,8 +370,16 @@ impl BpfDataplane {
         }
     }
 
-    /// All conntrack entries (for tests and `status`).
+    /// All conntrack entries, established (`LB4_CT`) then half-open (`LB4_CT_SYN`), for
+    /// tests and `status`.
     pub fn conntrack(&self) -> Result<Vec<(lb_common::Ct4Key, lb_common::Ct4Value)>> {
+        let mut v = self.conntrack_established()?;
+        v.extend(self.conntrack_half_open()?);
+        Ok(v)
+    }
+
+    /// The entries of `LB4_CT`.
+    pub fn conntrack_established(&self) -> Result<Vec<(lb_common::Ct4Key, lb_common::Ct4Value)>> {
         self.ct
             .iter()
             .map(|r| {
@@ -311,11 +388,23 @@ impl BpfDataplane {
             .collect()
     }
 
-    /// Remove every conntrack entry (tests).
+    /// The entries of `LB4_CT_SYN`.
+    pub fn conntrack_half_open(&self) -> Result<Vec<(lb_common::Ct4Key, lb_common::Ct4Value)>> {
+        self.ct_syn
+            .iter()
+            .map(|r| {
+                r.map_err(|e| map_err(lb_common::maps::LB4_CT_SYN, 0, "iterate", String::new(), e))
+            })
+            .collect()
+    }
+
+    /// Remove every conntrack entry, both maps (tests).
     pub fn clear_conntrack(&mut self) -> Result<()> {
-        let keys: Vec<_> = self.conntrack()?.into_iter().map(|(k, _)| k).collect();
-        for k in keys {
+        for (k, _) in self.conntrack_established()? {
             let _ = self.ct.remove(&k);
+        }
+        for (k, _) in self.conntrack_half_open()? {
+            let _ = self.ct_syn.remove(&k);
         }
         Ok(())
     }
@@ -359,7 +448,9 @@ impl Dataplane for BpfDataplane {
     fn services(&self) -> Result<Vec<(Frontend4Key, Service4Value)>> {
         use aya::maps::IterableMap as _;
         use std::os::fd::AsFd as _;
-        if let Ok(all) = crate::bpfsys::dump_batch(self.services.map().fd().as_fd(), DUMP_CHUNK) {
+        if let Ok(all) =
+            crate::bpfsys::map_lookup_batch(self.services.map().fd().as_fd(), DUMP_CHUNK)
+        {
             return Ok(all);
         }
         // A kernel without batch lookups: one entry at a time.
@@ -403,7 +494,9 @@ impl Dataplane for BpfDataplane {
     fn backends(&self) -> Result<Vec<(u32, Backend4)>> {
         use aya::maps::IterableMap as _;
         use std::os::fd::AsFd as _;
-        if let Ok(all) = crate::bpfsys::dump_batch(self.backends.map().fd().as_fd(), DUMP_CHUNK) {
+        if let Ok(all) =
+            crate::bpfsys::map_lookup_batch(self.backends.map().fd().as_fd(), DUMP_CHUNK)
+        {
             return Ok(all);
         }
         self.backends

@@ -31,6 +31,12 @@ pub use crate::pins::{open_pinned_map, Capacities, LoadError, PinLayout, DEFAULT
 /// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP=1`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
+/// Entries of the half-open conntrack (`LB4_CT_SYN`) for a conntrack of `ct` entries: a
+/// quarter, at least 1024.
+pub fn ct_syn_size(ct: u32) -> u32 {
+    (ct / 4).max(1024)
+}
+
 /// bpffs magic number (`BPF_FS_MAGIC`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -53,21 +59,7 @@ pub struct Datapath {
 
 fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
     std::fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
-    // SAFETY: statfs on a valid NUL-terminated path into a zeroed struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let cpath = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|e| io_err(format!("path {}", dir.display()))(io::Error::other(e)))?;
-    // SAFETY: as above.
-    if unsafe { libc::statfs(cpath.as_ptr(), &mut st) } != 0 {
-        return Err(io_err(format!("statfs {}", dir.display()))(
-            io::Error::last_os_error(),
-        ));
-    }
-    #[allow(
-        clippy::unnecessary_cast,
-        reason = "f_type is i64 on x86_64 but u32 elsewhere"
-    )]
-    if st.f_type as i64 != BPF_FS_MAGIC {
+    if fs_magic(dir)? != BPF_FS_MAGIC {
         return Err(LoadError::NotBpffs(dir.to_path_buf()));
     }
     // Root-only: the pins hold the node's load-balancing state.
@@ -97,6 +89,7 @@ impl Datapath {
             .map_max_entries(maps::LB4_SERVICES, caps.services)
             .map_max_entries(maps::LB4_BACKENDS, caps.backends)
             .map_max_entries(maps::LB4_CT, caps.ct)
+            .map_max_entries(maps::LB4_CT_SYN, ct_syn_size(caps.ct))
             .map_max_entries(maps::LB_SVC_STATS, caps.svc_stats)
             .load(EBPF_OBJECT)
             .map_err(|e| classify("loading the eBPF object", e.into()))?;
@@ -112,19 +105,32 @@ impl Datapath {
 
     fn load_programs(&mut self) -> Result<(), LoadError> {
         let progs = self.pins.progs();
-        let xdp = self.xdp_program()?;
-        xdp.load().map_err(|source| {
+        for name in [maps::PROG_XDP_INGRESS, maps::PROG_XDP_INGRESS_TIMED] {
+            let xdp = self.xdp_program_named(name)?;
+            xdp.load().map_err(|source| {
+                classify(
+                    format!("loading XDP program {name}"),
+                    prog_err(name, source),
+                )
+            })?;
+            repin(&progs.join(name), |p| xdp.pin(p))?;
+        }
+        // The benchmark's floor (an XDP program that only returns XDP_PASS): loaded, not
+        // pinned.
+        let floor = self.xdp_program_named(maps::PROG_XDP_PASS)?;
+        floor.load().map_err(|source| {
             classify(
-                "loading XDP program",
-                prog_err(maps::PROG_XDP_INGRESS, source),
+                format!("loading XDP program {}", maps::PROG_XDP_PASS),
+                prog_err(maps::PROG_XDP_PASS, source),
             )
         })?;
-        repin(&progs.join(maps::PROG_XDP_INGRESS), |p| xdp.pin(p))?;
-        let tc = self.tc_program()?;
-        tc.load().map_err(|source| {
-            classify("loading TC program", prog_err(maps::PROG_TC_EGRESS, source))
-        })?;
-        repin(&progs.join(maps::PROG_TC_EGRESS), |p| tc.pin(p))?;
+        for name in [maps::PROG_TC_EGRESS, maps::PROG_TC_EGRESS_TIMED] {
+            let tc = self.tc_program_named(name)?;
+            tc.load().map_err(|source| {
+                classify(format!("loading TC program {name}"), prog_err(name, source))
+            })?;
+            repin(&progs.join(name), |p| tc.pin(p))?;
+        }
         for (name, _) in maps::SOCK_PROGS {
             let prog = self.sock_program(name)?;
             prog.load().map_err(|source| {
@@ -147,13 +153,21 @@ impl Datapath {
         Ok(())
     }
 
-    /// A socket hook program (`lb_common::maps::SOCK_PROGS`).
-    pub fn sock_program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, LoadError> {
+    /// A program of the object by name, as its type `T`.
+    fn program_as<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, LoadError>
+    where
+        &'a mut aya::programs::Program: TryInto<&'a mut T, Error = ProgramError>,
+    {
         let prog = self
             .ebpf
             .program_mut(name)
             .ok_or(LoadError::MissingProgram(name))?;
         prog.try_into().map_err(|source| prog_err(name, source))
+    }
+
+    /// A socket hook program (`lb_common::maps::SOCK_PROGS`).
+    pub fn sock_program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, LoadError> {
+        self.program_as(name)
     }
 
     /// Attach the socket hooks (connect4, sendmsg4, recvmsg4, getpeername4) to the cgroup v2
@@ -248,41 +262,60 @@ impl Datapath {
 
     /// The XDP program (for attaching, and for `test_run` in fixture tests).
     pub fn xdp_program(&mut self) -> Result<&mut Xdp, LoadError> {
-        let prog = self
-            .ebpf
-            .program_mut(maps::PROG_XDP_INGRESS)
-            .ok_or(LoadError::MissingProgram(maps::PROG_XDP_INGRESS))?;
-        prog.try_into()
-            .map_err(|source| prog_err(maps::PROG_XDP_INGRESS, source))
+        self.xdp_program_named(maps::PROG_XDP_INGRESS)
+    }
+
+    /// An XDP program by name: `lb_xdp_ingress` or its timed variant.
+    pub fn xdp_program_named(&mut self, name: &'static str) -> Result<&mut Xdp, LoadError> {
+        self.program_as(name)
     }
 
     /// The TC program (for attaching, and for `test_run` in fixture tests).
     pub fn tc_program(&mut self) -> Result<&mut SchedClassifier, LoadError> {
-        let prog = self
-            .ebpf
-            .program_mut(maps::PROG_TC_EGRESS)
-            .ok_or(LoadError::MissingProgram(maps::PROG_TC_EGRESS))?;
-        prog.try_into()
-            .map_err(|source| prog_err(maps::PROG_TC_EGRESS, source))
+        self.tc_program_named(maps::PROG_TC_EGRESS)
+    }
+
+    /// A TC program by name: `lb_tc_egress` or its timed variant.
+    pub fn tc_program_named(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut SchedClassifier, LoadError> {
+        self.program_as(name)
     }
 
     /// Attach XDP ingress and TC egress to `iface` and pin both links. If links are already
     /// pinned for `iface` (an earlier agent), the new programs replace the old ones inside
     /// those links atomically.
     pub fn attach(&mut self, iface: &str) -> Result<XdpAttachMode, LoadError> {
+        self.attach_with(iface, false)
+    }
+
+    /// [`Datapath::attach`]; with `timed`, the program variants that record their own run
+    /// time in `LB_LATENCY` (`--latency-histogram`).
+    pub fn attach_with(&mut self, iface: &str, timed: bool) -> Result<XdpAttachMode, LoadError> {
         if nix_if_nametoindex(iface) == 0 {
             return Err(LoadError::NoSuchInterface(iface.to_string()));
         }
+        let (xdp, tc) = if timed {
+            (maps::PROG_XDP_INGRESS_TIMED, maps::PROG_TC_EGRESS_TIMED)
+        } else {
+            (maps::PROG_XDP_INGRESS, maps::PROG_TC_EGRESS)
+        };
         let xdp_pin = self.pins.xdp_link(iface);
         let tc_pin = self.pins.tc_link(iface);
-        let mode = self.attach_xdp(iface, &xdp_pin)?;
-        self.attach_tc(iface, &tc_pin)?;
+        let mode = self.attach_xdp(iface, &xdp_pin, xdp)?;
+        self.attach_tc(iface, &tc_pin, tc)?;
         Ok(mode)
     }
 
-    fn attach_xdp(&mut self, iface: &str, pin: &Path) -> Result<XdpAttachMode, LoadError> {
+    fn attach_xdp(
+        &mut self,
+        iface: &str,
+        pin: &Path,
+        name: &'static str,
+    ) -> Result<XdpAttachMode, LoadError> {
         let what = format!("attaching XDP to {iface}");
-        let xdp = self.xdp_program()?;
+        let xdp = self.xdp_program_named(name)?;
         let (id, mode) = match PinnedLink::from_pin(pin) {
             Ok(old) => {
                 let link =
@@ -292,16 +325,16 @@ impl Datapath {
                     })?;
                 let id = xdp
                     .attach_to_link(link)
-                    .map_err(|source| classify(&what, prog_err(maps::PROG_XDP_INGRESS, source)))?;
+                    .map_err(|source| classify(&what, prog_err(name, source)))?;
                 (id, XdpAttachMode::Replaced)
             }
             Err(e) if not_found(&e) => match xdp.attach(iface, XdpMode::Driver) {
                 Ok(id) => (id, XdpAttachMode::Native),
                 Err(native_err) => {
                     log::warn!("native XDP on {iface} failed ({native_err}); using generic mode");
-                    let id = xdp.attach(iface, XdpMode::Skb).map_err(|source| {
-                        classify(&what, prog_err(maps::PROG_XDP_INGRESS, source))
-                    })?;
+                    let id = xdp
+                        .attach(iface, XdpMode::Skb)
+                        .map_err(|source| classify(&what, prog_err(name, source)))?;
                     (id, XdpAttachMode::Generic)
                 }
             },
@@ -312,9 +345,7 @@ impl Datapath {
                 })
             }
         };
-        let link = xdp
-            .take_link(id)
-            .map_err(|source| prog_err(maps::PROG_XDP_INGRESS, source))?;
+        let link = xdp.take_link(id).map_err(|source| prog_err(name, source))?;
         let fd: FdLink = link.try_into().map_err(|source| LoadError::Link {
             path: pin.to_path_buf(),
             source,
@@ -323,9 +354,9 @@ impl Datapath {
         Ok(mode)
     }
 
-    fn attach_tc(&mut self, iface: &str, pin: &Path) -> Result<(), LoadError> {
+    fn attach_tc(&mut self, iface: &str, pin: &Path, name: &'static str) -> Result<(), LoadError> {
         let what = format!("attaching TC egress to {iface}");
-        let tc = self.tc_program()?;
+        let tc = self.tc_program_named(name)?;
         let id = match PinnedLink::from_pin(pin) {
             Ok(old) => {
                 let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|source| {
@@ -335,7 +366,7 @@ impl Datapath {
                     }
                 })?;
                 tc.attach_to_link(link)
-                    .map_err(|source| classify(&what, prog_err(maps::PROG_TC_EGRESS, source)))?
+                    .map_err(|source| classify(&what, prog_err(name, source)))?
             }
             Err(e) if not_found(&e) => tc
                 .attach_with_options(
@@ -343,7 +374,7 @@ impl Datapath {
                     TcAttachType::Egress,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-                .map_err(|source| classify(&what, prog_err(maps::PROG_TC_EGRESS, source)))?,
+                .map_err(|source| classify(&what, prog_err(name, source)))?,
             Err(source) => {
                 return Err(LoadError::Link {
                     path: pin.to_path_buf(),
@@ -351,9 +382,7 @@ impl Datapath {
                 })
             }
         };
-        let link = tc
-            .take_link(id)
-            .map_err(|source| prog_err(maps::PROG_TC_EGRESS, source))?;
+        let link = tc.take_link(id).map_err(|source| prog_err(name, source))?;
         let fd: FdLink = link.try_into().map_err(|source| LoadError::Link {
             path: pin.to_path_buf(),
             source,
@@ -418,6 +447,11 @@ pub fn cgroup2_mount(mounts: &str) -> Option<std::path::PathBuf> {
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
 
 fn is_cgroup2(dir: &Path) -> Result<bool, LoadError> {
+    Ok(fs_magic(dir)? == CGROUP2_MAGIC)
+}
+
+/// The filesystem type (`statfs.f_type`) of the mount holding `dir`.
+fn fs_magic(dir: &Path) -> Result<i64, LoadError> {
     // SAFETY: statfs on a valid NUL-terminated path into a zeroed struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let cpath = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
@@ -432,7 +466,7 @@ fn is_cgroup2(dir: &Path) -> Result<bool, LoadError> {
         clippy::unnecessary_cast,
         reason = "f_type is i64 on x86_64 but u32 elsewhere"
     )]
-    Ok(st.f_type as i64 == CGROUP2_MAGIC)
+    Ok(st.f_type as i64)
 }
 
 /// Detach from `iface`: removing the link pins releases the last reference to the links,
@@ -495,7 +529,10 @@ impl XdpPass {
 }
 
 /// Change the pinned `LB_CONFIG` with `f` (written only when it changed).
-fn update_config(pins: &PinLayout, f: impl FnOnce(&mut LbConfig)) -> Result<(), LoadError> {
+pub(crate) fn update_config(
+    pins: &PinLayout,
+    f: impl FnOnce(&mut LbConfig),
+) -> Result<(), LoadError> {
     let data = open_pinned_map(pins, maps::LB_CONFIG)?;
     let map = aya::maps::Map::Array(data);
     let mut cfg: Array<MapData, LbConfig> =
@@ -524,6 +561,38 @@ pub fn set_snat(
         c.snat_port_min = *ports.start();
         c.snat_port_max = *ports.end();
     })
+}
+
+/// The datapath's conntrack timeouts (seconds; 0 keeps the built-in default) and ICMP
+/// reject rate (per second and CPU; 0: never reply, drop), from the agent's flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtPolicy {
+    pub tcp_syn_s: u32,
+    pub tcp_s: u32,
+    pub tcp_fin_s: u32,
+    pub udp_s: u32,
+    pub reject_per_s: u32,
+}
+
+/// Write `p` into the pinned `LB_CONFIG`; returns the whole config as written (for the GC).
+pub fn set_ct_policy(pins: &PinLayout, p: &CtPolicy) -> Result<LbConfig, LoadError> {
+    update_config(pins, |c| {
+        c.ct_timeout_tcp_syn_s = p.tcp_syn_s;
+        c.ct_timeout_tcp_s = p.tcp_s;
+        c.ct_timeout_tcp_fin_s = p.tcp_fin_s;
+        c.ct_timeout_udp_s = p.udp_s;
+        c.reject_per_s = p.reject_per_s;
+    })?;
+    read_config(pins)
+}
+
+/// The pinned `LB_CONFIG`.
+pub fn read_config(pins: &PinLayout) -> Result<LbConfig, LoadError> {
+    let data = open_pinned_map(pins, maps::LB_CONFIG)?;
+    let cfg: Array<MapData, LbConfig> = Array::try_from(aya::maps::Map::Array(data))
+        .map_err(|source| map_err(maps::LB_CONFIG, source))?;
+    cfg.get(&0, 0)
+        .map_err(|source| map_err(maps::LB_CONFIG, source))
 }
 
 /// Tell the socket hooks which network namespace is the node's own (the calling thread's:

@@ -24,6 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Load and attach the datapath, then keep its maps in sync with the cluster (or manifests).
+    // Boxed: the run flags are large, the other subcommands small.
     Run(Box<RunArgs>),
     /// Show frontends, backends, hostPorts and counters read from the pinned maps.
     Status {
@@ -57,6 +58,11 @@ pub struct RunArgs {
     /// Uplink interfaces to attach to (XDP ingress + TC egress).
     #[arg(long, value_delimiter = ',', required = true)]
     iface: Vec<String>,
+    /// Attach the program variants that record their own run time (bpf_ktime_get_ns at
+    /// entry and exit) in per-CPU log2 nanosecond buckets, shown by `status` and exported as
+    /// the lb_datapath_run_duration_ns histogram. Off, the plain programs run: no cost.
+    #[arg(long)]
+    latency_histogram: bool,
     #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
     bpffs: PathBuf,
     /// Watch a cluster through this kubeconfig.
@@ -103,6 +109,26 @@ pub struct RunArgs {
     /// both. Each (remote backend, node address) pair can have this many flows at once.
     #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
     snat_ports: RangeInclusive<u16>,
+    /// Conntrack idle timeout of TCP flows not yet established (SYN seen), e.g. 60s, 2m.
+    #[arg(long, default_value = "60s", value_parser = parse_secs)]
+    ct_timeout_tcp_syn: u32,
+    /// Conntrack idle timeout of established TCP flows.
+    #[arg(long, default_value = "6h", value_parser = parse_secs)]
+    ct_timeout_tcp: u32,
+    /// Conntrack idle timeout of closing TCP flows (FIN or RST seen).
+    #[arg(long, default_value = "10s", value_parser = parse_secs)]
+    ct_timeout_tcp_fin: u32,
+    /// Conntrack idle timeout of UDP flows.
+    #[arg(long, default_value = "60s", value_parser = parse_secs)]
+    ct_timeout_udp: u32,
+    /// How often the agent collects expired conntrack entries (`0s` disables the GC; the
+    /// datapath still expires a flow on its next packet).
+    #[arg(long, default_value = "30s", value_parser = parse_secs)]
+    ct_gc_interval: u32,
+    /// ICMP port-unreachable replies per second and CPU for new flows to frontends without
+    /// endpoints (kube-proxy's REJECT); beyond it they are dropped. 0: always drop.
+    #[arg(long, default_value_t = 1000)]
+    reject_rate: u32,
     /// Conntrack map capacity (applies when the map is first created).
     #[arg(long, default_value_t = lb_common::maps::LB4_CT_MAX)]
     ct_size: u32,
@@ -163,6 +189,22 @@ fn parse_listen(s: &str) -> Result<Listen, String> {
     s.parse()
         .map(|a| Listen(Some(a)))
         .map_err(|e| format!("{s:?}: {e} (expected ADDRESS:PORT or off)"))
+}
+
+/// A duration in whole seconds: `N`, `Ns`, `Nm`, `Nh` or `Nd`.
+fn parse_secs(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1),
+        Some((i, 'm')) => (&t[..i], 60),
+        Some((i, 'h')) => (&t[..i], 3600),
+        Some((i, 'd')) => (&t[..i], 86_400),
+        _ => (t, 1),
+    };
+    num.parse::<u32>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?}: expected a duration such as 30s, 10m, 6h"))
 }
 
 fn parse_url(s: &str) -> Result<http::Uri, String> {

@@ -33,6 +33,9 @@ pub struct Metrics {
     /// healthCheckNodePorts served, and those that could not be bound.
     pub health_checks: usize,
     pub health_check_bind_failures: usize,
+    /// The conntrack GC's figures, and the conntrack map's capacity.
+    pub ct_gc: Arc<lb_agent::ct_gc::GcStats>,
+    pub ct_capacity: u64,
 }
 
 /// Escape a Prometheus label value.
@@ -100,6 +103,8 @@ pub fn render(m: &Metrics, dp: &BpfDataplane) -> String {
     for (map, n) in &m.entries {
         let _ = writeln!(o, "lb_map_entries{{map=\"{map}\"}} {n}");
     }
+    render_conntrack(&mut o, m, dp);
+    render_latency(&mut o, dp);
     if let Ok(stats) = dp.stats() {
         let _ = writeln!(
             o,
@@ -144,6 +149,95 @@ pub fn render(m: &Metrics, dp: &BpfDataplane) -> String {
     let _ = writeln!(o, "# TYPE lb_service_bytes_total counter");
     o.push_str(&bytes);
     o
+}
+
+/// The timed programs' run time as a Prometheus histogram (`--latency-histogram`), per
+/// program: cumulative log2 buckets, `le` the bucket's upper bound in ns. `_sum` is
+/// estimated from the buckets' midpoints (the datapath keeps counts only).
+fn render_latency(o: &mut String, dp: &BpfDataplane) {
+    let Some(l) = dp.latency() else {
+        return;
+    };
+    let _ = writeln!(
+        o,
+        "# HELP lb_datapath_run_duration_ns Run time of the datapath programs (--latency-histogram), log2 buckets."
+    );
+    let _ = writeln!(o, "# TYPE lb_datapath_run_duration_ns histogram");
+    for (prog, buckets) in [("xdp", &l.xdp), ("tc", &l.tc)] {
+        let last = buckets.iter().rposition(|n| *n > 0).unwrap_or(0);
+        let (mut cum, mut sum) = (0u64, 0f64);
+        for (k, n) in buckets.iter().enumerate().take(last.max(12) + 1) {
+            cum += n;
+            let hi = lb_agent::dataplane::Latency::upper_ns(k);
+            let lo = if k == 0 { 0 } else { 1u64 << (k - 1) };
+            sum += *n as f64 * (lo as f64 + hi as f64) / 2.0;
+            let _ = writeln!(
+                o,
+                "lb_datapath_run_duration_ns_bucket{{prog=\"{prog}\",le=\"{hi}\"}} {cum}"
+            );
+        }
+        let total: u64 = buckets.iter().sum();
+        let _ = writeln!(
+            o,
+            "lb_datapath_run_duration_ns_bucket{{prog=\"{prog}\",le=\"+Inf\"}} {total}"
+        );
+        let _ = writeln!(
+            o,
+            "lb_datapath_run_duration_ns_sum{{prog=\"{prog}\"}} {sum}"
+        );
+        let _ = writeln!(
+            o,
+            "lb_datapath_run_duration_ns_count{{prog=\"{prog}\"}} {total}"
+        );
+    }
+}
+
+/// Conntrack occupancy and lifecycle: entries now (counted by the GC's last walk), the
+/// capacity, what the GC expired, and LRU evictions estimated from the datapath's event
+/// counters (entries created and restored, minus those expired or removed, minus those
+/// present).
+fn render_conntrack(o: &mut String, m: &Metrics, dp: &BpfDataplane) {
+    use lb_common::Reason;
+    use std::sync::atomic::Ordering::Relaxed;
+    let g = &m.ct_gc;
+    let entries = g.entries.load(Relaxed);
+    let _ = writeln!(o, "# HELP lb_conntrack_entries Conntrack entries at the last GC walk (two per flow, one per SNATed flow).");
+    let _ = writeln!(o, "# TYPE lb_conntrack_entries gauge");
+    let _ = writeln!(o, "lb_conntrack_entries {entries}");
+    let _ = writeln!(o, "# TYPE lb_conntrack_capacity gauge");
+    let _ = writeln!(o, "lb_conntrack_capacity {}", m.ct_capacity);
+    let _ = writeln!(
+        o,
+        "# HELP lb_conntrack_gc_expired_total Idle conntrack entries the GC deleted."
+    );
+    let _ = writeln!(o, "# TYPE lb_conntrack_gc_expired_total counter");
+    let _ = writeln!(
+        o,
+        "lb_conntrack_gc_expired_total {}",
+        g.expired.load(Relaxed)
+    );
+    let _ = writeln!(o, "# TYPE lb_conntrack_gc_runs_total counter");
+    let _ = writeln!(o, "lb_conntrack_gc_runs_total {}", g.runs.load(Relaxed));
+    let _ = writeln!(o, "# TYPE lb_conntrack_gc_failures_total counter");
+    let _ = writeln!(
+        o,
+        "lb_conntrack_gc_failures_total {}",
+        g.failures.load(Relaxed)
+    );
+    if let Ok(stats) = dp.stats() {
+        let n = |r: Reason| {
+            stats
+                .iter()
+                .find(|(x, _)| *x == r)
+                .map_or(0, |(_, c)| c.packets)
+        };
+        let inserted = n(Reason::CtCreated) + n(Reason::CtRestored);
+        let removed = n(Reason::CtExpired) + n(Reason::CtRemoved) + g.expired.load(Relaxed);
+        let evicted = inserted.saturating_sub(removed + entries);
+        let _ = writeln!(o, "# HELP lb_conntrack_evicted_estimate Conntrack entries the LRU evicted (estimate; exact only at a GC walk).");
+        let _ = writeln!(o, "# TYPE lb_conntrack_evicted_estimate gauge");
+        let _ = writeln!(o, "lb_conntrack_evicted_estimate {evicted}");
+    }
 }
 
 /// Serve `GET /metrics` on `addr` (plain HTTP/1.1, one response per connection). The map

@@ -168,6 +168,8 @@ impl PinLayout {
 fn is_own_prog(n: &str) -> bool {
     n == maps::PROG_XDP_INGRESS
         || n == maps::PROG_TC_EGRESS
+        || n == maps::PROG_XDP_INGRESS_TIMED
+        || n == maps::PROG_TC_EGRESS_TIMED
         || maps::SOCK_PROGS.iter().any(|(p, _)| *p == n)
 }
 

@@ -12,7 +12,7 @@
 //! - the async runtime: signals, `/metrics` (its bpf reads run on the blocking pool),
 //!   `/healthz`, and the healthCheckNodePort servers.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::PathBuf,
     sync::{
@@ -27,6 +27,7 @@ use lb_agent::controller::Controller;
 use lb_agent::dataplane::BpfDataplane;
 use lb_agent::health::{HealthServers, NodeHealth};
 use lb_agent::model::{FrontendId, HealthCheck};
+use lb_agent::ports::{with_snat, PortFilter};
 use lb_agent::source::{manifests::ManifestDir, Change};
 use lb_agent::{
     loader::{Capacities, Datapath},
@@ -34,6 +35,7 @@ use lb_agent::{
     source,
     sync::{Limits, SyncReport, Syncer},
 };
+use lb_common::service::port_bits;
 
 use crate::{metrics::Metrics, RunArgs};
 
@@ -66,9 +68,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     lb_agent::loader::set_socket_policy(datapath.pins(), args.localhost_nodeports)?;
     for iface in &args.iface {
         let mode = datapath
-            .attach(iface)
+            .attach_with(iface, args.latency_histogram)
             .with_context(|| format!("attaching to {iface}"))?;
-        log::info!("attached to {iface} ({mode:?})");
+        log::info!(
+            "attached to {iface} ({mode:?}{})",
+            if args.latency_histogram {
+                ", with the latency histogram"
+            } else {
+                ""
+            }
+        );
         accept_local(iface);
     }
     match socket_cgroup(args.cgroup.as_deref())? {
@@ -97,7 +106,33 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     datapath.remove_legacy_pins()?;
+    let ct_cfg = lb_agent::loader::set_ct_policy(
+        datapath.pins(),
+        &lb_agent::loader::CtPolicy {
+            tcp_syn_s: args.ct_timeout_tcp_syn,
+            tcp_s: args.ct_timeout_tcp,
+            tcp_fin_s: args.ct_timeout_tcp_fin,
+            udp_s: args.ct_timeout_udp,
+            reject_per_s: args.reject_rate,
+        },
+    )?;
+    let gc_stats = Arc::new(lb_agent::ct_gc::GcStats::default());
+    if args.ct_gc_interval > 0 {
+        lb_agent::ct_gc::spawn(
+            datapath.pins().clone(),
+            ct_cfg,
+            Duration::from_secs(u64::from(args.ct_gc_interval)),
+            gc_stats.clone(),
+        );
+    }
     let dp = datapath.dataplane()?;
+    let port_filter = match lb_agent::ports::PortFilter::open(datapath.pins()) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            log::warn!("port filter unavailable ({e}); every packet goes through the lookups");
+            None
+        }
+    };
     let caps = dp.capacities();
     let mut syncer = Syncer::new(Limits {
         svc_ids: caps.svc_stats,
@@ -107,7 +142,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .adopt(&dp)
         .context("reading the entries an earlier agent left in the pinned maps")?;
 
-    let metrics = Arc::new(std::sync::Mutex::new(Metrics::default()));
+    let metrics = Arc::new(std::sync::Mutex::new(Metrics {
+        ct_gc: gc_stats,
+        ct_capacity: u64::from(caps.ct),
+        ..Metrics::default()
+    }));
     if let Some(addr) = args.metrics_addr {
         crate::metrics::serve(addr, args.bpffs.clone(), metrics.clone()).await?;
         log::info!("metrics on http://{addr}/metrics");
@@ -149,6 +188,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         bpffs: args.bpffs.clone(),
         snat_ports: args.snat_ports.clone(),
         resync_interval: args.resync_interval.0,
+        port_filter,
+        ports_to_narrow: BTreeSet::new(),
+        snat_marked: false,
     };
     let thread = std::thread::Builder::new()
         .name("lb-control".into())
@@ -192,6 +234,12 @@ struct Control {
     bpffs: PathBuf,
     snat_ports: std::ops::RangeInclusive<u16>,
     resync_interval: Option<Duration>,
+    /// `None` once it failed (switched off: every packet then goes through the lookups).
+    port_filter: Option<PortFilter>,
+    /// Ports whose bits may have shrunk since the filter was last narrowed to them.
+    ports_to_narrow: BTreeSet<u16>,
+    /// Whether the SNAT ports are counted (they are while any frontend exists).
+    snat_marked: bool,
 }
 
 /// What the control thread has not handed to the metrics yet (the metrics lock is only
@@ -297,11 +345,16 @@ impl Control {
                     .set_frontend(*id, self.controller.frontend(id).as_deref());
             }
             self.syncer.set_node_addrs(self.controller.node_addrs());
+            let full = first || due_resync;
+            self.widen_ports(full);
             let report = if due_resync {
                 self.syncer.resync(&mut self.dp)
             } else {
                 self.syncer.flush(&mut self.dp)
             };
+            if report.is_ok() {
+                self.narrow_ports(full);
+            }
             let took = started.elapsed();
             for f in &report.failures {
                 log::warn!("sync: {f}");
@@ -397,6 +450,73 @@ impl Control {
                 }
                 Err(e) => log::warn!("setting the SNAT configuration: {e}"),
             }
+        }
+    }
+
+    /// The bits the port filter must hold for `port`: those of the desired frontends, and
+    /// the SNAT ports' while any frontend exists.
+    fn port_bits(syncer: &Syncer, snat: &std::ops::RangeInclusive<u16>, port: u16) -> u8 {
+        let mut b = syncer.ports().bits(port);
+        if syncer.frontend_count() > 0 && snat.contains(&port) {
+            b |= port_bits::TCP_FRONTEND | port_bits::UDP_FRONTEND;
+        }
+        b
+    }
+
+    /// Before a flush: the port filter covers the ports the new state needs (the ports this
+    /// pass touched, or all of them on a `full` pass) before the frontends exist.
+    fn widen_ports(&mut self, full: bool) {
+        let mut changed = self.syncer.take_changed_ports();
+        let any = self.syncer.frontend_count() > 0;
+        if any != self.snat_marked {
+            changed.extend(self.snat_ports.clone());
+            self.snat_marked = any;
+        }
+        self.ports_to_narrow.extend(&changed);
+        if self.port_filter.is_none() {
+            return;
+        }
+        let next: BTreeMap<u16, u8> = if full {
+            with_snat(self.syncer.ports().all(), any, &self.snat_ports)
+        } else {
+            changed
+                .iter()
+                .map(|p| (*p, Self::port_bits(&self.syncer, &self.snat_ports, *p)))
+                .collect()
+        };
+        if let Some(Err(e)) = self.port_filter.as_mut().map(|f| f.widen(&next)) {
+            self.port_filter_off(&e);
+        }
+    }
+
+    /// After a successful flush: the port filter lets go of the ports nothing uses any
+    /// more, and is switched on.
+    fn narrow_ports(&mut self, full: bool) {
+        let Some(f) = self.port_filter.as_mut() else {
+            return;
+        };
+        let (syncer, snat) = (&self.syncer, &self.snat_ports);
+        let r = if full {
+            f.narrow(&with_snat(
+                syncer.ports().all(),
+                syncer.frontend_count() > 0,
+                snat,
+            ))
+        } else {
+            f.narrow_ports(&self.ports_to_narrow, |p| Self::port_bits(syncer, snat, p))
+        };
+        match r.and_then(|_| f.set_active(true)) {
+            Ok(()) => self.ports_to_narrow.clear(),
+            Err(e) => self.port_filter_off(&e),
+        }
+    }
+
+    /// A port filter that failed is switched off for good: every packet then goes through
+    /// the lookups, which is correct, only slower for traffic no Service uses.
+    fn port_filter_off(&mut self, e: &dyn std::fmt::Display) {
+        log::warn!("port filter: {e}; switching it off");
+        if let Some(f) = self.port_filter.take() {
+            let _ = f.set_active(false);
         }
     }
 

@@ -85,6 +85,85 @@ fn backend_name(b: &Backend4) -> String {
     s
 }
 
+/// Where the socket hooks pinned under `bpffs` are attached: the cgroup's path under the
+/// cgroup v2 mount (found by its id, the directory's inode), or its id alone.
+fn socket_hooks(bpffs: &Path) -> Option<String> {
+    let id = lb_agent::loader::attached_cgroup_id(bpffs)?;
+    let root = std::fs::read_to_string("/proc/mounts")
+        .ok()
+        .and_then(|m| lb_agent::loader::cgroup2_mount(&m));
+    let path = root.and_then(|r| find_cgroup(&r, id));
+    Some(match path {
+        Some(p) => format!("{} (cgroup id {id})", p.display()),
+        None => format!("cgroup id {id}"),
+    })
+}
+
+/// The directory under `root` (at most 4 levels deep, 20,000 directories) whose inode is
+/// `id`.
+fn find_cgroup(root: &Path, id: u64) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut queue = std::collections::VecDeque::from([(root.to_path_buf(), 0)]);
+    let mut seen = 0;
+    while let Some((dir, depth)) = queue.pop_front() {
+        seen += 1;
+        if seen > 20_000 {
+            return None;
+        }
+        if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+            return Some(dir);
+        }
+        if depth < 4 {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    queue.push_back((e.path(), depth + 1));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The run-time histogram (`--latency-histogram`): per program the runs, p50 and p99 (as
+/// bucket upper bounds), then the non-empty buckets side by side.
+fn print_latency(l: &lb_agent::dataplane::Latency) {
+    use lb_agent::dataplane::Latency;
+    let q = |b: &[u64], q: f64| {
+        Latency::quantile_ns(b, q).map_or("-".to_string(), |v| format!("<= {v} ns"))
+    };
+    println!("DATAPATH RUN TIME (--latency-histogram; log2 buckets)");
+    table(
+        &["PROGRAM", "RUNS", "P50", "P99"],
+        &[
+            vec![
+                "xdp ingress".into(),
+                l.xdp.iter().sum::<u64>().to_string(),
+                q(&l.xdp, 0.5),
+                q(&l.xdp, 0.99),
+            ],
+            vec![
+                "tc egress".into(),
+                l.tc.iter().sum::<u64>().to_string(),
+                q(&l.tc, 0.5),
+                q(&l.tc, 0.99),
+            ],
+        ],
+    );
+    let rows: Vec<Vec<String>> = (0..l.xdp.len())
+        .filter(|k| l.xdp[*k] + l.tc[*k] > 0)
+        .map(|k| {
+            let lo = if k == 0 { 0 } else { 1u64 << (k - 1) };
+            vec![
+                format!("{lo}-{} ns", Latency::upper_ns(k)),
+                l.xdp[k].to_string(),
+                l.tc[k].to_string(),
+            ]
+        })
+        .collect();
+    println!();
+    table(&["BUCKET", "XDP", "TC"], &rows);
+}
+
 /// Print rows as aligned columns (like `kubectl get`).
 fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -160,22 +239,29 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
     let node_addrs = dp.node_addrs()?;
     let stats = dp.stats()?;
     let ct = dp.conntrack()?.len();
+    let ct_cap = dp.capacities().ct;
+    let ct_pct = 100.0 * ct as f64 / f64::from(ct_cap.max(1));
     let ifaces = attached_interfaces(bpffs);
+    let hooks = socket_hooks(bpffs);
+    let latency = dp.latency();
     match format {
         Format::Json => {
             let out = json!({
                 "interfaces": ifaces,
+                "socket_hooks": hooks,
                 "node_addrs": node_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                 "frontends": fe_json,
                 "backends": backends.iter().map(|(id, b)| json!({"id": id, "backend": backend_name(b), "proto": proto(b.proto)})).collect::<Vec<_>>(),
                 "counters": stats.iter().map(|(r, c)| json!({"reason": r.name(), "packets": c.packets, "bytes": c.bytes})).collect::<Vec<_>>(),
                 "conntrack_entries": ct,
+                "conntrack_capacity": ct_cap,
+                "latency_ns_log2_buckets": latency.as_ref().map(|l| json!({"xdp": l.xdp, "tc": l.tc})),
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Format::Table => {
             println!(
-                "INTERFACES: {}   NODE ADDRESSES: {}   CONNTRACK ENTRIES: {ct}\n",
+                "INTERFACES: {}   NODE ADDRESSES: {}   CONNTRACK ENTRIES: {ct} / {ct_cap} ({ct_pct:.1}%)\n",
                 if ifaces.is_empty() {
                     "<none>".to_string()
                 } else {
@@ -191,6 +277,7 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
                         .join(",")
                 }
             );
+            println!("SOCKET HOOKS: {}\n", hooks.as_deref().unwrap_or("off"));
             if node_addrs.is_empty() {
                 println!(
                     "warning: no node addresses: NodePorts and wildcard hostPorts answer nowhere. \
@@ -212,7 +299,13 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
             let c_rows: Vec<Vec<String>> = stats
                 .iter()
                 .map(|(r, c)| {
-                    let verdict = if r.is_drop() { "drop" } else { "pass" };
+                    let verdict = if r.is_event() {
+                        "event"
+                    } else if r.is_drop() {
+                        "drop"
+                    } else {
+                        "pass"
+                    };
                     vec![
                         r.name().to_string(),
                         verdict.to_string(),
@@ -222,6 +315,13 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
                 })
                 .collect();
             table(&["REASON", "VERDICT", "PACKETS", "BYTES"], &c_rows);
+            if let Some(l) = latency
+                .as_ref()
+                .filter(|l| l.xdp.iter().chain(&l.tc).any(|n| *n > 0))
+            {
+                println!();
+                print_latency(l);
+            }
         }
     }
     Ok(())

@@ -4,7 +4,7 @@
 //!
 //! Needs root (network namespaces, bpffs, XDP). Nothing touches the root namespace's
 //! interfaces: the agent, its `status` queries and the fake API server's socket all live in
-//! the test's namespace; the pins live under `/sys/fs/bpf/lbt-<pid>-kube`. The namespace,
+//! the test's namespace; the pins live under `/sys/fs/bpf/lbt-<pid>-<n>-kube`. The namespace,
 //! the pins and the temporary directory are removed on drop, also when the test fails.
 mod support;
 
@@ -270,16 +270,27 @@ struct Agent {
 }
 
 impl Agent {
-    fn spawn(ns: &Netns, bpffs: &Path, kubeconfig: &Path, log: PathBuf) -> Agent {
+    fn spawn(ns: &Netns, bpffs: &Path, kubeconfig: &Path, log: PathBuf, extra: &[&str]) -> Agent {
         let out = File::create(&log).expect("creating the agent log");
         let err = out.try_clone().expect("cloning the agent log fd");
         let mut cmd = ns.command(AGENT);
-        cmd.args(["run", "--node-name", NODE, "--iface", "lo", "--bpffs"])
-            .arg(bpffs)
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .env("RUST_LOG", "info")
-            .env_remove("KUBECONFIG");
+        // The socket hooks would default to the machine's cgroup v2 root: never in tests.
+        cmd.args([
+            "run",
+            "--node-name",
+            NODE,
+            "--iface",
+            "lo",
+            "--cgroup",
+            "off",
+        ])
+        .arg("--bpffs")
+        .arg(bpffs)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env_remove("KUBECONFIG");
         for v in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"] {
             cmd.env_remove(v).env_remove(v.to_lowercase());
         }
@@ -514,6 +525,12 @@ current-context: fake
 /// Creates the namespace, starts the server in it (with `world` applied first), writes the
 /// kubeconfig and starts the agent.
 fn harness(world: impl FnOnce(&FakeApiServer)) -> Harness {
+    harness_with(world, false)
+}
+
+/// [`harness`]; with `api_server_flag`, the kubeconfig names a server where nothing
+/// listens and the real one is given with `--api-server`.
+fn harness_with(world: impl FnOnce(&FakeApiServer), api_server_flag: bool) -> Harness {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
@@ -521,7 +538,10 @@ fn harness(world: impl FnOnce(&FakeApiServer)) -> Harness {
         "agent_kube needs root (network namespaces, bpffs pins, XDP on the namespace's lo); \
          run it as root, e.g. `sudo -E cargo test -p lb-agent --test agent_kube`"
     );
-    let tag = format!("lbt-{}-kube", std::process::id());
+    // One tag per harness: the tests of this file run in parallel.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tag = format!("lbt-{}-{n}-kube", std::process::id());
     let ns = Netns::create(&tag);
     let bpffs = DirGuard::new(Path::new("/sys/fs/bpf").join(&tag));
     let tmp = DirGuard::new(std::env::temp_dir().join(&tag));
@@ -529,8 +549,17 @@ fn harness(world: impl FnOnce(&FakeApiServer)) -> Harness {
     let server = ServerThread::start_in(&ns);
     world(&server.server);
     let kc = tmp.0.join("kubeconfig");
-    std::fs::write(&kc, kubeconfig(&server.server.url())).expect("writing the kubeconfig");
-    let agent = Agent::spawn(&ns, &bpffs.0, &kc, tmp.0.join("agent.log"));
+    let url = server.server.url();
+    let (kc_url, extra) = if api_server_flag {
+        (
+            "http://127.0.0.1:9".to_string(),
+            vec!["--api-server", url.as_str()],
+        )
+    } else {
+        (url.clone(), vec![])
+    };
+    std::fs::write(&kc, kubeconfig(&kc_url)).expect("writing the kubeconfig");
+    let agent = Agent::spawn(&ns, &bpffs.0, &kc, tmp.0.join("agent.log"), &extra);
     Harness {
         agent,
         server,
@@ -709,4 +738,23 @@ fn agent_follows_the_api_server_through_kubeconfig() {
         "lb-agent exited with {status} on SIGTERM; its output:\n{}",
         h.agent.log_tail()
     );
+}
+
+/// `--api-server` replaces the kubeconfig's server: the agent reaches the API server without
+/// the address the kubeconfig (or in-cluster config, through a ClusterIP) would give it.
+#[test]
+fn agent_reaches_the_api_server_given_by_api_server() {
+    let mut h = harness_with(
+        |s| {
+            s.apply(&service("web", "NodePort", "10.96.0.10", 80, Some(30080)));
+            s.apply(&slice("web-1", "web", &[("10.244.1.5", NODE)]));
+            s.apply(&node(NODE, "10.1.0.1"));
+        },
+        true,
+    );
+    let s = h.wait_status("the first sync through --api-server", |s| {
+        s.backends(NODEPORT).is_some_and(|b| b.len() == 1)
+    });
+    assert_eq!(s.node_addrs, ["10.1.0.1"], "{s:#?}");
+    h.agent.assert_running();
 }

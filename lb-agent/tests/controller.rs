@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use lb_agent::dataplane::{MemDataplane, MemOp};
+use lb_agent::ports::{desired_ports, with_snat};
 use lb_agent::sync::{Limits, Syncer};
 use lb_common::{Backend4, Frontend4Key};
 
@@ -309,6 +310,13 @@ impl Maps {
             self.inc.entry_counts(),
             self.full.entry_counts(),
             "{context}"
+        );
+        // The port filter's reference counts match the ports of a full recompute.
+        let snat = 61000..=61001;
+        assert_eq!(
+            with_snat(self.inc.ports().all(), self.inc.frontend_count() > 0, &snat),
+            desired_ports(want, &snat),
+            "{context}: port filter"
         );
     }
 }

@@ -751,8 +751,29 @@ fn deploy_manifests_are_valid_and_grant_what_the_source_watches() {
             "$(NODE_NAME)",
             "--iface",
             "eth0",
-            "--in-cluster"
+            "--in-cluster",
+            "--api-server",
+            "https://CONTROL_PLANE_IP:6443",
+            "--cgroup",
+            "/run/lb/cgroupv2"
         ]
+    );
+    // --cgroup is the host's cgroup v2 root, not the container's namespaced view.
+    let cg_mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/run/lb/cgroupv2")
+        .expect("cgroup v2 mount at the --cgroup path");
+    let cg_volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == cg_mount.name)
+        .expect("cgroup volume");
+    assert_eq!(
+        cg_volume.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/sys/fs/cgroup")
     );
     let env = c.env.as_deref().unwrap_or_default();
     let node_name = env

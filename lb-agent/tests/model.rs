@@ -347,10 +347,27 @@ fn ingress_nginx_local_policy_fixture() {
     assert_eq!(lb.backends, vec![local("10.244.0.21", 443)]);
     // healthCheckNodePort is served by the agent's health server, not the datapath.
     assert!(!d.frontends.contains_key(&nodeport(32145, Proto::Tcp)));
-    // Each externalTrafficPolicy Local frontend (2 NodePorts, 2 LB ports) has its in-cluster
-    // twin with every endpoint.
-    let twin = get(&d, nodeport(31080, Proto::Tcp).internal());
-    assert_eq!(twin.backends.len(), 2);
+    // Each externalTrafficPolicy Local frontend has an in-cluster twin with every endpoint,
+    // for the node's own processes and pods (kube-proxy's KUBE-EXT chains send them to the
+    // cluster chain); the ClusterIP has none.
+    for id in [
+        nodeport(31080, Proto::Tcp),
+        fid("203.0.113.10", 443, Proto::Tcp),
+    ] {
+        let twin = get(&d, id.internal());
+        assert_eq!(twin.flags, get(&d, id).flags, "{id}");
+        assert_eq!(twin.backends.len(), 2, "{id}: {twin:?}");
+        assert!(twin
+            .backends
+            .contains(&remote("10.244.1.33", twin.backends[1].port)));
+    }
+    assert!(!d
+        .frontends
+        .contains_key(&fid("10.104.21.198", 80, Proto::Tcp).internal()));
+    assert_eq!(
+        nodeport(31080, Proto::Tcp).internal().to_string(),
+        "*:31080/TCP (in-cluster)"
+    );
     assert_eq!(d.frontends.len(), 6 + 4);
 }
 
@@ -503,8 +520,8 @@ fn whole_fixture_directory() {
     assert_eq!(o.pods.len(), 2);
     let d = compute(&o, &cfg());
     assert!(d.problems.is_empty(), "{:?}", d.problems);
-    // kube-dns 3 + ingress 6 (+ 4 in-cluster twins of its externalTrafficPolicy Local
-    // frontends) + checkout 2 + api 2 + kubernetes 1 + hostPorts 2.
+    // kube-dns 3 + ingress 6 (+ 4 in-cluster twins of its Local frontends) + checkout 2 +
+    // api 2 + kubernetes 1 + hostPorts 2.
     assert_eq!(d.frontends.len(), 20);
     assert_eq!(d.node_addrs.len(), 2);
 }
@@ -810,9 +827,13 @@ fn external_ips_malformed_one_skipped_with_local_policy() {
         get(&d, fid("10.96.0.100", 80, Proto::Tcp)).backends.len(),
         2
     );
-    // The externalIP's in-cluster twin has both endpoints.
-    let twin = get(&d, fid("198.51.100.7", 80, Proto::Tcp).internal());
-    assert_eq!(twin.backends.len(), 2);
+    // In-cluster clients of the externalIP reach both endpoints.
+    assert_eq!(
+        get(&d, fid("198.51.100.7", 80, Proto::Tcp).internal())
+            .backends
+            .len(),
+        2
+    );
     assert_eq!(d.frontends.len(), 3);
 }
 

@@ -1,6 +1,7 @@
 //! Plots of a benchmark run, each as SVG and PNG (plotters): ns/packet against the Service
-//! count per frame kind, and end-to-end latency percentiles per path against the Service
-//! count per mode.
+//! count per frame kind, end-to-end latency percentiles per path against the Service count
+//! per mode, and the pod -> ClusterIP TCP_CRR comparison (latency per path, and ours' p50
+//! divided by each other path's).
 //!
 //! Text is drawn with a TrueType font read at run time (plotters' `ab_glyph` backend, no
 //! fontconfig): DejaVu Sans from Debian's `fonts-dejavu-core`, or the file named by
@@ -12,7 +13,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::report;
-use crate::schema::{PartResult, Results, Row};
+use crate::schema::{PartResult, Results, Row, CLUSTERIP_CASE};
 
 /// Why a plot was not drawn.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +72,7 @@ trait Figure {
 
 struct PerPacket<'a>(&'a PartResult);
 struct E2e<'a>(&'a PartResult);
+struct ClusterIp<'a>(&'a PartResult);
 
 impl Figure for PerPacket<'_> {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
@@ -84,6 +86,19 @@ impl Figure for E2e<'_> {
     }
 }
 
+impl Figure for ClusterIp<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+        clusterip(self.0, root)
+    }
+}
+
+/// Whether `part` has a usable [`CLUSTERIP_CASE`] row.
+fn has_clusterip(part: &PartResult) -> bool {
+    part.rows
+        .iter()
+        .any(|r| r.case == CLUSTERIP_CASE && r.error.is_none() && r.get("p50_us").is_some())
+}
+
 /// Draws every plot the results have data for; one result per plot (its files, or why not).
 pub fn all(results: &Results, out: &Path) -> Vec<Result<Vec<PathBuf>>> {
     let mut v = Vec::new();
@@ -93,7 +108,12 @@ pub fn all(results: &Results, out: &Path) -> Vec<Result<Vec<PathBuf>>> {
         }
         match part.part.as_str() {
             "per-packet" => v.push(both(out, "per_packet", (1100, 650), &PerPacket(part))),
-            "e2e" => v.push(both(out, "e2e_latency", (1500, 950), &E2e(part))),
+            "e2e" => {
+                v.push(both(out, "e2e_latency", (1500, 950), &E2e(part)));
+                if has_clusterip(part) {
+                    v.push(both(out, "clusterip_crr", (1400, 620), &ClusterIp(part)));
+                }
+            }
             _ => {}
         }
     }
@@ -310,10 +330,11 @@ fn e2e<DB: DrawingBackend>(part: &PartResult, root: &DrawingArea<DB, Shift>) -> 
             (FONT, 22),
         )
         .map_err(err)?;
+    // The pod -> ClusterIP case has a figure of its own.
     let ok: Vec<&Row> = part
         .rows
         .iter()
-        .filter(|r| r.error.is_none() && r.get("p50_us").is_some())
+        .filter(|r| r.error.is_none() && r.get("p50_us").is_some() && r.case != CLUSTERIP_CASE)
         .collect();
     let modes = report_order(ok.iter().map(|r| r.case.clone()));
     if modes.is_empty() {
@@ -325,74 +346,258 @@ fn e2e<DB: DrawingBackend>(part: &PartResult, root: &DrawingArea<DB, Shift>) -> 
         ratio_panel(&ok, mode, panel)?;
     }
     for (panel, mode) in top.iter().zip(&modes) {
-        let rows: Vec<&&Row> = ok.iter().filter(|r| &r.case == mode).collect();
-        let ns: Vec<u64> = rows.iter().map(|r| r.services).collect();
-        let ymax = rows
-            .iter()
-            .filter_map(|r| r.get("p99_us").map(|s| s.median))
-            .fold(0.0, f64::max)
-            * 1.15;
-        let mut chart = ChartBuilder::on(panel)
-            .caption(mode.as_str(), (FONT, 20))
-            .margin(12)
-            .x_label_area_size(45)
-            .y_label_area_size(60)
-            .build_cartesian_2d(x_range(&ns).log_scale(), 0.0..ymax.max(1.0))
+        let rows: Vec<&Row> = ok.iter().copied().filter(|r| &r.case == mode).collect();
+        latency_panel(&rows, mode, panel)?;
+    }
+    Ok(())
+}
+
+/// p50 (solid) and p99 (dashed) per path of `rows` (one case) against the Service count.
+fn latency_panel<DB: DrawingBackend>(
+    rows: &[&Row],
+    caption: &str,
+    panel: &DrawingArea<DB, Shift>,
+) -> Result<()> {
+    let ns: Vec<u64> = rows.iter().map(|r| r.services).collect();
+    let ymax = rows
+        .iter()
+        .filter_map(|r| r.get("p99_us").map(|s| s.median))
+        .fold(0.0, f64::max)
+        * 1.15;
+    let mut chart = ChartBuilder::on(panel)
+        .caption(caption, (FONT, 20))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x_range(&ns).log_scale(), 0.0..ymax.max(1.0))
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("Services, log scale")
+        .y_desc("µs per transaction")
+        .x_label_formatter(&x_label)
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .light_line_style(RGBColor(238, 238, 238))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .draw()
+        .map_err(err)?;
+    for path in report_order(rows.iter().map(|r| r.path.clone())) {
+        let c = path_color(&path);
+        let series = |metric: &str| {
+            let mut pts: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| r.path == path)
+                .filter_map(|r| r.get(metric).map(|s| (r.services as f64, s.median)))
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            pts
+        };
+        chart
+            .draw_series(LineSeries::new(series("p50_us"), c.stroke_width(3)).point_size(4))
+            .map_err(err)?
+            .label(path.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+        chart
+            .draw_series(DashedLineSeries::new(
+                series("p99_us"),
+                8,
+                5,
+                c.stroke_width(2),
+            ))
             .map_err(err)?;
         chart
-            .configure_mesh()
-            .x_desc("Services, log scale")
-            .y_desc("µs per transaction")
-            .x_label_formatter(&x_label)
-            .y_label_formatter(&|y| format!("{y:.0}"))
-            .light_line_style(RGBColor(238, 238, 238))
-            .label_style((FONT, 14))
-            .axis_desc_style((FONT, 15))
-            .draw()
-            .map_err(err)?;
-        for path in report_order(rows.iter().map(|r| r.path.clone())) {
-            let c = path_color(&path);
-            let series = |metric: &str| {
-                let mut pts: Vec<(f64, f64)> = rows
-                    .iter()
-                    .filter(|r| r.path == path)
-                    .filter_map(|r| r.get(metric).map(|s| (r.services as f64, s.median)))
-                    .collect();
-                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-                pts
-            };
-            chart
-                .draw_series(LineSeries::new(series("p50_us"), c.stroke_width(3)).point_size(4))
-                .map_err(err)?
-                .label(path.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
-                });
-            chart
-                .draw_series(DashedLineSeries::new(
-                    series("p99_us"),
-                    8,
-                    5,
-                    c.stroke_width(2),
-                ))
-                .map_err(err)?;
-            chart
-                .draw_series(
-                    series("p99_us")
-                        .into_iter()
-                        .map(|p| TriangleMarker::new(p, 4, c.filled())),
-                )
-                .map_err(err)?;
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font((FONT, 13))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
+            .draw_series(
+                series("p99_us")
+                    .into_iter()
+                    .map(|p| TriangleMarker::new(p, 4, c.filled())),
+            )
             .map_err(err)?;
     }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font((FONT, 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+/// p50 per path of `rows` (one case) against the Service count, each point with a bar from
+/// the lowest to the highest round; the paths of one N are drawn side by side.
+fn p50_panel<DB: DrawingBackend>(
+    rows: &[&Row],
+    ns: &[u64],
+    panel: &DrawingArea<DB, Shift>,
+) -> Result<()> {
+    let ymax = rows
+        .iter()
+        .filter_map(|r| r.get("p50_us").map(|s| s.max))
+        .fold(0.0, f64::max)
+        * 1.15;
+    let paths = report_order(rows.iter().map(|r| r.path.clone()));
+    let r = x_range(ns);
+    let mut chart = ChartBuilder::on(panel)
+        .caption(
+            "p50 µs per connection (bars: lowest to highest round)",
+            (FONT, 20),
+        )
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d((r.start..r.end * 1.6).log_scale(), 0.0..ymax.max(1.0))
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("Services, log scale")
+        .y_desc("µs per connection")
+        .x_label_formatter(&x_label)
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .light_line_style(RGBColor(238, 238, 238))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .draw()
+        .map_err(err)?;
+    for (i, path) in paths.iter().enumerate() {
+        let c = path_color(path);
+        // Side by side: path i at N × 1.12^i.
+        let shift = 1.12f64.powi(i as i32);
+        let pts: Vec<(f64, f64, f64, f64)> = ns
+            .iter()
+            .filter_map(|&n| {
+                let s = rows
+                    .iter()
+                    .find(|r| r.services == n && &r.path == path)?
+                    .get("p50_us")?;
+                Some((n as f64 * shift, s.median, s.min, s.max))
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(
+                pts.iter().map(|p| (p.0, p.1)),
+                c.stroke_width(2),
+            ))
+            .map_err(err)?
+            .label(path.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+        chart
+            .draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 5, c.filled())))
+            .map_err(err)?;
+        chart
+            .draw_series(
+                pts.iter()
+                    .map(|p| PathElement::new(vec![(p.0, p.2), (p.0, p.3)], c.stroke_width(2))),
+            )
+            .map_err(err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font((FONT, 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+/// The pod -> ClusterIP TCP_CRR figure: p50 per path (left), and ours' p50 divided by
+/// each other path's, paired per round (right), with the issue's ≤ 1.03× target for ours ÷
+/// direct.
+fn clusterip<DB: DrawingBackend>(part: &PartResult, root: &DrawingArea<DB, Shift>) -> Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    let root = root
+        .titled(
+            "Pod -> ClusterIP on the same node, TCP_CRR (netns lab): median of interleaved rounds",
+            (FONT, 22),
+        )
+        .map_err(err)?;
+    let rows: Vec<&Row> = part
+        .rows
+        .iter()
+        .filter(|r| r.case == CLUSTERIP_CASE && r.error.is_none() && r.get("p50_us").is_some())
+        .collect();
+    if rows.is_empty() {
+        return Err(Error::NoData("pod -> ClusterIP"));
+    }
+    let panels = root.split_evenly((1, 2));
+    let mut ns: Vec<u64> = rows.iter().map(|r| r.services).collect();
+    ns.sort_unstable();
+    ns.dedup();
+    p50_panel(&rows, &ns, &panels[0])?;
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for path in report_order(rows.iter().map(|r| r.path.clone())) {
+        if path == "ours" {
+            continue;
+        }
+        let pts: Vec<(f64, f64)> = ns
+            .iter()
+            .filter_map(|&n| report::clusterip_ours_over(part, n, &path).map(|v| (n as f64, v)))
+            .collect();
+        series.push((path, pts));
+    }
+    let ymax = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.1))
+        .fold(1.2, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&panels[1])
+        .caption("ours p50 ÷ each path's p50 (paired rounds)", (FONT, 20))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x_range(&ns).log_scale(), 0.0..ymax)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("Services, log scale")
+        .y_desc("ours ÷ path")
+        .x_label_formatter(&x_label)
+        .y_label_formatter(&|y| format!("{y:.1}×"))
+        .light_line_style(RGBColor(238, 238, 238))
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .draw()
+        .map_err(err)?;
+    let r = x_range(&ns);
+    chart
+        .draw_series(std::iter::once(PathElement::new(
+            vec![(r.start, 1.0), (r.end, 1.0)],
+            RGBColor(90, 90, 90).stroke_width(1),
+        )))
+        .map_err(err)?;
+    let target = report::CLUSTERIP_TARGET;
+    chart
+        .draw_series(DashedLineSeries::new(
+            vec![(r.start, target), (r.end, target)],
+            6,
+            4,
+            BLACK.stroke_width(1),
+        ))
+        .map_err(err)?
+        .label(format!("target for ours ÷ direct: ≤ {target:.2}×"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(1)));
+    for (path, pts) in series {
+        let c = path_color(&path);
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))
+            .map_err(err)?
+            .label(format!("ours ÷ {path}"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+        chart
+            .draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))
+            .map_err(err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
+        .label_font((FONT, 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
     Ok(())
 }
 
@@ -511,6 +716,31 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("tmp dir");
         let drawn = all(&results, &dir);
         assert_eq!(drawn.len(), 2);
+        check_drawn(drawn);
+        // With pod -> ClusterIP rows: a third figure, and the e2e one still draws (without
+        // them).
+        let mut with = results.clone();
+        with.parts[1].rows.extend(
+            ["direct", "ours", "nftables", "iptables-end"]
+                .iter()
+                .flat_map(|p| {
+                    [1, 1000].map(|n| Row {
+                        case: CLUSTERIP_CASE.into(),
+                        ..e2e(p, n)
+                    })
+                }),
+        );
+        let drawn = all(&with, &dir);
+        assert_eq!(drawn.len(), 3);
+        check_drawn(drawn);
+        if font().is_ok() {
+            assert!(dir.join("clusterip_crr.png").is_file());
+            assert!(dir.join("clusterip_crr.svg").is_file());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn check_drawn(drawn: Vec<Result<Vec<PathBuf>>>) {
         for r in drawn {
             match r {
                 Ok(files) => assert!(files.iter().all(|f| f.is_file()), "{files:?}"),
@@ -519,6 +749,5 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::schema::{PartResult, Results, Row, Stat};
+use crate::schema::{PartResult, Results, Row, Stat, CLUSTERIP_CASE};
 
 /// Why [`check_report`] rejected a report.
 #[derive(Debug, thiserror::Error)]
@@ -379,6 +379,19 @@ fn per_packet(part: &PartResult, out: &mut String) {
             }
             t.row(cells);
         }
+        if part
+            .rows
+            .iter()
+            .any(|r| r.case == case && r.get("above_floor_ns").is_some())
+        {
+            let mut cells = vec!["↳ above the empty-program floor".to_owned(), prog.clone()];
+            for cfg in &configs {
+                cells.push(
+                    find(&case, cfg).map_or("—".into(), |r| metric_cell(r, "above_floor_ns")),
+                );
+            }
+            t.row(cells);
+        }
     }
     for r in part.rows.iter().filter(|r| r.case == "setup") {
         t.row(vec![
@@ -397,12 +410,13 @@ fn e2e(part: &PartResult, out: &mut String) {
          `direct`: client to the pod IP, routed, no NAT (the floor). `ours`: NodePort through \
          our XDP/TC datapath. `iptables-end` / `iptables-middle`: kube-proxy iptables-mode \
          rules with the target Service last / in the middle of the chains. `nftables`: \
-         kube-proxy nftables-mode rules. Ratios are per-round (paired) medians.\n\n",
+         kube-proxy nftables-mode rules. Ratios are per-round (paired) medians. A pod's \
+         process connecting to a ClusterIP has a section of its own below.\n\n",
     );
     let modes = ordered(
         part.rows
             .iter()
-            .filter(|r| r.case != "program Services")
+            .filter(|r| r.case != "program Services" && r.case != CLUSTERIP_CASE)
             .map(|r| r.case.clone()),
     );
     for mode in modes {
@@ -438,6 +452,7 @@ fn e2e(part: &PartResult, out: &mut String) {
         }
         t.render(out);
     }
+    clusterip(part, out);
     let prog: Vec<&Row> = part
         .rows
         .iter()
@@ -456,6 +471,99 @@ fn e2e(part: &PartResult, out: &mut String) {
         }
         t.render(out);
     }
+}
+
+/// The issue's target for ours ÷ direct in [`CLUSTERIP_CASE`] (p50, paired rounds).
+pub const CLUSTERIP_TARGET: f64 = 1.03;
+
+/// `ours ÷ path` of [`CLUSTERIP_CASE`]'s p50 at `n` Services, paired per round: ours against
+/// the direct path (the issue's target), against nftables, against iptables.
+pub fn clusterip_ours_over(part: &PartResult, n: u64, path: &str) -> Option<f64> {
+    let p50 = |path: &str| {
+        part.rows
+            .iter()
+            .find(|r| {
+                r.case == CLUSTERIP_CASE && r.services == n && r.path == path && r.error.is_none()
+            })
+            .and_then(|r| r.get("p50_us"))
+    };
+    ratio(p50("ours")?, p50(path)?)
+}
+
+/// [`CLUSTERIP_CASE`]: a pod's process to a ClusterIP served by another pod of the node.
+fn clusterip(part: &PartResult, out: &mut String) {
+    let rows: Vec<&Row> = part
+        .rows
+        .iter()
+        .filter(|r| r.case == CLUSTERIP_CASE)
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "### {CLUSTERIP_CASE} (µs per connection)\n");
+    out.push_str(
+        "A client process in pod 1 opens a new connection per transaction to a ClusterIP \
+         whose endpoints are pod 0's ports on the same node. `direct`: to pod 0's IP, no \
+         translation (the floor). `ours`: socket-level load balancing, the connect4 hook on \
+         the client's cgroup rewrites connect() to pod 0's address once per connection; no \
+         packet is NATed. `nftables` / `iptables-*`: kube-proxy's rules on the node, the SYN \
+         goes pod 1 -> node (PREROUTING DNAT) -> pod 0. The last column is ours' p50 divided \
+         by the row's, paired per round: on the `direct` row it is the overhead of the socket \
+         hooks (target: ≤ 1.03×).\n\n",
+    );
+    let mut t = Table::new(&[
+        "N",
+        "path",
+        "p50",
+        "p90",
+        "p99",
+        "connections/s",
+        "p50 ÷ direct",
+        "ours p50 ÷ this path",
+    ]);
+    let by = |n: u64, path: &str| {
+        rows.iter()
+            .find(|r| r.services == n && r.path == path && r.error.is_none())
+            .and_then(|r| r.get("p50_us"))
+    };
+    for r in &rows {
+        let p50 = r.get("p50_us").filter(|_| r.error.is_none());
+        t.row(vec![
+            count(r.services),
+            r.path.clone(),
+            metric_cell(r, "p50_us"),
+            metric_cell(r, "p90_us"),
+            metric_cell(r, "p99_us"),
+            metric_cell(r, "tps"),
+            failed(r).unwrap_or_else(|| ratio_cell(p50, by(r.services, "direct"))),
+            failed(r).unwrap_or_else(|| ratio_cell(by(r.services, "ours"), p50)),
+        ]);
+    }
+    t.render(out);
+    for n in ordered(rows.iter().map(|r| r.services)) {
+        let Some(direct) = clusterip_ours_over(part, n, "direct") else {
+            continue;
+        };
+        let others: Vec<String> = ordered(rows.iter().map(|r| r.path.clone()))
+            .into_iter()
+            .filter(|p| p != "direct" && p != "ours")
+            .filter_map(|p| {
+                clusterip_ours_over(part, n, &p).map(|x| format!("ours ÷ {p} = {x:.2}×"))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "- N={}: ours ÷ direct = {direct:.3}× ({} the ≤ {CLUSTERIP_TARGET:.2}× target){}",
+            count(n),
+            if direct <= CLUSTERIP_TARGET {
+                "within"
+            } else {
+                "over"
+            },
+            others.iter().map(|o| format!("; {o}")).collect::<String>()
+        );
+    }
+    out.push('\n');
 }
 
 fn throughput(part: &PartResult, out: &mut String) {
@@ -910,6 +1018,56 @@ mod tests {
         // Different run counts fall back to the ratio of medians.
         assert_eq!(ratio(&stat(&[300.0]), &b), Some(300.0 / 110.0));
         assert_eq!(ratio(&stat(&[]), &b), None);
+    }
+
+    #[test]
+    fn clusterip_section_has_ours_over_each_path() {
+        let row = |path: &str, p50: &[f64]| {
+            Row::new("e2e", CLUSTERIP_CASE, path, 1)
+                .metric("p50_us", "µs", stat(p50))
+                .metric("p90_us", "µs", stat(p50))
+                .metric("p99_us", "µs", stat(p50))
+                .metric("tps", "1/s", stat(&[9000.0, 9100.0]))
+        };
+        let mut results = sample();
+        results.parts[1].rows.extend([
+            row("direct", &[100.0, 110.0]),
+            row("ours", &[101.0, 112.2]),
+            row("iptables-end", &[202.0, 224.4]),
+            row("nftables", &[150.0, 170.0]),
+        ]);
+        let part = &results.parts[1];
+        // Paired: 1.01 and 1.02 -> 1.015.
+        let direct = clusterip_ours_over(part, 1, "direct").expect("ratio");
+        assert!((direct - 1.015).abs() < 1e-9, "{direct}");
+        let ipt = clusterip_ours_over(part, 1, "iptables-end").expect("ratio");
+        assert!((ipt - 0.5).abs() < 1e-9, "{ipt}");
+        assert_eq!(clusterip_ours_over(part, 1000, "direct"), None);
+        let md = markdown(&results, &[], &[]);
+        assert!(
+            md.contains(&format!("### {CLUSTERIP_CASE} (µs per connection)")),
+            "{md}"
+        );
+        // Not also among the NodePort tables.
+        assert!(
+            !md.contains(&format!("### {CLUSTERIP_CASE} (µs)\n")),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 1 | iptables-end | 213 (202–224) | 213 (202–224) | 213 (202–224) | 9050 (9000–9100) | 2.03× | 0.50× |"),
+            "{md}"
+        );
+        assert!(md.contains("| 1 | ours | "), "{md}");
+        assert!(
+            md.contains("- N=1: ours ÷ direct = 1.015× (within the ≤ 1.03× target); ours ÷ iptables-end = 0.50×; ours ÷ nftables = 0.67×"),
+            "{md}"
+        );
+        let mut failed = results.clone();
+        let last = failed.parts[1].rows.len() - 3;
+        failed.parts[1].rows[last].error = Some("boom".into());
+        let md = markdown(&failed, &[], &[]);
+        assert!(md.contains("| 1 | ours | FAILED |"), "{md}");
+        assert!(!md.contains("- N=1: ours ÷ direct"), "{md}");
     }
 
     #[test]

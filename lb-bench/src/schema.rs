@@ -10,6 +10,12 @@ use crate::sysinfo::Meta;
 /// The benchmark parts, in run order.
 pub const PARTS: [&str; 4] = ["per-packet", "e2e", "throughput", "control-plane"];
 
+/// The e2e case of a client process in a pod connecting to a ClusterIP whose endpoint is
+/// another pod of the same node (TCP_CRR): `direct` (to the pod IP), `ours` (socket hooks
+/// translate the connect), kube-proxy's nftables and iptables rules (DNAT on the node).
+/// The report and the plots give it a section and a figure of its own.
+pub const CLUSTERIP_CASE: &str = "TCP_CRR pod -> ClusterIP";
+
 /// Summary of repeated measurements of one quantity. A value that could not be measured is
 /// NaN in memory and `null` in JSON (JSON has no NaN).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -5,6 +5,12 @@
 //! * reply, keyed by the backend's reply tuple (backend -> client), holding the frontend
 //!   address and port to restore as the reply's source.
 //!
+//! The two cannot age apart: each holds what is needed to rebuild the other, and whenever a
+//! direction refreshes its entry (at most once a second, or on a state change) it refreshes
+//! the other's `last_seen_ns` and flags too, and re-creates it if the LRU evicted it. A flow
+//! idle for longer than its timeout ([`crate::LbConfig::ct_timeout_s`]) is expired on its
+//! next packet and collected by the agent's GC.
+//!
 //! The entry holds the backend's address itself, not only its id, so an established flow
 //! keeps working after its backend leaves the backends map.
 use bytemuck::{Pod, Zeroable};
@@ -33,6 +39,9 @@ pub mod ct_flags {
     pub const CLOSING: u16 = 1 << 0;
     /// The flow goes to a remote backend through SNAT (its `LB4_SNAT` entries).
     pub const SNAT: u16 = 1 << 1;
+    /// TCP: the client sent a packet with ACK and without SYN (the established timeout
+    /// applies instead of the SYN one).
+    pub const ESTABLISHED: u16 = 1 << 2;
 }
 
 /// Value of `LB4_SNAT` (LRU, key [`Ct4Key`]), the SNAT of flows to remote backends:
@@ -75,4 +84,37 @@ pub struct Ct4Value {
     pub created_ns: u64,
     /// `bpf_ktime_get_ns()` of the last packet, refreshed at most once a second.
     pub last_seen_ns: u64,
+}
+
+/// Key of `LB4_FRAG` (LRU): the IPv4 fragments of one datagram, as they arrive (`dir`
+/// [`CT_FORWARD`]: XDP, client side; [`CT_REPLY`]: TC egress, backend side). Network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Frag4Key {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// The IP identification field.
+    pub id: u16,
+    pub proto: u8,
+    pub dir: u8,
+}
+
+/// Value of `LB4_FRAG`: the addresses the first fragment was translated to, for the
+/// fragments without an L4 header that follow it. Network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Frag4Value {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// [`frag_flags`] bits.
+    pub flags: u32,
+    /// The frontend's `svc_id`, for its counters.
+    pub svc_id: u32,
+}
+
+/// [`Frag4Value::flags`] bits.
+pub mod frag_flags {
+    /// The datagram is SNATed to a remote backend (or is such a flow's reply): its
+    /// fragments leave from XDP like its first one.
+    pub const FORWARD: u32 = 1 << 0;
 }

@@ -15,10 +15,10 @@ pub mod service;
 pub mod sock;
 pub mod stats;
 
-pub use conntrack::{Ct4Key, Ct4Value, Snat4Value};
+pub use conntrack::{Ct4Key, Ct4Value, Frag4Key, Frag4Value, Snat4Value};
 pub use service::{Affinity4Key, Affinity4Value, Backend4, Frontend4Key, LbConfig, Service4Value};
 pub use sock::{SockRev4Key, SockRev4Value};
-pub use stats::{Counter, Reason};
+pub use stats::{Counter, RateLimit, Reason};
 
 /// IP protocol numbers used in keys.
 pub const IPPROTO_TCP: u8 = 6;
@@ -32,7 +32,10 @@ const _: () = {
     assert!(core::mem::size_of::<Ct4Key>() == 16);
     assert!(core::mem::size_of::<Ct4Value>() == 32);
     assert!(core::mem::size_of::<Counter>() == 16);
-    assert!(core::mem::size_of::<LbConfig>() == 24);
+    assert!(core::mem::size_of::<LbConfig>() == 48);
+    assert!(core::mem::size_of::<Frag4Key>() == 12);
+    assert!(core::mem::size_of::<Frag4Value>() == 16);
+    assert!(core::mem::size_of::<RateLimit>() == 16);
     assert!(core::mem::size_of::<Affinity4Key>() == 12);
     assert!(core::mem::size_of::<Affinity4Value>() == 16);
     assert!(core::mem::size_of::<Snat4Value>() == 32);
@@ -56,5 +59,8 @@ mod user {
     unsafe impl aya::Pod for Affinity4Value {}
     unsafe impl aya::Pod for Snat4Value {}
     unsafe impl aya::Pod for SockRev4Key {}
+    unsafe impl aya::Pod for Frag4Key {}
+    unsafe impl aya::Pod for Frag4Value {}
+    unsafe impl aya::Pod for RateLimit {}
     unsafe impl aya::Pod for SockRev4Value {}
 }

@@ -15,6 +15,13 @@ pub const LB4_BACKENDS_MAX: u32 = 65_536;
 pub const LB4_CT: &str = "LB4_CT_V1";
 pub const LB4_CT_MAX: u32 = 262_144;
 
+/// Conntrack of TCP flows not yet established (a SYN seen, no ACK from the client yet), LRU,
+/// same layout as [`LB4_CT`]. Kept apart so that a SYN flood evicts only other half-open
+/// flows, never established ones: a flow moves to `LB4_CT` with the client's first ACK.
+pub const LB4_CT_SYN: &str = "LB4_CT_SYN_V1";
+/// Default entries of [`LB4_CT_SYN`]: a quarter of the conntrack's, unless set apart.
+pub const LB4_CT_SYN_MAX: u32 = 65_536;
+
 /// SNAT of flows to remote backends, LRU: [`crate::Ct4Key`] -> [`crate::Snat4Value`].
 pub const LB4_SNAT: &str = "LB4_SNAT_V1";
 pub const LB4_SNAT_MAX: u32 = 131_072;
@@ -32,6 +39,13 @@ pub const LB4_AFFINITY_MAX: u32 = 65_536;
 pub const LB4_NODE_ADDRS: &str = "LB4_NODE_ADDRS_V1";
 pub const LB4_NODE_ADDRS_MAX: u32 = 256;
 
+/// The port filter: `u8` bits ([`crate::service::port_bits`]) per host-order port, read
+/// first by both packet programs so that traffic no frontend or backend uses leaves after
+/// one array read. Used only while `LbConfig::flags` has `PORT_FILTER` (set by the agent
+/// once it has written every port).
+pub const LB_PORTS: &str = "LB_PORTS_V1";
+pub const LB_PORTS_MAX: u32 = 65_536;
+
 /// Per-CPU verdict counters indexed by [`crate::Reason`]: `u32` -> [`crate::Counter`].
 pub const LB_STATS: &str = "LB_STATS_V1";
 pub const LB_STATS_MAX: u32 = 64;
@@ -40,26 +54,47 @@ pub const LB_STATS_MAX: u32 = 64;
 pub const LB_SVC_STATS: &str = "LB_SVC_STATS_V1";
 pub const LB_SVC_STATS_MAX: u32 = 65_536;
 
+/// Fragment tracking, LRU: [`crate::Frag4Key`] -> [`crate::Frag4Value`].
+pub const LB4_FRAG: &str = "LB4_FRAG_V1";
+pub const LB4_FRAG_MAX: u32 = 8_192;
+
+/// Per-CPU token bucket of the ICMP rejects: one [`crate::RateLimit`].
+pub const LB_REJECT_RATE: &str = "LB_REJECT_RATE_V1";
+pub const LB_REJECT_RATE_MAX: u32 = 1;
+
 /// Reverse translation of the socket hooks, LRU: [`crate::SockRev4Key`] (socket cookie and
 /// backend) -> [`crate::SockRev4Value`] (the Service address the socket asked for).
 pub const LB4_SOCK_REVNAT: &str = "LB4_SOCK_REVNAT_V1";
 pub const LB4_SOCK_REVNAT_MAX: u32 = 262_144;
+
+/// Per-CPU log2 histogram of the programs' own run time (`--latency-histogram`): `u64`
+/// counts at `prog * LATENCY_BUCKETS + bucket`, `prog` 0 for XDP ingress and 1 for TC
+/// egress; bucket `k` counts runs of `2^(k-1)` to `2^k - 1` ns (bucket 0: 0 ns). Written only
+/// by the `_timed` program variants.
+pub const LB_LATENCY: &str = "LB_LATENCY_V1";
+pub const LATENCY_BUCKETS: u32 = 64;
+pub const LB_LATENCY_MAX: u32 = 2 * LATENCY_BUCKETS;
 
 /// One-entry array holding [`crate::LbConfig`] (V2: with the host netns cookie).
 pub const LB_CONFIG: &str = "LB_CONFIG_V2";
 pub const LB_CONFIG_MAX: u32 = 1;
 
 /// Every map the agent pins, for sweeps and `status`.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 15] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_CT,
+    LB4_CT_SYN,
     LB4_SNAT,
+    LB4_FRAG,
+    LB_REJECT_RATE,
     LB4_AFFINITY,
     LB4_SOCK_REVNAT,
     LB4_NODE_ADDRS,
+    LB_PORTS,
     LB_STATS,
     LB_SVC_STATS,
+    LB_LATENCY,
     LB_CONFIG,
 ];
 
@@ -70,6 +105,9 @@ pub const LEGACY_MAPS: [&str; 1] = ["LB_CONFIG_V1"];
 /// Program names, as the kernel objects name them (`#[xdp]`/`#[classifier]` fn names).
 pub const PROG_XDP_INGRESS: &str = "lb_xdp_ingress";
 pub const PROG_TC_EGRESS: &str = "lb_tc_egress";
+/// The same programs recording their own run time in `LB_LATENCY` (`--latency-histogram`).
+pub const PROG_XDP_INGRESS_TIMED: &str = "lb_xdp_ingress_timed";
+pub const PROG_TC_EGRESS_TIMED: &str = "lb_tc_egress_timed";
 /// An XDP program that passes every frame, for the far end of veth uplinks.
 pub const PROG_XDP_PASS: &str = "lb_xdp_pass";
 /// The cgroup socket hooks (socket-level load balancing), with their attach points.

@@ -154,12 +154,45 @@ pub struct Backend4 {
     pub node_addr: u32,
 }
 
+/// Bits of `LB_PORTS` entries.
+pub mod port_bits {
+    /// Some TCP frontend listens on this port (or it is a SNAT port: replies arrive on it).
+    pub const TCP_FRONTEND: u8 = 1 << 0;
+    pub const UDP_FRONTEND: u8 = 1 << 1;
+    /// Some TCP backend serves from this port (replies leave from it).
+    pub const TCP_BACKEND: u8 = 1 << 2;
+    pub const UDP_BACKEND: u8 = 1 << 3;
+
+    /// The frontend bit of `proto` (6 or 17).
+    #[inline(always)]
+    pub const fn frontend(proto: u8) -> u8 {
+        if proto == crate::IPPROTO_TCP {
+            TCP_FRONTEND
+        } else {
+            UDP_FRONTEND
+        }
+    }
+
+    /// The backend bit of `proto` (6 or 17).
+    #[inline(always)]
+    pub const fn backend(proto: u8) -> u8 {
+        if proto == crate::IPPROTO_TCP {
+            TCP_BACKEND
+        } else {
+            UDP_BACKEND
+        }
+    }
+}
+
 /// [`LbConfig::flags`] bits.
 pub mod config_flags {
     /// The socket hooks translate NodePorts on 127.0.0.0/8 for the node's own processes
     /// (`--localhost-nodeports`). Without it, `127.0.0.1:<nodePort>` is left untouched, as
     /// kube-proxy's nftables mode does. hostPorts on 127.0.0.0/8 are translated either way.
     pub const LOCALHOST_NODEPORTS: u32 = 1 << 0;
+    /// `LB_PORTS` holds every frontend and backend port: packets whose port has no bit
+    /// there pass at once.
+    pub const PORT_FILTER: u32 = 1 << 1;
 }
 
 /// The single entry of `LB_CONFIG`.
@@ -181,4 +214,47 @@ pub struct LbConfig {
     /// treat 127.0.0.0/8 as the node's address only for sockets of that namespace (a pod's
     /// loopback is its own). 0 = unknown: loopback is never translated.
     pub host_netns_cookie: u64,
+    /// Conntrack idle timeouts in seconds (`--ct-timeout-*`), by protocol and state; 0 =
+    /// the default of [`ct_timeouts`]. A flow idle for longer is expired on its next packet
+    /// (and collected by the agent's GC).
+    pub ct_timeout_tcp_syn_s: u32,
+    pub ct_timeout_tcp_s: u32,
+    pub ct_timeout_tcp_fin_s: u32,
+    pub ct_timeout_udp_s: u32,
+    /// ICMP port-unreachable replies for frontends without backends, per second and CPU
+    /// (`--reject-rate`); 0 = never reply, drop.
+    pub reject_per_s: u32,
+    pub _pad: u32,
+}
+
+/// Default conntrack idle timeouts (seconds), as Cilium's and the kernel's: TCP before it is
+/// established (SYN seen), established, closing (FIN or RST seen), and UDP.
+pub mod ct_timeouts {
+    pub const TCP_SYN: u32 = 60;
+    pub const TCP_ESTABLISHED: u32 = 21_600;
+    pub const TCP_FIN: u32 = 10;
+    pub const UDP: u32 = 60;
+}
+
+impl LbConfig {
+    /// The idle timeout (seconds) of a flow of `proto` (TCP if 6, else UDP) with conntrack
+    /// `flags` (`ct_flags`).
+    #[inline(always)]
+    pub fn ct_timeout_s(&self, proto: u8, flags: u16) -> u32 {
+        use crate::conntrack::ct_flags;
+        let (v, d) = if proto != crate::IPPROTO_TCP {
+            (self.ct_timeout_udp_s, ct_timeouts::UDP)
+        } else if flags & ct_flags::CLOSING != 0 {
+            (self.ct_timeout_tcp_fin_s, ct_timeouts::TCP_FIN)
+        } else if flags & ct_flags::ESTABLISHED != 0 {
+            (self.ct_timeout_tcp_s, ct_timeouts::TCP_ESTABLISHED)
+        } else {
+            (self.ct_timeout_tcp_syn_s, ct_timeouts::TCP_SYN)
+        };
+        if v == 0 {
+            d
+        } else {
+            v
+        }
+    }
 }

@@ -9,13 +9,25 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// Per-CPU token bucket (`LB_REJECT_RATE`): tokens left and when it was last filled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RateLimit {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
 /// Why the datapath passed, forwarded or dropped a packet. Index into `LB_STATS`.
 ///
 /// Policies (documented here, enforced in `lb-ebpf`):
-/// * IPv4 fragments and packets with IP options are passed to the kernel stack untouched
-///   (the stack reassembles or rejects them; a load balancer that guessed ports from a
-///   first fragment would split flows).
-/// * A frontend with no usable backend drops new flows (`DropNoBackend`).
+/// * IPv4 fragments: the first one (it has the L4 header) is translated like any packet and
+///   its translation recorded in `LB4_FRAG` under (source, destination, IP id, protocol);
+///   the ones that follow get the same addresses from there. A non-first fragment without
+///   a record (it overtook its first one, or the record was evicted) passes untouched
+///   (`XdpPassFragment`). Packets with IP options pass untouched.
+/// * A frontend with no usable backend answers a new flow with an ICMP port-unreachable
+///   (`XdpRejectNoBackend`), rate-limited per CPU; beyond the rate, or when it cannot, it
+///   drops (`DropNoBackend`).
 /// * Malformed headers are dropped: the kernel would drop them too, and they must never be
 ///   rewritten or create conntrack state.
 #[repr(u32)]
@@ -25,7 +37,8 @@ pub enum Reason {
     XdpPassNonIpv4 = 0,
     /// XDP: IPv4 but matched no frontend (or not TCP/UDP), passed.
     XdpPassNotService = 1,
-    /// XDP: IPv4 fragment, passed.
+    /// XDP: a non-first IPv4 fragment without a translation record (none needed, or its
+    /// first fragment was not seen), passed untouched.
     XdpPassFragment = 2,
     /// XDP: IPv4 header with options, passed.
     XdpPassIpOptions = 3,
@@ -86,10 +99,34 @@ pub enum Reason {
     /// Socket `connect4`/`sendmsg4`: a NodePort on 127.0.0.0/8 with
     /// `--localhost-nodeports false`, left untouched.
     SockPassLocalhostNodePort = 38,
+    /// Event (not a packet verdict; counts conntrack entries, two per flow or one for a
+    /// SNATed flow): entries created for new flows.
+    CtCreated = 40,
+    /// Event: entries of a flow idle past its timeout, removed on its next packet (the
+    /// flow is then created again).
+    CtExpired = 41,
+    /// Event: one direction's entry found evicted and rebuilt from the other's.
+    CtRestored = 42,
+    /// XDP: a new flow to a frontend without backends answered with an ICMP
+    /// port-unreachable (kube-proxy's REJECT), sent back with XDP_TX.
+    XdpRejectNoBackend = 43,
+    /// XDP: an ICMP error quoting a DNATed flow translated for its backend, passed.
+    XdpIcmpErrDnat = 44,
+    /// XDP: an ICMP error quoting a SNATed flow translated back for its client, sent on.
+    XdpIcmpErrSnat = 45,
+    /// TC egress: an ICMP error from a backend translated to come from the frontend.
+    TcIcmpErrRevNat = 46,
+    /// XDP: a non-first fragment translated like its datagram's first one.
+    XdpFragFwd = 47,
+    /// TC egress: a non-first reply fragment reverse-NATed like its first one.
+    TcFragRevNat = 48,
+    /// Event: entries removed so that a flow picks again (a SYN on a closed tuple, a UDP
+    /// flow whose backend is gone).
+    CtRemoved = 49,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 31] = [
+    pub const ALL: [Reason; 41] = [
         Reason::XdpPassNonIpv4,
         Reason::XdpPassNotService,
         Reason::XdpPassFragment,
@@ -121,6 +158,16 @@ impl Reason {
         Reason::SockRejectNoBackend,
         Reason::SockRejectInternal,
         Reason::SockPassLocalhostNodePort,
+        Reason::CtCreated,
+        Reason::CtExpired,
+        Reason::CtRestored,
+        Reason::XdpRejectNoBackend,
+        Reason::XdpIcmpErrDnat,
+        Reason::XdpIcmpErrSnat,
+        Reason::TcIcmpErrRevNat,
+        Reason::XdpFragFwd,
+        Reason::TcFragRevNat,
+        Reason::CtRemoved,
     ];
 
     /// A stable snake_case name for tables and metrics.
@@ -157,7 +204,26 @@ impl Reason {
             Reason::SockRejectNoBackend => "sock_reject_no_backend",
             Reason::SockRejectInternal => "sock_reject_internal",
             Reason::SockPassLocalhostNodePort => "sock_pass_localhost_nodeport",
+            Reason::CtCreated => "ct_created",
+            Reason::CtExpired => "ct_expired",
+            Reason::CtRestored => "ct_restored",
+            Reason::XdpRejectNoBackend => "xdp_reject_no_backend",
+            Reason::XdpIcmpErrDnat => "xdp_icmp_err_dnat",
+            Reason::XdpIcmpErrSnat => "xdp_icmp_err_snat",
+            Reason::TcIcmpErrRevNat => "tc_icmp_err_revnat",
+            Reason::XdpFragFwd => "xdp_frag_fwd",
+            Reason::TcFragRevNat => "tc_frag_revnat",
+            Reason::CtRemoved => "ct_removed",
         }
+    }
+
+    /// Whether this is an event counter (conntrack lifecycle), not a packet verdict: the
+    /// packet it happened to is counted under its own verdict as well.
+    pub const fn is_event(self) -> bool {
+        matches!(
+            self,
+            Reason::CtCreated | Reason::CtExpired | Reason::CtRestored | Reason::CtRemoved
+        )
     }
 
     /// Whether this reason is a drop (as opposed to pass or forward).

@@ -1,5 +1,6 @@
 //! Per-flow connection tracking: the forward entry pins a flow to its backend (XDP), the
-//! reply entry tells the TC program what to restore.
+//! reply entry tells the TC program what to restore. Each direction keeps the other alive
+//! (see `lb_common::conntrack`), and idle flows expire by protocol and TCP state.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     conntrack::{ct_flags, CT_FORWARD, CT_REPLY},
@@ -8,8 +9,9 @@ use lb_common::{
 
 use crate::{
     lb::{backend_exists, Frontend},
-    maps::CT,
+    maps::{CONFIG, CT, CT_SYN},
     parse::{Flow4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats,
 };
 
 const BPF_ANY: u64 = 0;
@@ -29,34 +31,191 @@ pub fn forward_key_v4(flow: &Flow4) -> Ct4Key {
 }
 
 /// Look up the flow's forward entry. Returns the backend address/port to DNAT to, or `None`
-/// when the flow must pick afresh: no entry, or a new TCP SYN / a UDP packet whose pinned
-/// backend is gone (an established TCP flow keeps its removed backend until it ends), or a
-/// SYN reusing the tuple of a closed connection.
+/// when the flow must pick afresh: no entry; an entry idle past its timeout (expired and
+/// removed); or a new TCP SYN / a UDP packet whose pinned backend is gone (an established
+/// TCP flow keeps its removed backend until it ends), or a SYN reusing the tuple of a closed
+/// connection (both removed first, so the new entries are new).
+///
+/// On a refresh (at most once a second, or when the TCP state changes) the reply entry gets
+/// the same `last_seen_ns` and flags, and is rebuilt if it was evicted.
 #[inline(always)]
 pub fn lookup_v4(flow: &Flow4) -> Option<Ct4Value> {
     let key = forward_key_v4(flow);
-    let entry = CT.get_ptr_mut(key)?;
+    let Some(entry) = CT.get_ptr_mut(key) else {
+        return if flow.proto == IPPROTO_TCP {
+            lookup_half_open_v4(flow, key)
+        } else {
+            None
+        };
+    };
     // SAFETY: LRU entries are plain data; a concurrent eviction at worst yields a stale copy.
     let mut value = unsafe { *entry };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     let syn_only = flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let may_repick = flow.proto != IPPROTO_TCP || syn_only;
-    if may_repick && (value.flags & ct_flags::CLOSING != 0 || !backend_exists(value.backend_id)) {
+    let expired = now.wrapping_sub(value.last_seen_ns) > timeout_ns(flow.proto, value.flags);
+    if expired
+        || may_repick && (value.flags & ct_flags::CLOSING != 0 || !backend_exists(value.backend_id))
+    {
+        let n = remove_flow_v4(flow, &value);
+        stats::count_n(
+            if expired {
+                Reason::CtExpired
+            } else {
+                Reason::CtRemoved
+            },
+            n,
+        );
         return None;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
-    let closing = flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    if closing || now.wrapping_sub(value.last_seen_ns) > NS_PER_SEC {
-        if closing {
-            value.flags |= ct_flags::CLOSING;
+    let mut flags = value.flags;
+    if flow.proto == IPPROTO_TCP {
+        if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            flags |= ct_flags::CLOSING;
+        } else if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
+            flags |= ct_flags::ESTABLISHED;
         }
+    }
+    if flags != value.flags || now.wrapping_sub(value.last_seen_ns) > NS_PER_SEC {
+        value.flags = flags;
         value.last_seen_ns = now;
         // SAFETY: as above; single aligned field writes.
         unsafe {
             (*entry).last_seen_ns = now;
-            (*entry).flags = value.flags;
+            (*entry).flags = flags;
+        }
+        if flags & ct_flags::SNAT == 0 {
+            let rev_key = reply_key_of_v4(flow, &value);
+            touch_or_restore(rev_key, reply_value_of_v4(flow, &value), now, flags);
         }
     }
     Some(value)
+}
+
+/// A TCP flow not in `LB4_CT` may be half-open in `LB4_CT_SYN`: a retransmitted SYN finds it
+/// there; the client's first packet without SYN (the handshake's ACK, or a RST) moves it to
+/// `LB4_CT`. A SYN flood thus only ever evicts other half-open flows.
+#[inline(always)]
+fn lookup_half_open_v4(flow: &Flow4, key: Ct4Key) -> Option<Ct4Value> {
+    // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
+    let value = unsafe { CT_SYN.get(key) }.copied()?;
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let expired = now.wrapping_sub(value.last_seen_ns) > timeout_ns(flow.proto, value.flags);
+    // A retransmitted SYN picks again when its backend is gone; the handshake's ACK keeps it,
+    // as an established flow does.
+    let repick = flow.tcp_flags & TCP_SYN != 0 && !backend_exists(value.backend_id);
+    let rev_key = reply_key_of_v4(flow, &value);
+    if expired || repick {
+        let mut n = u64::from(CT_SYN.remove(key).is_ok());
+        if value.flags & ct_flags::SNAT == 0 {
+            n += u64::from(CT_SYN.remove(rev_key).is_ok());
+        }
+        let r = if expired {
+            Reason::CtExpired
+        } else {
+            Reason::CtRemoved
+        };
+        stats::count_n(r, n);
+        return None;
+    }
+    if flow.tcp_flags & TCP_SYN != 0 {
+        return Some(value);
+    }
+    let flags = value.flags
+        | if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            ct_flags::CLOSING
+        } else {
+            ct_flags::ESTABLISHED
+        };
+    let fwd = Ct4Value {
+        flags,
+        last_seen_ns: now,
+        ..value
+    };
+    // Best effort: if the move fails the half-open entries keep serving the flow.
+    if CT.insert(key, fwd, BPF_ANY).is_ok() {
+        let snat = value.flags & ct_flags::SNAT != 0;
+        if snat
+            || CT
+                .insert(rev_key, reply_value_of_v4(flow, &fwd), BPF_ANY)
+                .is_ok()
+        {
+            let _ = CT_SYN.remove(key);
+            if !snat {
+                let _ = CT_SYN.remove(rev_key);
+            }
+        } else {
+            let _ = CT.remove(key);
+        }
+    }
+    Some(fwd)
+}
+
+/// The idle timeout of a flow of `proto` in state `flags`, from `LB_CONFIG`.
+#[inline(always)]
+pub fn timeout_ns(proto: u8, flags: u16) -> u64 {
+    let s = match CONFIG.get(0) {
+        Some(c) => c.ct_timeout_s(proto, flags),
+        None => lb_common::LbConfig::default().ct_timeout_s(proto, flags),
+    };
+    u64::from(s) * NS_PER_SEC
+}
+
+/// Refresh the entry at `key` (`last_seen_ns`, flags), or insert `value` there if the LRU
+/// evicted it (counted [`Reason::CtRestored`]).
+#[inline(always)]
+fn touch_or_restore(key: Ct4Key, value: Ct4Value, now: u64, flags: u16) {
+    match CT.get_ptr_mut(key) {
+        // SAFETY: plain data; aligned single-field writes.
+        Some(e) => unsafe {
+            (*e).last_seen_ns = now;
+            (*e).flags = flags;
+        },
+        None => {
+            let v = Ct4Value {
+                last_seen_ns: now,
+                flags,
+                ..value
+            };
+            if CT.insert(key, v, BPF_ANY).is_ok() {
+                stats::count_n(Reason::CtRestored, 1);
+            }
+        }
+    }
+}
+
+/// The reply entry's key of the flow `flow` (as the client sent it) pinned by `fwd`.
+#[inline(always)]
+fn reply_key_of_v4(flow: &Flow4, fwd: &Ct4Value) -> Ct4Key {
+    reply_key_v4(&Flow4 {
+        saddr: fwd.nat_addr,
+        daddr: flow.saddr,
+        sport: fwd.nat_port,
+        dport: flow.sport,
+        ..*flow
+    })
+}
+
+/// The reply entry of the flow `flow` pinned by `fwd`: the frontend to restore.
+#[inline(always)]
+fn reply_value_of_v4(flow: &Flow4, fwd: &Ct4Value) -> Ct4Value {
+    Ct4Value {
+        nat_addr: flow.daddr,
+        nat_port: flow.dport,
+        ..*fwd
+    }
+}
+
+/// Remove both entries of the flow `flow` pinned by `fwd`; returns how many there were.
+#[inline(always)]
+fn remove_flow_v4(flow: &Flow4, fwd: &Ct4Value) -> u64 {
+    let mut n = u64::from(CT.remove(forward_key_v4(flow)).is_ok());
+    if fwd.flags & ct_flags::SNAT == 0 {
+        n += u64::from(CT.remove(reply_key_of_v4(flow, fwd)).is_ok());
+    }
+    n
 }
 
 /// Key of the reply entry for a packet `flow` leaving towards the client (backend ->
@@ -70,17 +229,48 @@ pub fn reply_key_v4(flow: &Flow4) -> Ct4Key {
 }
 
 /// Look up the reply entry of an egress packet: the frontend address and port to restore
-/// as its source, or `None` when the packet belongs to no load-balanced flow.
+/// as its source, or `None` when the packet belongs to no load-balanced flow. On a refresh
+/// (at most once a second) the forward entry gets the same `last_seen_ns`, and is rebuilt
+/// if it was evicted: a flow whose backend does all the talking stays alive.
 #[inline(always)]
 pub fn lookup_reply_v4(flow: &Flow4) -> Option<Ct4Value> {
+    let key = reply_key_v4(flow);
+    let Some(entry) = CT.get_ptr_mut(key) else {
+        // A half-open flow's SYN-ACK.
+        // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
+        return unsafe { CT_SYN.get(key) }.copied();
+    };
     // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
-    unsafe { CT.get(reply_key_v4(flow)) }.copied()
+    let value = unsafe { *entry };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(value.last_seen_ns) > NS_PER_SEC {
+        // SAFETY: as above; an aligned single-field write.
+        unsafe { (*entry).last_seen_ns = now };
+        // The client's tuple: client -> frontend; the backend is this packet's source.
+        let fwd_key = forward_key_v4(&Flow4 {
+            saddr: flow.daddr,
+            daddr: value.nat_addr,
+            sport: flow.dport,
+            dport: value.nat_port,
+            ..*flow
+        });
+        let fwd = Ct4Value {
+            nat_addr: flow.saddr,
+            nat_port: flow.sport,
+            ..value
+        };
+        touch_or_restore(fwd_key, fwd, now, value.flags);
+    }
+    Some(value)
 }
 
 /// Remove the forward entry of `flow` (a new flow that could not be completed).
 #[inline(always)]
 pub fn remove_v4(flow: &Flow4) {
-    let _ = CT.remove(forward_key_v4(flow));
+    let key = forward_key_v4(flow);
+    let _ = CT.remove(key);
+    let _ = CT_SYN.remove(key);
 }
 
 /// Create the forward and reply entries of a new flow. On failure nothing is left behind.
@@ -96,6 +286,12 @@ pub fn create_v4(
 ) -> Result<Ct4Value, Reason> {
     let now = unsafe { bpf_ktime_get_ns() };
     let fwd_key = forward_key_v4(flow);
+    // A flow first seen mid-connection (its entries were evicted or expired) is established.
+    let flags = if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
+        flags | ct_flags::ESTABLISHED
+    } else {
+        flags
+    };
     let fwd = Ct4Value {
         nat_addr: backend.addr,
         nat_port: backend.port,
@@ -105,26 +301,29 @@ pub fn create_v4(
         created_ns: now,
         last_seen_ns: now,
     };
-    CT.insert(fwd_key, fwd, BPF_ANY)
-        .map_err(|_| Reason::XdpDropCtInsert)?;
-    if flags & ct_flags::SNAT != 0 {
-        return Ok(fwd);
-    }
-    let rev_key = reply_key_v4(&Flow4 {
-        saddr: backend.addr,
-        daddr: flow.saddr,
-        sport: backend.port,
-        dport: flow.sport,
-        ..*flow
-    });
-    let rev = Ct4Value {
-        nat_addr: flow.daddr,
-        nat_port: flow.dport,
-        ..fwd
+    // A SYN starts a half-open flow, kept apart from the established ones.
+    let map = if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        &CT_SYN
+    } else {
+        &CT
     };
-    if CT.insert(rev_key, rev, BPF_ANY).is_err() {
-        let _ = CT.remove(fwd_key);
+    map.insert(fwd_key, fwd, BPF_ANY)
+        .map_err(|_| Reason::XdpDropCtInsert)?;
+    if flags & ct_flags::SNAT == 0
+        && map
+            .insert(
+                reply_key_of_v4(flow, &fwd),
+                reply_value_of_v4(flow, &fwd),
+                BPF_ANY,
+            )
+            .is_err()
+    {
+        let _ = map.remove(fwd_key);
         return Err(Reason::XdpDropCtInsert);
     }
+    stats::count_n(
+        Reason::CtCreated,
+        if flags & ct_flags::SNAT == 0 { 2 } else { 1 },
+    );
     Ok(fwd)
 }

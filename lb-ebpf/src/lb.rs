@@ -1,9 +1,9 @@
 //! Frontend lookup and backend selection (the hash and slot arithmetic is in
 //! `lb_common::select`, host-tested).
-use lb_common::{select, Backend4, Frontend4Key, Reason, Service4Value};
+use lb_common::{select, service::config_flags, Backend4, Frontend4Key, Reason, Service4Value};
 
 use crate::{
-    maps::{BACKENDS, CONFIG, NODE_ADDRS, SERVICES},
+    maps::{BACKENDS, CONFIG, NODE_ADDRS, PORTS, SERVICES},
     parse::Flow4,
 };
 
@@ -41,6 +41,19 @@ pub fn lookup_exact_v4(addr: u32, port: u16, proto: u8) -> Option<Frontend> {
 #[inline(always)]
 pub fn is_node_addr(addr: u32) -> bool {
     NODE_ADDRS.get_ptr(addr).is_some()
+}
+
+/// Whether a packet with `port` (raw, network order) may belong to a frontend or backend:
+/// false only when the port filter is on (`config_flags::PORT_FILTER`) and `LB_PORTS` has
+/// none of `bits` for it.
+#[inline(always)]
+pub fn port_may_match_v4(port: u16, bits: u8) -> bool {
+    let on = CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & config_flags::PORT_FILTER != 0);
+    !on || PORTS
+        .get(u32::from(u16::from_be(port)))
+        .is_some_and(|b| b & bits != 0)
 }
 
 /// The flow's hash under this node's seed (`LB_CONFIG`).

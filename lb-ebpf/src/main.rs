@@ -1,20 +1,22 @@
-//! Entry points only: XDP ingress on the node's uplinks (DNAT) and TC egress (reverse NAT).
-//! Each thin entry calls a `try_` function; every verdict, pass or drop, is counted by reason.
+//! Entry points only: XDP ingress on the node's uplinks (DNAT), TC egress (reverse NAT) and
+//! the cgroup socket hooks. Each thin entry calls a `try_` function (or its module's entry);
+//! every verdict, pass or drop, is counted by reason.
 //!
-//! One module per concern, Cilium/Katran style: `parse` (headers, both programs), `lb`
-//! (frontend lookup, backend choice), `affinity` (sessionAffinity ClientIP), `conntrack`
-//! (forward and reply entries), `nat` (rewrites), `nodeport` (SNAT for remote backends and
-//! forwarding from XDP), `stats` (verdict counters), `maps`. The pure arithmetic (checksums,
-//! flow hash, slot choice) lives in `lb_common::{csum, select}` and is property-tested on the
-//! host. `sock` holds the cgroup socket hooks (socket-level load balancing for the node's
-//! own processes and pods), sharing `lb` and `affinity` with XDP. Coming modules slot in
-//! beside these: `icmp` (error translation, looked up through `conntrack`) and `frag`
-//! (fragment tracking, before the L4 part of `parse`).
+//! One module per concern, Cilium/Katran style: `parse` (headers, fragments, ICMP errors;
+//! both programs), `lb` (frontend lookup, backend choice), `affinity` (sessionAffinity
+//! ClientIP), `conntrack` (forward and reply entries, half-open flows, timeouts), `nat`
+//! (rewrites), `nodeport` (SNAT for remote backends and forwarding from XDP), `icmp` (error
+//! translation and the no-endpoint REJECT), `frag` (fragment tracking), `sock` (socket-level
+//! load balancing for the node's own processes and pods, sharing `lb` and `affinity`),
+//! `stats` (verdict counters), `maps`. The pure arithmetic (checksums, flow hash, slot
+//! choice) lives in `lb_common::{csum, select}` and is property-tested on the host.
 #![no_std]
 #![no_main]
 
 mod affinity;
 mod conntrack;
+mod frag;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -25,10 +27,15 @@ mod stats;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use lb_common::{conntrack::ct_flags, Backend4, Reason};
+use lb_common::{
+    conntrack::{ct_flags, frag_flags, CT_FORWARD, CT_REPLY},
+    service::port_bits,
+    Backend4, Reason,
+};
 
 use crate::{
     parse::{Malformed, Mode, Parsed, Skip},
@@ -47,9 +54,25 @@ use crate::{
 /// backend, and their replies, leave from XDP instead (see `nodeport`): the stack would drop
 /// them as martian.
 #[xdp]
-pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
+pub fn lb_xdp_ingress(mut ctx: XdpContext) -> u32 {
+    xdp_ingress(&mut ctx)
+}
+
+/// `lb_xdp_ingress` recording its own run time (`--latency-histogram`): a program of its
+/// own, so that without the option the timing costs nothing.
+#[xdp]
+pub fn lb_xdp_ingress_timed(mut ctx: XdpContext) -> u32 {
+    // SAFETY: no preconditions.
+    let t0 = unsafe { bpf_ktime_get_ns() };
+    let action = xdp_ingress(&mut ctx);
+    stats::record_latency(0, t0);
+    action
+}
+
+#[inline(always)]
+fn xdp_ingress(ctx: &mut XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let (reason, action) = match try_xdp_ingress(&ctx, bytes) {
+    let (reason, action) = match try_xdp_ingress(ctx, bytes) {
         Ok(v) => (v.reason, v.action),
         Err(reason) => (reason, xdp_action::XDP_DROP),
     };
@@ -59,14 +82,26 @@ pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
 
 /// `Ok(verdict)`: pass, TX or redirect with that reason. `Err(reason)`: drop with that reason.
 #[inline(always)]
-fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Verdict, Reason> {
+fn try_xdp_ingress(ctx: &mut XdpContext, bytes: u64) -> Result<Verdict, Reason> {
     let flow = match parse::parse_v4(ctx, Mode::Strict) {
         Ok(Parsed::Flow(flow)) => flow,
+        Ok(Parsed::Fragment(f)) => return frag::ingress_v4(ctx, &f, bytes),
+        Ok(Parsed::IcmpErr(e)) => {
+            return icmp::ingress_v4(ctx, &e)
+                .unwrap_or(Ok(Verdict::pass(Reason::XdpPassNotService)));
+        }
         Ok(Parsed::Skip(skip)) => return Ok(Verdict::pass(xdp_skip_reason(skip))),
         Err(Malformed::L2) => return Err(Reason::XdpDropMalformedL2),
         Err(Malformed::L3) => return Err(Reason::XdpDropMalformedL3),
         Err(Malformed::L4) => return Err(Reason::XdpDropMalformedL4),
     };
+    if !lb::port_may_match_v4(flow.dport, port_bits::frontend(flow.proto)) {
+        return Ok(Verdict::pass(Reason::XdpPassNotService));
+    }
+    // A tracked flow needs nothing but its conntrack entry: one lookup.
+    if let Some(ct) = conntrack::lookup_v4(&flow) {
+        return forward_flow_v4(ctx, &flow, &ct, false, bytes);
+    }
     let Some(fe) = lb::lookup_frontend_v4(&flow) else {
         // Not a frontend: perhaps a remote backend's reply to a SNATed flow.
         return match nodeport::reverse_v4(ctx, &flow) {
@@ -78,27 +113,39 @@ fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Verdict, Reason> {
             None => Ok(Verdict::pass(Reason::XdpPassNotService)),
         };
     };
-    let (ct, new) = match conntrack::lookup_v4(&flow) {
-        Some(ct) => (ct, false),
-        None => {
-            let (id, backend) = if fe.svc.affinity_timeout_s != 0 {
-                affinity::select_backend_v4(
-                    &fe,
-                    affinity::Client::addr(flow.saddr),
-                    lb::flow_hash_v4(&flow),
-                )?
-            } else {
-                let (id, backend, _slot) = lb::select_backend_v4(&fe, lb::flow_hash_v4(&flow))?;
-                (id, backend)
-            };
-            let flags = if nodeport::needs_snat(&fe, &backend) {
-                ct_flags::SNAT
-            } else {
-                0
-            };
-            (conntrack::create_v4(&flow, &fe, id, &backend, flags)?, true)
-        }
+    let chosen = if fe.svc.affinity_timeout_s != 0 {
+        affinity::select_backend_v4(
+            &fe,
+            affinity::Client::addr(flow.saddr),
+            lb::flow_hash_v4(&flow),
+        )
+    } else {
+        lb::select_backend_v4(&fe, lb::flow_hash_v4(&flow)).map(|(id, b, _)| (id, b))
     };
+    let (id, backend) = match chosen {
+        Ok(c) => c,
+        // kube-proxy's REJECT: an ICMP port unreachable, rate-limited.
+        Err(Reason::XdpDropNoBackend) => return icmp::reject_v4(ctx),
+        Err(r) => return Err(r),
+    };
+    let flags = if nodeport::needs_snat(&fe, &backend) {
+        ct_flags::SNAT
+    } else {
+        0
+    };
+    let ct = conntrack::create_v4(&flow, &fe, id, &backend, flags)?;
+    forward_flow_v4(ctx, &flow, &ct, true, bytes)
+}
+
+/// DNAT (and for a remote backend, SNAT and send on) a packet of the flow pinned by `ct`.
+#[inline(always)]
+fn forward_flow_v4(
+    ctx: &mut XdpContext,
+    flow: &parse::Flow4,
+    ct: &lb_common::Ct4Value,
+    new: bool,
+    bytes: u64,
+) -> Result<Verdict, Reason> {
     // A flow to a remote backend gets its SNAT source first: a flow that cannot have one is
     // dropped untouched.
     let backend = Backend4 {
@@ -109,18 +156,27 @@ fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Verdict, Reason> {
     let snat = match (ct.flags & ct_flags::SNAT != 0, new) {
         (false, _) => None,
         (true, true) => Some(
-            nodeport::create_v4(&flow, &backend, fe.svc.svc_id).inspect_err(|_| {
+            nodeport::create_v4(flow, &backend, ct.svc_id).inspect_err(|_| {
                 // No SNAT port: leave no half-made flow behind.
-                conntrack::remove_v4(&flow);
+                conntrack::remove_v4(flow);
             })?,
         ),
-        (true, false) => Some(nodeport::lookup_v4(&flow, &backend, fe.svc.svc_id)?),
+        (true, false) => Some(nodeport::lookup_v4(flow, &backend, ct.svc_id)?),
     };
     nat::dnat_v4(ctx, flow.proto, ct.nat_addr, ct.nat_port)?;
-    stats::count_svc(fe.svc.svc_id, bytes);
+    stats::count_svc(ct.svc_id, bytes);
     if let Some(snat) = snat {
-        return nodeport::forward_v4(ctx, &flow, &backend, &snat);
+        frag::record_v4(
+            flow,
+            CT_FORWARD,
+            snat.addr,
+            ct.nat_addr,
+            frag_flags::FORWARD,
+            ct.svc_id,
+        );
+        return nodeport::forward_v4(ctx, flow, &backend, &snat);
     }
+    frag::record_v4(flow, CT_FORWARD, flow.saddr, ct.nat_addr, 0, ct.svc_id);
     Ok(Verdict::pass(if new {
         Reason::XdpFwdNewFlow
     } else {
@@ -132,7 +188,6 @@ fn try_xdp_ingress(ctx: &XdpContext, bytes: u64) -> Result<Verdict, Reason> {
 fn xdp_skip_reason(skip: Skip) -> Reason {
     match skip {
         Skip::NonIpv4 => Reason::XdpPassNonIpv4,
-        Skip::Fragment => Reason::XdpPassFragment,
         Skip::IpOptions => Reason::XdpPassIpOptions,
         Skip::OtherProto => Reason::XdpPassNotService,
     }
@@ -151,8 +206,23 @@ pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
 /// back as their source, so the client sees the address it connected to.
 #[classifier]
 pub fn lb_tc_egress(mut ctx: TcContext) -> i32 {
+    tc_egress(&mut ctx)
+}
+
+/// `lb_tc_egress` recording its own run time (`--latency-histogram`).
+#[classifier]
+pub fn lb_tc_egress_timed(mut ctx: TcContext) -> i32 {
+    // SAFETY: no preconditions.
+    let t0 = unsafe { bpf_ktime_get_ns() };
+    let action = tc_egress(&mut ctx);
+    stats::record_latency(1, t0);
+    action
+}
+
+#[inline(always)]
+fn tc_egress(ctx: &mut TcContext) -> i32 {
     let bytes = u64::from(ctx.len());
-    let (reason, action) = match try_tc_egress(&mut ctx, bytes) {
+    let (reason, action) = match try_tc_egress(ctx, bytes) {
         Ok(reason) => (reason, TC_ACT_OK),
         Err(reason) => (reason, TC_ACT_SHOT),
     };
@@ -164,13 +234,32 @@ pub fn lb_tc_egress(mut ctx: TcContext) -> i32 {
 fn try_tc_egress(ctx: &mut TcContext, bytes: u64) -> Result<Reason, Reason> {
     let flow = match parse::parse_v4(ctx, Mode::Lenient) {
         Ok(Parsed::Flow(flow)) => flow,
+        Ok(Parsed::Fragment(f)) => {
+            return Ok(match frag::egress_v4(ctx, &f, bytes)? {
+                Some(()) => Reason::TcFragRevNat,
+                None => Reason::TcPassNotTracked,
+            });
+        }
+        Ok(Parsed::IcmpErr(e)) => {
+            return Ok(match icmp::egress_v4(ctx, &e)? {
+                Some(svc_id) => {
+                    stats::count_svc(svc_id, bytes);
+                    Reason::TcIcmpErrRevNat
+                }
+                None => Reason::TcPassNotTracked,
+            });
+        }
         Ok(Parsed::Skip(_)) => return Ok(Reason::TcPassOther),
         Err(_) => return Ok(Reason::TcPassMalformed),
     };
+    if !lb::port_may_match_v4(flow.sport, port_bits::backend(flow.proto)) {
+        return Ok(Reason::TcPassNotTracked);
+    }
     let Some(ct) = conntrack::lookup_reply_v4(&flow) else {
         return Ok(Reason::TcPassNotTracked);
     };
     nat::revnat_v4(ctx, &flow, ct.nat_addr, ct.nat_port)?;
+    frag::record_v4(&flow, CT_REPLY, ct.nat_addr, flow.daddr, 0, ct.svc_id);
     stats::count_svc(ct.svc_id, bytes);
     Ok(Reason::TcRevNat)
 }

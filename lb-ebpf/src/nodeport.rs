@@ -21,7 +21,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    conntrack::CT_REPLY,
+    conntrack::{frag_flags, CT_FORWARD, CT_REPLY},
     csum, select,
     service::{backend_flags, flags},
     Backend4, Ct4Key, Reason, Snat4Value,
@@ -29,6 +29,7 @@ use lb_common::{
 
 use crate::{
     conntrack::forward_key_v4,
+    frag,
     lb::Frontend,
     maps::{CONFIG, SNAT},
     nat::{self, End},
@@ -164,29 +165,47 @@ pub fn reverse_v4(ctx: &XdpContext, flow: &Flow4) -> Option<Result<(Verdict, u32
     };
     // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
     let v = unsafe { SNAT.get(key) }.copied()?;
-    Some((|| {
-        nat::rewrite_v4(ctx, flow.proto, End::Src, v.fe_addr, v.fe_port)?;
-        nat::rewrite_v4(ctx, flow.proto, End::Dst, v.addr, v.port)?;
-        let verdict = out_v4(
-            ctx,
-            flow.proto,
-            v.fe_addr,
-            v.addr,
-            [
-                Reason::XdpRevSnatTx,
-                Reason::XdpRevSnatRedirect,
-                Reason::XdpRevSnatPass,
-            ],
-        )?;
-        Ok((verdict, v.svc_id))
-    })())
+    Some(reverse_apply_v4(ctx, flow, &v))
+}
+
+/// Translate a remote backend's reply by its SNAT entry `v` and send it on. (A function,
+/// not a closure: an outlined closure returning its result through the stack is rejected
+/// by the verifier.)
+#[inline(always)]
+fn reverse_apply_v4(
+    ctx: &XdpContext,
+    flow: &Flow4,
+    v: &Snat4Value,
+) -> Result<(Verdict, u32), Reason> {
+    nat::rewrite_v4(ctx, flow.proto, End::Src, v.fe_addr, v.fe_port)?;
+    nat::rewrite_v4(ctx, flow.proto, End::Dst, v.addr, v.port)?;
+    frag::record_v4(
+        flow,
+        CT_FORWARD,
+        v.fe_addr,
+        v.addr,
+        frag_flags::FORWARD,
+        v.svc_id,
+    );
+    let verdict = out_v4(
+        ctx,
+        flow.proto,
+        v.fe_addr,
+        v.addr,
+        [
+            Reason::XdpRevSnatTx,
+            Reason::XdpRevSnatRedirect,
+            Reason::XdpRevSnatPass,
+        ],
+    )?;
+    Ok((verdict, v.svc_id))
 }
 
 /// Send a translated packet on from XDP: FIB lookup, TTL decrement, MACs, then `XDP_TX` or
 /// `XDP_REDIRECT`; `XDP_PASS` when there is no usable FIB result. `reasons` are the counted
 /// reasons for TX, REDIRECT and PASS.
 #[inline(always)]
-fn out_v4(
+pub fn out_v4(
     ctx: &XdpContext,
     proto: u8,
     saddr: u32,

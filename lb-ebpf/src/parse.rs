@@ -91,6 +91,8 @@ pub trait Packet {
     fn frame_len(&self) -> usize;
     /// A copy of the `T` at `off`, if the whole `T` lies inside the packet.
     fn read<T: Copy>(&self, off: usize) -> Option<T>;
+    /// Write `v` at `off`, if the whole `T` lies inside the packet.
+    fn write<T: Copy>(&mut self, off: usize, v: T) -> Option<()>;
 }
 
 /// A pointer to a `T` at `off` of an XDP frame, if the whole `T` lies inside the frame.
@@ -117,6 +119,14 @@ impl Packet for XdpContext {
         // SAFETY: bounds checked by ptr_at; an unaligned read is valid for any T.
         Some(unsafe { core::ptr::read_unaligned(p) })
     }
+
+    #[inline(always)]
+    fn write<T: Copy>(&mut self, off: usize, v: T) -> Option<()> {
+        let p = ptr_at::<T>(self, off)?;
+        // SAFETY: bounds checked by ptr_at; the frame is ours to write in XDP.
+        unsafe { core::ptr::write_unaligned(p, v) };
+        Some(())
+    }
 }
 
 impl Packet for TcContext {
@@ -129,6 +139,12 @@ impl Packet for TcContext {
     fn read<T: Copy>(&self, off: usize) -> Option<T> {
         // bpf_skb_load_bytes: also reads the non-linear part of the skb.
         TcContext::load::<T>(self, off).ok()
+    }
+
+    #[inline(always)]
+    fn write<T: Copy>(&mut self, off: usize, v: T) -> Option<()> {
+        // bpf_skb_store_bytes: also writes the non-linear part (unclones the skb first).
+        TcContext::store(self, off, &v, 0).ok()
     }
 }
 
@@ -144,6 +160,11 @@ pub struct Flow4 {
     pub tcp_flags: u8,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
+    /// The IP identification field (raw word).
+    pub ip_id: u16,
+    /// The first fragment of a fragmented datagram (MF set, offset 0): the fragments that
+    /// follow need its translation ([`Parsed::Fragment`]).
+    pub first_frag: bool,
 }
 
 impl Flow4 {
@@ -158,11 +179,49 @@ impl Flow4 {
     }
 }
 
+/// A fragment without the L4 header (offset > 0): translated like its datagram's first
+/// fragment, found by these fields. Raw words.
+#[derive(Clone, Copy)]
+pub struct Fragment4 {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id: u16,
+    pub proto: u8,
+}
+
+/// An ICMP destination-unreachable or time-exceeded error quoting an IPv4 TCP/UDP packet.
+/// Raw words; offsets from the start of the frame.
+#[derive(Clone, Copy)]
+pub struct IcmpErr4 {
+    /// The error's sender.
+    pub saddr: u32,
+    /// Offset of the ICMP header.
+    pub icmp_off: usize,
+    /// Offset of the quoted IPv4 header (no options).
+    pub inner_off: usize,
+    /// The quoted packet's addresses, ports and protocol, as it was sent.
+    pub inner: Flow4,
+}
+
+/// ICMP types whose errors are translated.
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const ICMP_HLEN: usize = 8;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IcmpHdr {
+    pub type_: u8,
+    pub code: u8,
+    pub check: [u8; 2],
+    pub rest: [u8; 4],
+}
+
 /// Why a packet is not a flow to look up (it passes untouched).
 #[derive(Clone, Copy)]
 pub enum Skip {
     NonIpv4,
-    Fragment,
     /// IPv4 options ([`Mode::Strict`] only).
     IpOptions,
     /// Neither TCP nor UDP.
@@ -177,9 +236,12 @@ pub enum Malformed {
     L4,
 }
 
-/// The outcome of parsing: a flow to look up, or a packet that is not ours.
+/// The outcome of parsing: a flow to look up, a fragment or ICMP error to translate like
+/// one, or a packet that is not ours.
 pub enum Parsed {
     Flow(Flow4),
+    Fragment(Fragment4),
+    IcmpErr(IcmpErr4),
     Skip(Skip),
 }
 
@@ -213,23 +275,40 @@ pub fn parse_v4<P: Packet>(pkt: &P, mode: Mode) -> Result<Parsed, Malformed> {
     if mode == Mode::Strict && (tot_len < ihl || tot_len > frame_len - ETH_HLEN) {
         return Err(Malformed::L3);
     }
-    if u16::from_be_bytes(ip.frag_off) & 0x3fff != 0 {
-        return Ok(Parsed::Skip(Skip::Fragment));
+    let frag = u16::from_be_bytes(ip.frag_off);
+    if frag & 0x1fff != 0 {
+        return Ok(Parsed::Fragment(Fragment4 {
+            saddr: raw32(ip.saddr),
+            daddr: raw32(ip.daddr),
+            id: raw16(ip.id),
+            proto: ip.proto,
+        }));
     }
+    let first_frag = frag & 0x2000 != 0;
     let l4_off = match mode {
         Mode::Strict if ihl != IPV4_HLEN => return Ok(Parsed::Skip(Skip::IpOptions)),
         Mode::Strict => L4_OFF,
         Mode::Lenient => ETH_HLEN + ihl,
     };
+    // The L4 length this packet must hold: all of it, or for a first fragment what the
+    // fragment carries (the rest follows).
+    let l4_len = tot_len.saturating_sub(ihl);
     let (sport, dport, tcp_flags) = match (ip.proto, mode) {
         (IPPROTO_TCP | IPPROTO_UDP, Mode::Lenient) => {
             let ports: [[u8; 2]; 2] = pkt.read(l4_off).ok_or(Malformed::L4)?;
+            // The reverse NAT rewrites the L4 checksum: it must be inside the packet.
+            let csum_off = if ip.proto == IPPROTO_TCP {
+                TCP_CSUM_OFF
+            } else {
+                UDP_CSUM_OFF
+            };
+            let _: [u8; 2] = pkt.read(l4_off + csum_off).ok_or(Malformed::L4)?;
             (raw16(ports[0]), raw16(ports[1]), 0)
         }
         (IPPROTO_TCP, Mode::Strict) => {
             let tcp: TcpHdr = pkt.read(L4_OFF).ok_or(Malformed::L4)?;
             let doff = usize::from(tcp.doff >> 4) * 4;
-            if doff < 20 || doff > tot_len - IPV4_HLEN || L4_OFF + doff > frame_len {
+            if doff < 20 || doff > l4_len || L4_OFF + doff > frame_len {
                 return Err(Malformed::L4);
             }
             (raw16(tcp.sport), raw16(tcp.dport), tcp.flags)
@@ -237,10 +316,23 @@ pub fn parse_v4<P: Packet>(pkt: &P, mode: Mode) -> Result<Parsed, Malformed> {
         (IPPROTO_UDP, Mode::Strict) => {
             let udp: UdpHdr = pkt.read(L4_OFF).ok_or(Malformed::L4)?;
             let len = usize::from(u16::from_be_bytes(udp.len));
-            if len < 8 || len > tot_len - IPV4_HLEN {
+            // A first fragment carries only part of the datagram its length describes.
+            let fits = if first_frag {
+                len >= l4_len
+            } else {
+                len <= l4_len
+            };
+            if len < 8 || l4_len < 8 || !fits {
                 return Err(Malformed::L4);
             }
             (raw16(udp.sport), raw16(udp.dport), 0)
+        }
+        (IPPROTO_ICMP, _) if !first_frag => {
+            let err = parse_icmp_err(pkt, raw32(ip.saddr), l4_off);
+            return Ok(match err {
+                Some(e) => Parsed::IcmpErr(e),
+                None => Parsed::Skip(Skip::OtherProto),
+            });
         }
         _ => return Ok(Parsed::Skip(Skip::OtherProto)),
     };
@@ -252,5 +344,44 @@ pub fn parse_v4<P: Packet>(pkt: &P, mode: Mode) -> Result<Parsed, Malformed> {
         proto: ip.proto,
         tcp_flags,
         l4_off,
+        ip_id: raw16(ip.id),
+        first_frag,
     }))
+}
+
+/// An ICMP destination-unreachable or time-exceeded error at `icmp_off` quoting a TCP/UDP
+/// packet with a plain IPv4 header and at least its ports; `None` for any other ICMP (it
+/// passes untouched: the stack handles it).
+#[inline(always)]
+fn parse_icmp_err<P: Packet>(pkt: &P, saddr: u32, icmp_off: usize) -> Option<IcmpErr4> {
+    let icmp: IcmpHdr = pkt.read(icmp_off)?;
+    if icmp.type_ != ICMP_DEST_UNREACH && icmp.type_ != ICMP_TIME_EXCEEDED {
+        return None;
+    }
+    let inner_off = icmp_off + ICMP_HLEN;
+    let ip: Ipv4Hdr = pkt.read(inner_off)?;
+    if ip.vihl != 0x45 || u16::from_be_bytes(ip.frag_off) & 0x1fff != 0 {
+        return None;
+    }
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        return None;
+    }
+    let l4_off = inner_off + IPV4_HLEN;
+    let ports: [[u8; 2]; 2] = pkt.read(l4_off)?;
+    Some(IcmpErr4 {
+        saddr,
+        icmp_off,
+        inner_off,
+        inner: Flow4 {
+            saddr: raw32(ip.saddr),
+            daddr: raw32(ip.daddr),
+            sport: raw16(ports[0]),
+            dport: raw16(ports[1]),
+            proto: ip.proto,
+            tcp_flags: 0,
+            l4_off,
+            ip_id: raw16(ip.id),
+            first_frag: false,
+        },
+    })
 }

@@ -224,3 +224,32 @@ impl Drop for ManifestDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The `/metrics` text of the agent of namespace `ns`, scraped from inside it on `port`.
+pub fn scrape(ns: &Netns, port: u16) -> String {
+    ns.enter(|| {
+        crate::lab::http_get(
+            std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+            "/metrics",
+            Duration::from_secs(3),
+        )
+    })
+    .unwrap_or_else(|e| panic!("GET /metrics in {}: {e}", ns.name()))
+}
+
+/// The value of the first metrics line that starts with `prefix` (name and labels, then a
+/// space), 0 when there is none.
+pub fn metric(body: &str, prefix: &str) -> u64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// The datapath counter `lb_datapath_packets_total{reason}` of the agent in `ns`.
+pub fn datapath_count(ns: &Netns, port: u16, reason: &str) -> u64 {
+    metric(
+        &scrape(ns, port),
+        &format!("lb_datapath_packets_total{{reason=\"{reason}\"}} "),
+    )
+}

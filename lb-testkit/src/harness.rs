@@ -31,8 +31,24 @@ pub struct Harness {
     pub datapath: Datapath,
     pub maps: BpfDataplane,
     next_backend: u32,
+    /// The port-filter bits of every frontend added ([`Harness::enable_port_filter`]).
+    ports: std::collections::BTreeMap<u16, u8>,
+    /// Which program variant [`Harness::run`] runs.
+    variant: Variant,
     // Declared last: removed after the datapath's fds are closed.
     _pins: PinDir,
+}
+
+/// The program variant a [`Harness`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// `lb_xdp_ingress`, `lb_tc_egress`.
+    Plain,
+    /// `lb_xdp_ingress_timed`, `lb_tc_egress_timed` (`--latency-histogram`).
+    Timed,
+    /// XDP: `lb_xdp_pass`, an empty program returning XDP_PASS (the benchmark's floor);
+    /// TC: the plain program.
+    Floor,
 }
 
 /// A frontend to program: address (`None` = any node address), port, protocol, kind flags.
@@ -119,18 +135,49 @@ impl Harness {
             datapath,
             maps,
             next_backend: 1,
+            ports: Default::default(),
+            variant: Variant::Plain,
             _pins: pins,
         }
+    }
+
+    /// Set the conntrack timeouts and the ICMP reject rate in the pinned `LB_CONFIG`.
+    pub fn set_ct_policy(&mut self, p: &lb_agent::loader::CtPolicy) {
+        lb_agent::loader::set_ct_policy(&PinLayout::new(self._pins.path()), p)
+            .expect("set the conntrack policy");
     }
 
     pub fn add_node_addr(&mut self, addr: std::net::Ipv4Addr) {
         self.maps.put_node_addr(addr).expect("put node addr");
     }
 
+    /// Run `variant` from now on.
+    pub fn set_variant(&mut self, variant: Variant) {
+        self.variant = variant;
+    }
+
+    /// Write the ports of every frontend added so far (and `snat`, where SNATed flows'
+    /// replies arrive) into `LB_PORTS` and switch the port filter on, as the agent does.
+    pub fn enable_port_filter(&mut self, snat: std::ops::RangeInclusive<u16>) {
+        let mut ports = self.ports.clone();
+        for p in snat {
+            *ports.entry(p).or_default() |=
+                service::port_bits::TCP_FRONTEND | service::port_bits::UDP_FRONTEND;
+        }
+        let mut f = lb_agent::ports::PortFilter::open(&PinLayout::new(self._pins.path()))
+            .expect("open LB_PORTS");
+        f.narrow(&ports).expect("write LB_PORTS");
+        f.set_active(true).expect("switch the port filter on");
+    }
+
     /// Program a frontend in the agent's order: backends, slots, then the master entry.
     /// Returns the backend ids, in `spec.backends` order.
     pub fn add_frontend(&mut self, spec: &FrontendSpec) -> Vec<u32> {
         let key = spec.key();
+        *self.ports.entry(spec.port).or_default() |= service::port_bits::frontend(spec.proto);
+        for b in &spec.backends {
+            *self.ports.entry(b.port()).or_default() |= service::port_bits::backend(spec.proto);
+        }
         let mut ids = Vec::new();
         for (i, b) in spec.backends.iter().enumerate() {
             let id = self.next_backend;
@@ -214,15 +261,20 @@ impl Harness {
             repeat,
             ..Default::default()
         };
+        let (xdp, tc) = match self.variant {
+            Variant::Plain => (maps::PROG_XDP_INGRESS, maps::PROG_TC_EGRESS),
+            Variant::Timed => (maps::PROG_XDP_INGRESS_TIMED, maps::PROG_TC_EGRESS_TIMED),
+            Variant::Floor => (maps::PROG_XDP_PASS, maps::PROG_TC_EGRESS),
+        };
         let res = match prog {
             Prog::Xdp => self
                 .datapath
-                .xdp_program()
+                .xdp_program_named(xdp)
                 .expect("xdp program")
                 .test_run(opts),
             Prog::Tc => self
                 .datapath
-                .tc_program()
+                .tc_program_named(tc)
                 .expect("tc program")
                 .test_run(opts),
         }
@@ -256,8 +308,32 @@ impl Harness {
 /// The affinity map as the tests see it.
 pub type AffinityMap = aya::maps::HashMap<aya::maps::MapData, Affinity4Key, Affinity4Value>;
 
-/// Per-reason packet deltas between two stats snapshots (only non-zero ones).
+/// Per-reason packet deltas between two stats snapshots (only non-zero ones, verdicts
+/// only: the conntrack events are in [`event_deltas`]).
 pub fn stat_deltas(
+    before: &BTreeMap<Reason, Counter>,
+    after: &BTreeMap<Reason, Counter>,
+) -> BTreeMap<Reason, (u64, u64)> {
+    all_deltas(before, after)
+        .into_iter()
+        .filter(|(r, _)| !r.is_event())
+        .collect()
+}
+
+/// The conntrack event counters that changed (`Reason::is_event`): entries created,
+/// expired, restored, removed.
+pub fn event_deltas(
+    before: &BTreeMap<Reason, Counter>,
+    after: &BTreeMap<Reason, Counter>,
+) -> BTreeMap<Reason, u64> {
+    all_deltas(before, after)
+        .into_iter()
+        .filter(|(r, _)| r.is_event())
+        .map(|(r, (n, _))| (r, n))
+        .collect()
+}
+
+fn all_deltas(
     before: &BTreeMap<Reason, Counter>,
     after: &BTreeMap<Reason, Counter>,
 ) -> BTreeMap<Reason, (u64, u64)> {

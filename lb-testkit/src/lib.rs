@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod bpffs;
 pub mod cgroup;
+pub mod cli;
 pub mod harness;
 pub mod lab;
 pub mod packet;

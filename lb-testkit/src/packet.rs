@@ -171,6 +171,64 @@ impl Pkt {
     }
 }
 
+/// An ICMP error frame from `src` to `dst` (type, code, the 4 bytes after the checksum,
+/// e.g. the next-hop MTU of a fragmentation-needed), quoting `quoted` (an IPv4 packet, or
+/// its first bytes), with every checksum computed from scratch. MACs as [`Pkt`]'s.
+pub fn icmp_error(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    type_: u8,
+    code: u8,
+    rest: [u8; 4],
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![type_, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quoted);
+    let c = !fold(sum16(&icmp));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[1] = 0xc0;
+    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 1;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = !fold(sum16(&ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::with_capacity(ETH_HLEN + ip.len() + icmp.len());
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// The IPv4 packet of `frame` (after the Ethernet header), its first `n` bytes at most.
+pub fn ip_packet(frame: &[u8], n: usize) -> Vec<u8> {
+    let ip = &frame[ETH_HLEN..];
+    ip[..ip.len().min(n)].to_vec()
+}
+
+/// `frame` with new IPv4 addresses (`None` keeps one) and its IPv4 header checksum computed
+/// again; nothing else changes (what a non-first fragment's translation should produce).
+pub fn with_ip_addrs(frame: &[u8], src: Option<Ipv4Addr>, dst: Option<Ipv4Addr>) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    if let Some(a) = src {
+        f[26..30].copy_from_slice(&a.octets());
+    }
+    if let Some(a) = dst {
+        f[30..34].copy_from_slice(&a.octets());
+    }
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = !fold(sum16(&f[14..14 + ihl]));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
 /// An ARP request frame (who-has `target` tell `sender`).
 pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     let mut f = vec![0xff; 6];
@@ -206,7 +264,32 @@ pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u
     !fold(s)
 }
 
-/// Verify every checksum of an IPv4 TCP/UDP frame from scratch. Errors name the bad field.
+/// ICMP: the ICMP checksum; for an error, the quoted IPv4 header's checksum, and the quoted
+/// TCP/UDP checksum when the quote holds the whole quoted packet.
+fn verify_icmp(icmp: &[u8]) -> Result<(), String> {
+    if icmp.len() < 8 || fold(sum16(icmp)) != 0xffff {
+        return Err("bad ICMP checksum".into());
+    }
+    if !matches!(icmp[0], 3 | 11) || icmp.len() < 8 + 20 {
+        return Ok(());
+    }
+    let q = &icmp[8..];
+    let ihl = usize::from(q[0] & 0x0f) * 4;
+    if q.len() < ihl || fold(sum16(&q[..ihl])) != 0xffff {
+        return Err("bad quoted IPv4 header checksum".into());
+    }
+    let tot = usize::from(u16::from_be_bytes([q[2], q[3]]));
+    if q.len() < tot || !matches!(q[9], 6 | 17) {
+        return Ok(()); // a partial quote: its L4 checksum cannot be checked
+    }
+    let mut frame = vec![0u8; ETH_HLEN];
+    frame[12..14].copy_from_slice(&[0x08, 0x00]);
+    frame.extend_from_slice(&q[..tot]);
+    verify_checksums(&frame).map_err(|e| format!("quoted packet: {e}"))
+}
+
+/// Verify every checksum of an IPv4 TCP/UDP/ICMP frame from scratch. Errors name the bad
+/// field.
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     if frame.len() < ETH_HLEN + 20 || frame[12..14] != [0x08, 0x00] {
         return Err("not an IPv4 frame".into());
@@ -224,6 +307,13 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let proto = ip[9];
+    if proto == 1 {
+        return verify_icmp(seg);
+    }
+    // A non-first fragment carries no L4 header.
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
+        return Ok(());
+    }
     let field = match proto {
         6 => 16,
         17 => 6,

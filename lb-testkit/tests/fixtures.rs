@@ -7,9 +7,14 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use lb_common::{Reason, IPPROTO_TCP, IPPROTO_UDP};
 use lb_testkit::{
     harness::{stat_deltas, FrontendSpec, Harness, Prog, TC_ACT_OK, XDP_DROP, XDP_PASS},
-    packet::{arp_request, verify_checksums, Pkt, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN},
+    packet::{
+        arp_request, icmp_error, ip_packet, verify_checksums, with_ip_addrs, Pkt, L4, TCP_ACK,
+        TCP_FIN, TCP_PSH, TCP_SYN,
+    },
 };
 
+/// XDP_TX.
+const XDP_TX: u32 = 3;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
 const NODE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const OTHER: Ipv4Addr = Ipv4Addr::new(10, 9, 9, 9);
@@ -107,6 +112,15 @@ fn program(h: &mut Harness) {
         sa(POD1, 443),
     ));
     h.add_frontend(&FrontendSpec::nodeport(30099, IPPROTO_TCP, 6, &[]));
+    h.set_ct_policy(&lb_agent::loader::CtPolicy {
+        tcp_syn_s: 0,
+        tcp_s: 0,
+        tcp_fin_s: 0,
+        udp_s: 0,
+        reject_per_s: 1000,
+    });
+    // As the agent runs it: unknown ports leave after one array read.
+    h.enable_port_filter(61_000..=61_001);
 }
 
 fn table() -> Vec<Fixture> {
@@ -269,7 +283,7 @@ fn table() -> Vec<Fixture> {
     ));
     let ssh = Pkt::tcp(sa(CLIENT, 43001), sa(NODE, 22), TCP_SYN);
     t.push(fx(
-        "node port 22, not a service",
+        "node port 22, not a service (the port filter passes it)",
         Prog::Xdp,
         ssh.build(),
         XDP_PASS,
@@ -306,17 +320,51 @@ fn table() -> Vec<Fixture> {
     v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
     t.push(fx("ipv6 ethertype", Prog::Xdp, v6, XDP_PASS, Same).reason(Reason::XdpPassNonIpv4));
 
-    // Service without a backend: dropped (documented policy), no conntrack entry.
+    // Service without a backend: kube-proxy's REJECT, an ICMP port unreachable from the
+    // address the client used, quoting its IPv4 header and 8 bytes of TCP; no conntrack.
     let nb = Pkt::tcp(sa(CLIENT, 44000), sa(NODE, 30099), TCP_SYN);
+    // Sent back to where the SYN came from: the MACs swapped.
+    let back = |mut f: Vec<u8>| {
+        let (d, rest) = f.split_at_mut(6);
+        d.swap_with_slice(&mut rest[..6]);
+        f
+    };
+    let reject = back(icmp_error(
+        NODE,
+        CLIENT,
+        3,
+        3,
+        [0; 4],
+        &ip_packet(&nb.build(), 28),
+    ));
     t.push(
         fx(
-            "nodeport with no backend: drop",
+            "nodeport with no backend: icmp port unreachable (XDP_TX)",
             Prog::Xdp,
             nb.build(),
-            XDP_DROP,
-            Same,
+            XDP_TX,
+            Frame(reject),
         )
-        .reason(Reason::XdpDropNoBackend),
+        .reason(Reason::XdpRejectNoBackend),
+    );
+    let nb_data = Pkt::tcp(sa(CLIENT, 44000), sa(NODE, 30099), TCP_ACK).payload(&[7; 600]);
+    let reject = back(icmp_error(
+        NODE,
+        CLIENT,
+        3,
+        3,
+        [0; 4],
+        &ip_packet(&nb_data.build(), 28),
+    ));
+    t.push(
+        fx(
+            "no backend, 654-byte frame: the reject is 70 bytes",
+            Prog::Xdp,
+            nb_data.build(),
+            XDP_TX,
+            Frame(reject),
+        )
+        .reason(Reason::XdpRejectNoBackend),
     );
 
     // IP options and fragments: passed untouched (documented policy).
@@ -333,29 +381,155 @@ fn table() -> Vec<Fixture> {
         )
         .reason(Reason::XdpPassIpOptions),
     );
-    let mut mf = np_udp.clone();
+    // Fragments: the first is translated like any packet and its translation recorded; the
+    // later ones of the same datagram (source, destination, id, protocol) get the same
+    // addresses; one of an unknown datagram passes untouched.
+    let mut mf = Pkt::udp(sa(CLIENT, 41100), sa(NODE, 30053)).payload(b"first part");
     mf.frag_off = 0x2000;
+    mf.id = 0x4242;
     t.push(
         fx(
-            "first fragment (MF) to a nodeport: pass",
+            "first fragment (MF) to a nodeport: DNAT, translation recorded",
             Prog::Xdp,
             mf.build(),
+            XDP_PASS,
+            dnat(&mf, sa(POD1, 53)),
+        )
+        .reason(Reason::XdpFwdNewFlow)
+        .ct(2),
+    );
+    let mut later = Pkt::udp(sa(CLIENT, 41100), sa(NODE, 30053)).payload(b"second part");
+    later.frag_off = 0x0002;
+    later.id = 0x4242;
+    t.push(
+        fx(
+            "later fragment (offset 16) of that datagram: the same destination",
+            Prog::Xdp,
+            later.build(),
+            XDP_PASS,
+            Frame(with_ip_addrs(&later.build(), None, Some(POD1))),
+        )
+        .reason(Reason::XdpFragFwd),
+    );
+    let mut stray = later.clone();
+    stray.id = 0x4343;
+    t.push(
+        fx(
+            "later fragment of an unknown datagram: pass untouched",
+            Prog::Xdp,
+            stray.build(),
             XDP_PASS,
             Same,
         )
         .reason(Reason::XdpPassFragment),
     );
-    let mut later = np_udp.clone();
-    later.frag_off = 0x0010;
+
+    // ICMP errors quoting a DNATed flow (the TCP nodeport flow from CLIENT:40000 above).
+    // A router on the client's path quotes the reply we sent (frontend -> client): it goes to
+    // the backend, quoting backend -> client. Whole quote (TCP checksum quoted too).
+    let reply_sent = Pkt::tcp(sa(NODE, 30001), sa(CLIENT, 40000), TCP_ACK).payload(&[1; 40]);
+    let reply_orig = reply_sent.clone().with_src(sa(POD0, 80));
     t.push(
         fx(
-            "later fragment (offset 128) to a nodeport: pass",
+            "icmp frag-needed from a router for a nodeport flow: to the backend",
             Prog::Xdp,
-            later.build(),
+            icmp_error(
+                OTHER,
+                NODE,
+                3,
+                4,
+                [0, 0, 0x05, 0x00],
+                &ip_packet(&reply_sent.build(), 576),
+            ),
             XDP_PASS,
-            Same,
+            Frame(icmp_error(
+                OTHER,
+                POD0,
+                3,
+                4,
+                [0, 0, 0x05, 0x00],
+                &ip_packet(&reply_orig.build(), 576),
+            )),
         )
-        .reason(Reason::XdpPassFragment),
+        .reason(Reason::XdpIcmpErrDnat),
+    );
+    // UDP, a 28-byte quote (IPv4 header and the UDP header with its checksum).
+    let udp_sent = Pkt::udp(sa(NODE, 30053), sa(CLIENT, 41000)).payload(b"answer");
+    let udp_orig = udp_sent.clone().with_src(sa(POD1, 53));
+    let quote_in = ip_packet(&udp_sent.build(), 28);
+    // The quoted UDP checksum is the whole datagram's, updated for the new source.
+    let quote_out = ip_packet(&udp_orig.build(), 28);
+    t.push(
+        fx(
+            "icmp time exceeded for a udp nodeport flow, 28-byte quote: to the backend",
+            Prog::Xdp,
+            icmp_error(OTHER, NODE, 11, 0, [0; 4], &quote_in),
+            XDP_PASS,
+            Frame(icmp_error(OTHER, POD1, 11, 0, [0; 4], &quote_out)),
+        )
+        .reason(Reason::XdpIcmpErrDnat),
+    );
+    let unknown = Pkt::tcp(sa(NODE, 30001), sa(CLIENT, 49999), TCP_ACK);
+    t.push(fx(
+        "icmp error quoting no flow of ours: pass untouched",
+        Prog::Xdp,
+        icmp_error(
+            OTHER,
+            NODE,
+            3,
+            4,
+            [0, 0, 5, 0],
+            &ip_packet(&unknown.build(), 48),
+        ),
+        XDP_PASS,
+        Same,
+    ));
+
+    // TC egress: an ICMP port unreachable the backend sends about a DNATed datagram
+    // (client -> backend) leaves from the frontend, quoting client -> frontend.
+    let got = Pkt::udp(sa(CLIENT, 41000), sa(POD1, 53)).payload(b"query");
+    let sent = Pkt::udp(sa(CLIENT, 41000), sa(NODE, 30053)).payload(b"query");
+    t.push(
+        fx(
+            "tc: icmp port unreachable from the backend: from the frontend, quoting it",
+            Prog::Tc,
+            icmp_error(POD1, CLIENT, 3, 3, [0; 4], &ip_packet(&got.build(), 576)),
+            TC_ACT_OK,
+            Frame(icmp_error(
+                NODE,
+                CLIENT,
+                3,
+                3,
+                [0; 4],
+                &ip_packet(&sent.build(), 576),
+            )),
+        )
+        .reason(Reason::TcIcmpErrRevNat),
+    );
+    // TC egress: a fragmented reply: the first fragment is reverse-NATed and recorded, the
+    // next one gets the same source.
+    let mut r1 = Pkt::udp(sa(POD1, 53), sa(CLIENT, 41000)).payload(b"big answer, part 1");
+    r1.frag_off = 0x2000;
+    r1.id = 0x5151;
+    t.push(fx(
+        "tc: first fragment of a reply: reverse NAT, recorded",
+        Prog::Tc,
+        r1.build(),
+        TC_ACT_OK,
+        Frame(r1.clone().with_src(sa(NODE, 30053)).build()),
+    ));
+    let mut r2 = Pkt::udp(sa(POD1, 53), sa(CLIENT, 41000)).payload(b"part 2 of it");
+    r2.frag_off = 0x0003;
+    r2.id = 0x5151;
+    t.push(
+        fx(
+            "tc: later fragment of that reply: the frontend as its source",
+            Prog::Tc,
+            r2.build(),
+            TC_ACT_OK,
+            Frame(with_ip_addrs(&r2.build(), Some(NODE), None)),
+        )
+        .reason(Reason::TcFragRevNat),
     );
 
     // Malformed headers: dropped, never rewritten, no conntrack.

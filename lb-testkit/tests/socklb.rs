@@ -10,11 +10,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use lb_testkit::agent::{
-    node_yaml, pod_yaml, service_yaml, start_agent_in, workspace_bin, write_manifest, Agent,
-    Endpoint, ManifestDir, SvcPort,
+    datapath_count, node_yaml, pod_yaml, service_yaml, start_agent_in, workspace_bin,
+    write_manifest, Agent, Endpoint, ManifestDir, SvcPort,
 };
 use lb_testkit::bpffs::PinDir;
-use lb_testkit::lab::{http_get, Cluster, Netns, Topology};
+use lb_testkit::lab::{Cluster, Netns, Topology};
 use serde_json::Value;
 
 const HTTP: u16 = 8080;
@@ -73,20 +73,7 @@ fn tally(v: &Value, key: &str) -> Vec<(String, u64)> {
 
 /// A datapath counter from the node's `/metrics`.
 fn reason_count(ns: &Netns, reason: &str) -> u64 {
-    let body = ns
-        .enter(|| {
-            http_get(
-                std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, METRICS),
-                "/metrics",
-                Duration::from_secs(3),
-            )
-        })
-        .expect("GET /metrics");
-    let needle = format!("lb_datapath_packets_total{{reason=\"{reason}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(needle.as_str()))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    datapath_count(ns, METRICS, reason)
 }
 
 /// The lab's Services: `web` (NodePort, TCP 80 and UDP 53, one endpoint per node), `empty`

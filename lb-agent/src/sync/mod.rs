@@ -32,6 +32,7 @@ use self::ids::{backend_alloc, svc_alloc, BKey, IdAlloc};
 use self::shadow::Shadow;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::model::{Backend, Desired, Frontend, FrontendId, Proto, Scope};
+use crate::ports::PortRefs;
 
 /// Sizes of the id spaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,6 +218,8 @@ pub struct Syncer {
     uncounted: BTreeSet<Frontend4Key>,
     adopted: bool,
     limits: Limits,
+    /// The port bits the desired frontends need (the port filter's content).
+    ports: PortRefs,
 }
 
 impl Syncer {
@@ -238,6 +241,7 @@ impl Syncer {
             uncounted: BTreeSet::new(),
             adopted: false,
             limits,
+            ports: PortRefs::default(),
         }
     }
 
@@ -319,6 +323,12 @@ impl Syncer {
             return;
         }
         if let Some(old) = self.want.remove(&fkey) {
+            self.ports.frontend(
+                old.id.port,
+                old.id.proto.ipproto(),
+                old.backends.iter().map(|(k, _)| u16::from_be(k.port)),
+                false,
+            );
             for (key, flags) in old.backends.iter() {
                 self.pending_backends.insert(*key);
                 if let Some(c) = self.want_backends.get_mut(key) {
@@ -334,6 +344,12 @@ impl Syncer {
         }
         match new {
             Some(new) => {
+                self.ports.frontend(
+                    id.port,
+                    id.proto.ipproto(),
+                    new.backends.iter().map(|(k, _)| u16::from_be(k.port)),
+                    true,
+                );
                 for (key, flags) in new.backends.iter() {
                     let c = self.want_backends.entry(*key).or_default();
                     c.users += 1;
@@ -345,6 +361,21 @@ impl Syncer {
             None => self.released_frontends.push(fkey),
         }
         self.pending.insert(fkey);
+    }
+
+    /// The port bits the desired frontends need.
+    pub fn ports(&self) -> &PortRefs {
+        &self.ports
+    }
+
+    /// The ports whose bits may have changed since the last call.
+    pub fn take_changed_ports(&mut self) -> BTreeSet<u16> {
+        self.ports.take_changed()
+    }
+
+    /// How many frontends are desired.
+    pub fn frontend_count(&self) -> usize {
+        self.want.len()
     }
 
     /// Desire `addrs` as this node's addresses.

@@ -374,6 +374,147 @@ fn table(cluster: &Cluster) -> bool {
     rows.iter().all(|r| r.ok)
 }
 
+/// One connection from inside the cluster: `who` (a pod's or a node's namespace, in its
+/// node's cgroup) runs `lb-sockclient` against `target`; `want` is the pod that must answer
+/// (`None`: any), and the peer it reports must be `target` itself (getpeername4/recvmsg4
+/// show the Service address, not the backend's).
+struct Inside {
+    from: String,
+    target: String,
+    kind: &'static str,
+    udp: bool,
+    want: Option<&'static str>,
+}
+
+fn inside_table(cluster: &Cluster) -> bool {
+    let n0 = &cluster.nodes[0];
+    let n1 = &cluster.nodes[1];
+    let probes = [
+        (
+            &n0.pods[0].ns,
+            Inside {
+                from: "node0-pod0".into(),
+                target: "10.96.0.10:80".into(),
+                kind: "ClusterIP web",
+                udp: false,
+                want: None,
+            },
+        ),
+        (
+            &n0.pods[0].ns,
+            Inside {
+                from: "node0-pod0".into(),
+                target: "10.96.0.10:53".into(),
+                kind: "ClusterIP web dns/UDP (unconnected)",
+                udp: true,
+                want: None,
+            },
+        ),
+        (
+            &n0.pods[0].ns,
+            Inside {
+                from: "node0-pod0".into(),
+                target: format!("{}:8000", n0.ip),
+                kind: "its own hostPort via its node (hairpin)",
+                udp: false,
+                want: Some("node0-pod0"),
+            },
+        ),
+        (
+            &n1.ns,
+            Inside {
+                from: "node1 (process)".into(),
+                target: format!("127.0.0.1:{WEB}"),
+                kind: "NodePort web on localhost",
+                udp: false,
+                want: None,
+            },
+        ),
+        (
+            &n1.ns,
+            Inside {
+                from: "node1 (process)".into(),
+                target: format!("{}:{LOCAL_WEB}", n1.ip),
+                kind: "NodePort local-web (Local): in-cluster, any endpoint",
+                udp: false,
+                want: Some("node0-pod1"),
+            },
+        ),
+    ];
+    let bin = workspace_bin("lb-sockclient");
+    let bin = bin.to_string_lossy();
+    let mut rows = Vec::new();
+    let mut all_ok = true;
+    for (ns, p) in &probes {
+        let mode = if p.udp { "udp" } else { "tcp" };
+        let out = ns.try_run(&[&bin, mode, "--target", &p.target, "--count", "1"]);
+        let result = out.ok().and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix("RESULT "))
+                .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+        });
+        let first_key = |v: &serde_json::Value, k: &str| {
+            v[k].as_object()
+                .and_then(|o| o.keys().next().cloned())
+                .unwrap_or_else(|| "-".into())
+        };
+        let (who, peer) = result
+            .as_ref()
+            .map_or(("(no answer)".to_string(), "-".to_string()), |v| {
+                (first_key(v, "answered_by"), first_key(v, "peers"))
+            });
+        let ok = result.as_ref().is_some_and(|v| v["ok"] == 1)
+            && peer == p.target
+            && p.want.is_none_or(|w| w == who);
+        all_ok &= ok;
+        rows.push([
+            p.from.clone(),
+            p.target.clone(),
+            p.kind.to_string(),
+            who,
+            peer,
+            if ok { "ok" } else { "WRONG" }.to_string(),
+        ]);
+    }
+    let head = [
+        "FROM",
+        "TARGET",
+        "KIND",
+        "ANSWERED BY",
+        "PEER SEEN",
+        "CHECK",
+    ];
+    let widths: Vec<usize> = (0..head.len())
+        .map(|i| {
+            rows.iter()
+                .map(|c| c[i].chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(head[i].len())
+        })
+        .collect();
+    let line = |c: &[&str]| {
+        let parts: Vec<String> = c
+            .iter()
+            .zip(&widths)
+            .map(|(s, w)| format!("{s:<w$}"))
+            .collect();
+        println!("{}", parts.join("   ").trim_end());
+    };
+    println!();
+    line(&head);
+    for c in &rows {
+        let refs: Vec<&str> = c.iter().map(String::as_str).collect();
+        line(&refs);
+    }
+    println!(
+        "\n(translated once per connect by the socket hooks; PEER SEEN is what getpeername or \
+         recvfrom returned: the Service address, never the pod's)"
+    );
+    all_ok
+}
+
 fn main() -> ExitCode {
     let once = match std::env::args().nth(1).as_deref() {
         None => false,
@@ -397,7 +538,7 @@ fn main() -> ExitCode {
 fn run(once: bool) -> anyhow::Result<ExitCode> {
     let p = Steps {
         k: std::cell::Cell::new(0),
-        total: 4,
+        total: 5,
     };
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -441,7 +582,15 @@ fn run(once: bool) -> anyhow::Result<ExitCode> {
         "start one lb-agent per node (same manifests, own pins)",
         || {
             for ((node, name), pins) in cluster.nodes.iter().zip(NODE_NAMES).zip(&pins) {
-                agents.push(start_agent_in(&node.ns, name, pins, manifests.path(), &[]));
+                // Socket hooks on the node's lab cgroup: its processes and its pods'.
+                let cg = node.cgroup.path().to_string_lossy().into_owned();
+                agents.push(start_agent_in(
+                    &node.ns,
+                    name,
+                    pins,
+                    manifests.path(),
+                    &["--cgroup", &cg],
+                ));
             }
             Ok(format!("pins {}", pins[0].path().display()))
         },
@@ -451,6 +600,13 @@ fn run(once: bool) -> anyhow::Result<ExitCode> {
         all_ok = table(&cluster);
         Ok(String::new())
     })?;
+    p.step(
+        "connect from inside the cluster (pods and node processes: socket hooks)",
+        || {
+            all_ok &= inside_table(&cluster);
+            Ok(String::new())
+        },
+    )?;
     let agent_bin = workspace_bin("lb-agent");
     let status_cmd = |k: usize| {
         format!(

@@ -14,8 +14,13 @@
 //!   datagrams (`F` + padding) as fast as it can over F connected sockets and prints
 //!   `RESULT {json}` with the count sent.
 //!
+//! * `synflood --iface IF --dst-mac MAC --target IP:PORT --count N --max-seconds S`: TCP
+//!   SYNs from spoofed sources as raw frames (the SYN-flood test), `RESULT {json}`.
+//!
 //! Every loop is bounded by a count and a duration.
 use std::collections::BTreeMap;
+
+use lb_testkit::cli::{get, get_or};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -34,6 +39,7 @@ fn main() -> ExitCode {
         Some("server") => server(&args[1..]),
         Some("client") => client(&args[1..]),
         Some("flood") => flood(&args[1..]),
+        Some("synflood") => synflood(&args[1..]),
         _ => Err(usage()),
     };
     match result {
@@ -48,40 +54,14 @@ fn main() -> ExitCode {
 fn usage() -> String {
     "usage: lb-loadgen server --id N --tcp PORTS --udp PORTS [--max-seconds S]\n       \
      lb-loadgen client --mode tcp_rr|tcp_crr|udp_rr --target IP:PORT --count N --max-seconds S [--warmup W] [--timeout-ms T]\n       \
-     lb-loadgen flood --target IP:PORT --count N --max-seconds S [--flows F] [--size B]"
+     lb-loadgen flood --target IP:PORT --count N --max-seconds S [--flows F] [--size B]\n       \
+     lb-loadgen synflood --iface IF --dst-mac MAC --target IP:PORT --count N --max-seconds S [--src-net A.B]"
         .into()
 }
 
 /// `--flag value` pairs.
 fn flags(args: &[String]) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let name = flag
-            .strip_prefix("--")
-            .ok_or_else(|| format!("unexpected argument {flag:?}\n{}", usage()))?;
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        out.insert(name.to_owned(), value.clone());
-    }
-    Ok(out)
-}
-
-fn get<T: std::str::FromStr>(f: &BTreeMap<String, String>, name: &str) -> Result<T, String> {
-    let v = f.get(name).ok_or_else(|| format!("--{name} is required"))?;
-    v.parse()
-        .map_err(|_| format!("--{name}: cannot parse {v:?}"))
-}
-
-fn get_or<T: std::str::FromStr>(
-    f: &BTreeMap<String, String>,
-    name: &str,
-    default: T,
-) -> Result<T, String> {
-    if f.contains_key(name) {
-        get(f, name)
-    } else {
-        Ok(default)
-    }
+    lb_testkit::cli::flags(args, &usage())
 }
 
 /// `P` or `P-Q` (inclusive).
@@ -550,6 +530,96 @@ fn flood(args: &[String]) -> Result<(), String> {
     });
     println!("RESULT {out}");
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// synflood
+
+/// `synflood --iface IF --dst-mac MAC --target IP:PORT --count N --max-seconds S
+/// [--src-net A.B]`: N TCP SYNs with spoofed sources `A.B.x.y` (random ports), written as
+/// raw Ethernet frames to `IF` (`AF_PACKET`). Prints `RESULT {"sent":..,"seconds":..}`.
+fn synflood(args: &[String]) -> Result<(), String> {
+    let f = flags(args)?;
+    let iface: String = get(&f, "iface")?;
+    let mac = parse_mac(&get::<String>(&f, "dst-mac")?)?;
+    let target: SocketAddrV4 = get(&f, "target")?;
+    let count: u64 = get(&f, "count")?;
+    let max = Duration::from_secs_f64(get(&f, "max-seconds")?);
+    let net: String = get_or(&f, "src-net", "10.250".to_string())?;
+    let (a, b) = net
+        .split_once('.')
+        .and_then(|(a, b)| Some((a.parse::<u8>().ok()?, b.parse::<u8>().ok()?)))
+        .ok_or("--src-net must be A.B")?;
+    let cif = std::ffi::CString::new(iface.clone()).map_err(|e| e.to_string())?;
+    // SAFETY: a valid NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(cif.as_ptr()) };
+    if ifindex == 0 {
+        return Err(format!("no interface {iface}"));
+    }
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        return Err(format!("AF_PACKET socket: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: fd is ours; OwnedFd closes it.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields set below complete it.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_ifindex = ifindex as i32;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&mac);
+    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while sent < count && started.elapsed() < max {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let src = SocketAddrV4::new(
+            Ipv4Addr::new(a, b, (rng >> 8) as u8, (rng >> 16) as u8 | 1),
+            1024 + (rng >> 24) as u16 % 60000,
+        );
+        let mut p = lb_testkit::packet::Pkt::tcp(src, target, lb_testkit::packet::TCP_SYN);
+        p.dst_mac = mac;
+        let frame = p.build();
+        // SAFETY: frame and sll are valid for the lengths given.
+        let n = unsafe {
+            libc::sendto(
+                sock.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                std::ptr::from_ref(&sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOBUFS) {
+                std::thread::sleep(Duration::from_micros(100));
+                continue;
+            }
+            return Err(format!("sendto: {e}"));
+        }
+        sent += 1;
+    }
+    println!(
+        "RESULT {}",
+        serde_json::json!({"sent": sent, "seconds": started.elapsed().as_secs_f64()})
+    );
+    Ok(())
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("MAC {s:?}: {e}"))?;
+    parts
+        .try_into()
+        .map_err(|_| format!("MAC {s:?}: need 6 bytes"))
 }
 
 #[cfg(test)]

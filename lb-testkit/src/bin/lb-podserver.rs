@@ -1,5 +1,5 @@
 //! `lb-podserver`: the backend run inside pod namespaces. HTTP answers every GET with
-//! `NAME\n`, UDP echoes `NAME:` + payload, the line server answers each line with
+//! `NAME\n` (`GET /bytes/N`: N bytes of `a`..`z` repeating, up to 16 MiB), UDP echoes `NAME:` + payload, the line server answers each line with
 //! `NAME:` + line. Prints `ready` once every socket is bound; exits 0 on SIGTERM/SIGINT and
 //! when its parent goes away.
 //!
@@ -19,6 +19,14 @@ const MAX_CONNS: usize = 1024;
 /// Longest request line, header line or echo line accepted.
 const MAX_LINE: u64 = 64 * 1024;
 const MAX_HEADERS: usize = 100;
+/// Largest `GET /bytes/N` answer.
+const MAX_BYTES_BODY: usize = 16 << 20;
+
+/// `n` bytes of a fixed pattern (`a`..`z` repeating), which a client can check byte by byte.
+fn bytes_body(n: usize) -> String {
+    (0..n).map(|i| char::from(b'a' + (i % 26) as u8)).collect()
+}
+
 /// Largest request body read (and discarded).
 const MAX_BODY: u64 = 1 << 20;
 
@@ -238,8 +246,8 @@ fn serve_http(stream: TcpStream, peer: SocketAddr, name: &str) -> io::Result<()>
             continue; // stray CRLF between requests (RFC 9112 section 2.2)
         }
         let mut parts = request_line.split_whitespace();
-        let (method, version) = match (parts.next(), parts.next(), parts.next()) {
-            (Some(m), Some(_target), Some(v)) => (m.to_owned(), v.to_owned()),
+        let (method, target, version) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(m), Some(t), Some(v)) => (m.to_owned(), t.to_owned(), v.to_owned()),
             _ => {
                 out.respond(400, "Bad Request", "bad request line\n", false, false)?;
                 return Ok(());
@@ -306,7 +314,14 @@ fn serve_http(stream: TcpStream, peer: SocketAddr, name: &str) -> io::Result<()>
             "HTTP/1.0" => conn_keep_alive && !conn_close,
             _ => false,
         };
-        let body = format!("{name}\n");
+        let body = match target.strip_prefix("/bytes/").map(str::parse::<usize>) {
+            Some(Ok(n)) if n <= MAX_BYTES_BODY => bytes_body(n),
+            Some(_) => {
+                out.respond(400, "Bad Request", "bad /bytes/N\n", false, false)?;
+                return Ok(());
+            }
+            None => format!("{name}\n"),
+        };
         match method.as_str() {
             "GET" => out.respond(200, "OK", &body, keep_alive, false)?,
             "HEAD" => out.respond(200, "OK", &body, keep_alive, true)?,

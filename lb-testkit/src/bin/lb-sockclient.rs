@@ -47,16 +47,7 @@ fn usage() -> String {
 
 /// `--flag value` pairs.
 fn flags(args: &[String]) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let name = flag
-            .strip_prefix("--")
-            .ok_or_else(|| format!("unexpected argument {flag:?}\n{}", usage()))?;
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        out.insert(name.to_owned(), value.clone());
-    }
-    Ok(out)
+    lb_testkit::cli::flags(args, &usage())
 }
 
 fn get<T: std::str::FromStr>(

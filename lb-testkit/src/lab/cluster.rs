@@ -76,7 +76,16 @@ pub fn cluster_pod_ip(k: usize, i: usize) -> Ipv4Addr {
 pub struct Topology {
     nodes: usize,
     pods_per_node: usize,
+    /// Put the client behind a router whose link to it has this MTU.
+    router_mtu: Option<u32>,
 }
+
+/// The router's address on the bridge, and the client-side subnet behind it
+/// ([`Topology::client_behind_router`]).
+pub const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
+pub const ROUTED_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
+const ROUTED_CLIENT_GW: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+const ROUTED_CLIENT_NET: &str = "10.201.0.0/24";
 
 impl Default for Topology {
     /// Three nodes with two pods each.
@@ -84,6 +93,7 @@ impl Default for Topology {
         Topology {
             nodes: 3,
             pods_per_node: 2,
+            router_mtu: None,
         }
     }
 }
@@ -102,6 +112,15 @@ impl Topology {
     /// Pods on every node.
     pub fn pods_per_node(mut self, n: usize) -> Self {
         self.pods_per_node = n;
+        self
+    }
+
+    /// Put the client (`ROUTED_CLIENT_IP`) behind a router namespace (`ROUTER_IP` on the
+    /// bridge) whose link towards the client has an MTU of `mtu`: packets from the nodes
+    /// larger than that are answered by the router with ICMP fragmentation-needed, as a
+    /// smaller-MTU hop on the way to a real client would.
+    pub fn client_behind_router(mut self, mtu: u32) -> Self {
+        self.router_mtu = Some(mtu);
         self
     }
 
@@ -127,21 +146,28 @@ impl Topology {
         l2.ip(&["link", "add", BRIDGE, "type", "bridge"]);
         l2.ip(&["link", "set", BRIDGE, "up"]);
         let client = Netns::new(format!("{prefix}client"));
+        let router = self
+            .router_mtu
+            .map(|_| Netns::new(format!("{prefix}router")));
         let mut cluster = Cluster {
             procs: Procs::default(),
             xdp_pass: None,
             prefix,
             l2,
             client,
+            router,
             nodes: Vec::with_capacity(self.nodes),
         };
-        plug(
-            &cluster.l2,
-            "p-client",
-            &cluster.client,
-            CLIENT_IF,
-            CLIENT_IP,
-        );
+        match (&cluster.router, self.router_mtu) {
+            (Some(router), Some(mtu)) => wire_router(&cluster.l2, router, &cluster.client, mtu),
+            _ => plug(
+                &cluster.l2,
+                "p-client",
+                &cluster.client,
+                CLIENT_IF,
+                CLIENT_IP,
+            ),
+        }
         for k in 0..self.nodes {
             cluster.add_node(k, self.pods_per_node);
         }
@@ -149,11 +175,14 @@ impl Topology {
         // Frames a node's XDP program sends back out (XDP_TX) or redirects land on its bridge
         // port, the veth peer of its uplink; a veth receives XDP frames promptly only when it
         // runs an XDP program itself, as a kind node's host-side veth would need too.
-        let ports: Vec<String> = cluster
+        let mut ports: Vec<String> = cluster
             .nodes
             .iter()
             .map(|n| format!("p-{}", n.name))
             .collect();
+        if cluster.router.is_some() {
+            ports.push("p-router".into());
+        }
         let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
         let pins = PinDir::new("l2-xdp-pass");
         let pass = cluster
@@ -190,6 +219,44 @@ fn plug(l2: &Netns, port: &str, ns: &Netns, dev: &str, addr: Ipv4Addr) {
     disable_tx_csum(ns, dev);
 }
 
+/// The router between the bridge and the client: `up0` (`ROUTER_IP`) on the bridge,
+/// `down0` (`ROUTED_CLIENT_GW`, MTU `mtu`) to the client's `eth0` (`ROUTED_CLIENT_IP`, MTU
+/// 1500), forwarding; the client's default route goes through it.
+fn wire_router(l2: &Netns, router: &Netns, client: &Netns, mtu: u32) {
+    plug(l2, "p-router", router, NODE_UPLINK, ROUTER_IP);
+    router.ip(&[
+        "link",
+        "add",
+        "down0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        CLIENT_IF,
+        "netns",
+        client.name(),
+    ]);
+    let gw = format!("{ROUTED_CLIENT_GW}/24");
+    router.ip(&["addr", "add", &gw, "dev", "down0"]);
+    router.ip(&["link", "set", "down0", "mtu", &mtu.to_string(), "up"]);
+    let me = format!("{ROUTED_CLIENT_IP}/24");
+    client.ip(&["addr", "add", &me, "dev", CLIENT_IF]);
+    client.ip(&["link", "set", CLIENT_IF, "up"]);
+    client.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &ROUTED_CLIENT_GW.to_string(),
+    ]);
+    disable_tx_csum(router, "down0");
+    disable_tx_csum(client, CLIENT_IF);
+    router.enter(|| {
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .expect("setting net.ipv4.ip_forward=1 in the router namespace");
+    });
+}
+
 /// One node: its namespace, name (`node{k}`), uplink address, pod CIDR, pods, and the
 /// cgroup that every process started in the node or its pods joins (the one its agent's
 /// socket hooks go on: `--cgroup <cgroup.path()>`).
@@ -214,6 +281,8 @@ pub struct Cluster {
     /// The namespace holding the bridge.
     pub l2: Netns,
     pub client: Netns,
+    /// The router in front of the client ([`Topology::client_behind_router`]).
+    pub router: Option<Netns>,
     pub nodes: Vec<NodeNs>,
 }
 
@@ -259,6 +328,26 @@ impl Cluster {
     fn route_pod_cidrs(&self) {
         for node in &self.nodes {
             let via = node.ip.to_string();
+            if let Some(router) = &self.router {
+                router.ip(&[
+                    "route",
+                    "add",
+                    &node.pod_cidr,
+                    "via",
+                    &via,
+                    "dev",
+                    NODE_UPLINK,
+                ]);
+                node.ns.ip(&[
+                    "route",
+                    "add",
+                    ROUTED_CLIENT_NET,
+                    "via",
+                    &ROUTER_IP.to_string(),
+                    "dev",
+                    NODE_UPLINK,
+                ]);
+            }
             for other in self.nodes.iter().filter(|o| o.name != node.name) {
                 other.ns.ip(&[
                     "route",
@@ -270,15 +359,27 @@ impl Cluster {
                     NODE_UPLINK,
                 ]);
             }
-            self.client.ip(&[
-                "route",
-                "add",
-                &node.pod_cidr,
-                "via",
-                &via,
-                "dev",
-                CLIENT_IF,
-            ]);
+            if self.router.is_none() {
+                self.client.ip(&[
+                    "route",
+                    "add",
+                    &node.pod_cidr,
+                    "via",
+                    &via,
+                    "dev",
+                    CLIENT_IF,
+                ]);
+            }
+        }
+    }
+
+    /// The client's address: `CLIENT_IP` on the bridge, or `ROUTED_CLIENT_IP` behind the
+    /// router.
+    pub fn client_ip(&self) -> Ipv4Addr {
+        if self.router.is_some() {
+            ROUTED_CLIENT_IP
+        } else {
+            CLIENT_IP
         }
     }
 
@@ -290,6 +391,7 @@ impl Cluster {
     /// Names of all namespaces of this cluster (bridge, client, nodes, pods).
     pub fn namespace_names(&self) -> Vec<String> {
         let mut v = vec![self.l2.name().to_owned(), self.client.name().to_owned()];
+        v.extend(self.router.iter().map(|r| r.name().to_owned()));
         for node in &self.nodes {
             v.push(node.ns.name().to_owned());
             v.extend(node.pods.iter().map(|p| p.ns.name().to_owned()));

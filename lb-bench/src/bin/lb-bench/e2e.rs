@@ -3,6 +3,15 @@
 //! the end and in the middle of the chains) and kube-proxy nftables, at several Service
 //! counts, for TCP_RR, TCP_CRR and UDP_RR.
 //!
+//! Plus [`CLUSTERIP_CASE`]: TCP_CRR from a client process in pod 1 to the target Service's
+//! ClusterIP, whose endpoints are pod 0's ports on the same node. The client runs in a lab
+//! cgroup of its own (socket hooks act on the cgroup of the process that makes the socket).
+//! `direct`: pod 1 to pod 0's IP. `ours`: the socket hooks (connect4, sendmsg4, recvmsg4,
+//! getpeername4) attached to that cgroup, as `lb-agent run --cgroup PATH` attaches them:
+//! connect() is translated to pod 0's address once per connection and no packet is NATed.
+//! iptables / nftables: kube-proxy's rules on the node; the SYN goes pod 1 -> node
+//! (PREROUTING DNAT) -> pod 0 and the replies are un-DNATed by conntrack.
+//!
 //! Every path has a lab of its own (its own client, node and pod namespaces), so exactly one
 //! datapath is active on each node and no conntrack state or rule leftovers carry over. All
 //! labs (every N, every path) exist at the same time and the runs are interleaved: round r
@@ -13,26 +22,60 @@
 //!
 //! A reply from the pod on `NODE_IP:nodePort` proves the NAT path carried it: nothing
 //! listens on the node itself. For ours, the verdict counters must also have counted every
-//! transaction, forward and reverse.
+//! transaction, forward and reverse. Likewise nothing listens on (or routes) a ClusterIP: a
+//! reply proves a DNAT (iptables, nftables) or a translated connect (ours, whose
+//! `SockConnectXlate` counter must have counted every connection).
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
 use std::path::Path;
 
+use anyhow::anyhow;
 use lb_agent::dataplane::Dataplane as _;
-use lb_bench::schema::{PartResult, Row, Stat};
+use lb_bench::schema::{PartResult, Row, Stat, CLUSTERIP_CASE};
 use lb_common::Reason;
-use lb_testkit::lab::Lab;
+use lb_testkit::cgroup::LabCgroup;
+use lb_testkit::lab::{Lab, Netns};
 
 use crate::labkit::{self, Active, ClientResult, PathKind};
 use crate::services::Position;
 use crate::Progress;
 
-/// Request/response modes and the `lb-loadgen` name of each.
-pub const MODES: [(&str, &str); 3] = [
-    ("TCP_RR", "tcp_rr"),
-    ("TCP_CRR", "tcp_crr"),
-    ("UDP_RR", "udp_rr"),
+/// A request/response mode: the row's case, the `lb-loadgen` mode, and where the client is.
+#[derive(Clone, Copy, Debug)]
+pub struct Mode {
+    pub case: &'static str,
+    pub arg: &'static str,
+    /// The client runs in [`CLIENT_POD`] and targets the ClusterIP (else: the client
+    /// namespace, targeting the NodePort).
+    pub from_pod: bool,
+}
+
+/// The modes, in run order.
+pub const MODES: [Mode; 4] = [
+    Mode {
+        case: "TCP_RR",
+        arg: "tcp_rr",
+        from_pod: false,
+    },
+    Mode {
+        case: "TCP_CRR",
+        arg: "tcp_crr",
+        from_pod: false,
+    },
+    Mode {
+        case: "UDP_RR",
+        arg: "udp_rr",
+        from_pod: false,
+    },
+    Mode {
+        case: CLUSTERIP_CASE,
+        arg: "tcp_crr",
+        from_pod: true,
+    },
 ];
+
+/// The pod the ClusterIP client runs in; pod 0 holds the target Service's endpoints.
+pub const CLIENT_POD: usize = 1;
 
 pub const PATHS: [PathKind; 5] = [
     PathKind::Direct,
@@ -44,33 +87,58 @@ pub const PATHS: [PathKind; 5] = [
 
 struct Plan {
     sizes: Vec<usize>,
+    /// The sizes the pod -> ClusterIP case runs at (their labs get the client pod).
+    clusterip_sizes: Vec<usize>,
     rounds: usize,
-    /// Transactions per run: RR (TCP and UDP), CRR.
+    /// Transactions per run: RR (TCP and UDP), CRR, pod -> ClusterIP CRR.
     rr: u64,
     crr: u64,
+    clusterip_crr: u64,
     max_s: f64,
 }
 
 impl Plan {
     fn new(quick: bool) -> Plan {
         if quick {
+            // The ClusterIP case adds a few seconds only: one N, fewer connections.
             Plan {
                 sizes: vec![1, 1_000],
+                clusterip_sizes: vec![1],
                 rounds: 5,
                 rr: 2_000,
                 crr: 1_000,
+                clusterip_crr: 300,
                 max_s: 20.0,
             }
         } else {
             Plan {
                 sizes: vec![1, 1_000, 10_000],
+                clusterip_sizes: vec![1, 1_000, 10_000],
                 rounds: 7,
                 rr: 10_000,
                 crr: 3_000,
+                clusterip_crr: 3_000,
                 max_s: 60.0,
             }
         }
     }
+
+    /// Transactions per run of `mode`.
+    fn count(&self, mode: &Mode) -> u64 {
+        match (mode.from_pod, mode.arg) {
+            (true, _) => self.clusterip_crr,
+            (false, "tcp_crr") => self.crr,
+            _ => self.rr,
+        }
+    }
+}
+
+/// The client pod of a lab that runs the pod -> ClusterIP case.
+struct ClientPod {
+    /// What the client in [`CLIENT_POD`] connects to: the target's ClusterIP (direct: pod 0).
+    target: SocketAddrV4,
+    /// The pod's cgroup (ours: where the socket hooks are); removed on drop.
+    _cgroup: LabCgroup,
 }
 
 /// One path's lab, set up and ready.
@@ -83,6 +151,23 @@ struct PathLab {
     /// Per mode, one result per round.
     results: BTreeMap<&'static str, Vec<ClientResult>>,
     error: Option<String>,
+    /// Only at the sizes the ClusterIP case runs at. Last: its cgroup is removed after the
+    /// lab's processes and our links are gone.
+    client_pod: Option<ClientPod>,
+}
+
+impl PathLab {
+    /// Where `mode`'s client runs and what it targets; `None`: this lab does not run `mode`.
+    fn client(&self, mode: &Mode) -> Option<(&Netns, SocketAddrV4)> {
+        if mode.from_pod {
+            let cp = self.client_pod.as_ref()?;
+            Some((&self.lab.pods[CLIENT_POD].ns, cp.target))
+        } else if mode.arg == "udp_rr" {
+            Some((&self.lab.client, self.udp))
+        } else {
+            Some((&self.lab.client, self.tcp))
+        }
+    }
 }
 
 pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
@@ -102,9 +187,10 @@ pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
         format!(
             "one netns lab per (N, path), all alive together; {} interleaved rounds: each \
              round runs every mode on every lab, one N's paths back to back, the order of the \
-             Ns and of the paths rotated each round; lb-loadgen client in the client ns, server \
-             in the pod ns; 1-byte request and reply; each transaction timed with the \
-             monotonic clock",
+             Ns and of the paths rotated each round; lb-loadgen client in the client ns (the \
+             {CLUSTERIP_CASE} case: in pod {CLIENT_POD}, in a lab cgroup of its own where ours \
+             attaches its socket hooks), server in pod 0; 1-byte request and reply; each \
+             transaction timed with the monotonic clock",
             plan.rounds
         ),
     );
@@ -114,7 +200,8 @@ pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
     for &n in &plan.sizes {
         for kind in PATHS {
             p.say(&format!("e2e: N={n}: setting up path {}", kind.label()));
-            match setup(n, kind, &loadgen, p) {
+            let with_pod = plan.clusterip_sizes.contains(&n);
+            match setup(n, kind, with_pod, &loadgen, p) {
                 Ok(pl) => {
                     if let Some(o) = &pl.active.ours {
                         out.facts
@@ -124,9 +211,9 @@ pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
                 }
                 Err(e) => {
                     p.say(&format!("  FAILED: {e:#}"));
-                    for (mode, _) in MODES {
+                    for mode in MODES.iter().filter(|m| with_pod || !m.from_pod) {
                         out.rows.push(
-                            Row::new("e2e", mode, &kind.label(), n as u64)
+                            Row::new("e2e", mode.case, &kind.label(), n as u64)
                                 .failed(format!("setup: {e:#}")),
                         );
                     }
@@ -140,8 +227,8 @@ pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
         .collect();
     let order = interleaving(&labs.iter().map(|(n, _)| *n).collect::<Vec<_>>());
     for round in 0..plan.rounds {
-        for (mode, arg) in MODES {
-            let count = if arg == "tcp_crr" { plan.crr } else { plan.rr };
+        for mode in MODES {
+            let count = plan.count(&mode);
             for group in rotate(&order, round) {
                 let mut line = Vec::new();
                 let mut n_of_group = 0;
@@ -151,25 +238,32 @@ pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
                     if pl.error.is_some() {
                         continue;
                     }
-                    let target = if arg == "udp_rr" { pl.udp } else { pl.tcp };
-                    match one_run(&pl.lab, &loadgen, mode, arg, target, count, plan.max_s) {
+                    let Some((ns, target)) = pl.client(&mode) else {
+                        continue;
+                    };
+                    match one_run(ns, &loadgen, &mode, target, count, plan.max_s) {
                         Ok(res) => {
                             line.push(format!("{} {:.1}", pl.kind.label(), res.p50_us));
-                            pl.results.entry(mode).or_default().push(res);
+                            pl.results.entry(mode.case).or_default().push(res);
                         }
                         Err(e) => {
                             p.say(&format!(
-                                "  N={n} {} {mode}: FAILED: {e:#}",
-                                pl.kind.label()
+                                "  N={n} {} {}: FAILED: {e:#}",
+                                pl.kind.label(),
+                                mode.case
                             ));
-                            pl.error = Some(format!("{mode}: {e:#}"));
+                            pl.error = Some(format!("{}: {e:#}", mode.case));
                         }
                     }
                 }
+                if line.is_empty() {
+                    continue;
+                }
                 p.say(&format!(
-                    "e2e: round {}/{} {mode} N={n_of_group} p50 µs: {}",
+                    "e2e: round {}/{} {} N={n_of_group} p50 µs: {}",
                     round + 1,
                     plan.rounds,
+                    mode.case,
                     line.join(" | ")
                 ));
             }
@@ -218,11 +312,36 @@ fn tool_version(cmd: &[&str]) -> String {
         .unwrap_or_else(|e| format!("unavailable: {e}"))
 }
 
-fn setup(n: usize, kind: PathKind, loadgen: &Path, p: &Progress) -> anyhow::Result<PathLab> {
-    let lab = labkit::new_lab(1, loadgen)?;
+/// One path's lab for `n` Services; `with_pod`: with the client pod of the ClusterIP case.
+fn setup(
+    n: usize,
+    kind: PathKind,
+    with_pod: bool,
+    loadgen: &Path,
+    p: &Progress,
+) -> anyhow::Result<PathLab> {
+    // Pod 0: the target's endpoints; pod 1: the ClusterIP client.
+    let pods = if with_pod { CLIENT_POD + 1 } else { 1 };
+    let mut lab = labkit::new_lab(pods, loadgen)?;
+    let cgroup = if with_pod {
+        Some(client_cgroup(&mut lab.pods[CLIENT_POD].ns)?)
+    } else {
+        None
+    };
     let set = labkit::service_set(&lab, n, kind)?;
-    let active = labkit::activate(&lab, kind, &set, p)?;
+    let sock = cgroup
+        .as_ref()
+        .filter(|_| kind == PathKind::Ours)
+        .map(LabCgroup::path);
+    let active = labkit::activate(&lab, kind, &set, sock, p)?;
     let (tcp, udp) = labkit::targets(&lab, kind, &set)?;
+    let target = match kind {
+        PathKind::Direct => SocketAddrV4::new(lab.pods[0].ip, labkit::SERVER_PORT),
+        _ => {
+            let t = set.target_tcp();
+            SocketAddrV4::new(t.cluster_ip, t.port)
+        }
+    };
     Ok(PathLab {
         kind,
         lab,
@@ -231,22 +350,40 @@ fn setup(n: usize, kind: PathKind, loadgen: &Path, p: &Progress) -> anyhow::Resu
         udp,
         results: BTreeMap::new(),
         error: None,
+        client_pod: cgroup.map(|cgroup| ClientPod {
+            target,
+            _cgroup: cgroup,
+        }),
     })
 }
 
+/// A lab cgroup every process later started in `pod` joins, and `pod` tuned for many short
+/// connections. The same on every path, so the only difference is what is attached to it.
+fn client_cgroup(pod: &mut Netns) -> anyhow::Result<LabCgroup> {
+    let cg = std::panic::catch_unwind(|| LabCgroup::new("bench-client-pod")).map_err(|e| {
+        anyhow!(
+            "creating the client pod's cgroup: {}",
+            labkit::panic_text(&e)
+        )
+    })?;
+    pod.set_cgroup(cg.path());
+    labkit::tune_client(pod)?;
+    Ok(cg)
+}
+
 fn one_run(
-    lab: &Lab,
+    ns: &Netns,
     loadgen: &Path,
-    mode: &str,
-    arg: &str,
+    mode: &Mode,
     target: SocketAddrV4,
     count: u64,
     max_s: f64,
 ) -> anyhow::Result<ClientResult> {
-    let res = labkit::client_run(&lab.client, loadgen, arg, target, count, max_s)?;
+    let res = labkit::client_run(ns, loadgen, mode.arg, target, count, max_s)?;
     anyhow::ensure!(
         res.count > 0,
-        "{mode} via {target}: no transaction completed ({} errors, last: {})",
+        "{} via {target}: no transaction completed ({} errors, last: {})",
+        mode.case,
         res.errors,
         res.last_error
     );
@@ -258,12 +395,76 @@ fn one_run(
         .sum();
     anyhow::ensure!(
         others == 0,
-        "{mode}: {others} replies came from another pod"
+        "{}: {others} replies came from another pod",
+        mode.case
     );
     Ok(res)
 }
 
 type Stats = Vec<(Reason, lb_common::Counter)>;
+
+/// Transactions of the runs of the modes `pick` selects.
+fn done(pl: &PathLab, pick: impl Fn(&Mode) -> bool) -> u64 {
+    MODES
+        .iter()
+        .filter(|m| pick(m))
+        .filter_map(|m| pl.results.get(m.case))
+        .flatten()
+        .map(|r| r.count)
+        .sum()
+}
+
+/// Ours: the counters must show that the traffic went through our datapath. NodePort
+/// transactions through XDP and TC (a packet each way at least); ClusterIP connections
+/// through connect4 (one translation each, at least: warm-up connections count too). The
+/// results are `(NodePort check, ClusterIP check)`, each `Ok(what was verified)`.
+fn ours_checks(
+    o: &labkit::Ours,
+    before: &Stats,
+    pl: &PathLab,
+) -> (Result<String, String>, Result<String, String>) {
+    let after = match o.maps.stats() {
+        Ok(a) => a,
+        Err(e) => {
+            let e = format!("reading the datapath counters: {e}");
+            return (Err(e.clone()), Err(e));
+        }
+    };
+    let delta = |r: Reason| -> u64 {
+        let pk = |s: &Stats| {
+            s.iter()
+                .find(|(x, _)| *x == r)
+                .map_or(0, |(_, c)| c.packets)
+        };
+        pk(&after).saturating_sub(pk(before))
+    };
+    let nodeport = done(pl, |m| !m.from_pod);
+    let fwd = delta(Reason::XdpFwdNewFlow) + delta(Reason::XdpFwdTracked);
+    let rev = delta(Reason::TcRevNat);
+    let xdp = if fwd >= nodeport && rev >= nodeport {
+        Ok(format!(
+            "; XDP forwarded {fwd} and TC reverse-NATed {rev} packets for {nodeport} transactions"
+        ))
+    } else {
+        Err(format!(
+            "the datapath counted {fwd} forwarded and {rev} reverse-NATed packets for \
+             {nodeport} transactions: traffic did not go through it"
+        ))
+    };
+    let conns = done(pl, |m| m.from_pod);
+    let xlate = delta(Reason::SockConnectXlate);
+    let sock = if xlate >= conns {
+        Ok(format!(
+            "; verified: connect4 translated {xlate} connects for {conns} connections"
+        ))
+    } else {
+        Err(format!(
+            "connect4 translated {xlate} connects for {conns} connections to the ClusterIP: \
+             the connections did not go through the socket hooks"
+        ))
+    };
+    (xdp, sock)
+}
 
 fn rows_for(n: usize, pl: &PathLab, before: Option<Stats>, plan: &Plan) -> Vec<Row> {
     let label = pl.kind.label();
@@ -276,64 +477,61 @@ fn rows_for(n: usize, pl: &PathLab, before: Option<Stats>, plan: &Plan) -> Vec<R
                 .note("time to program the N Services (map writes, iptables-restore, nft -f)"),
         );
     }
-    // Ours: every transaction must have gone through XDP and TC.
-    let mut check = None;
-    if let (Some(o), Some(before)) = (&pl.active.ours, before) {
-        let done: u64 = pl.results.values().flatten().map(|r| r.count).sum();
-        check = Some(
-            o.maps
-                .stats()
-                .map_err(anyhow::Error::from)
-                .and_then(|after| {
-                    let delta = |r: Reason| -> u64 {
-                        let pk = |s: &Stats| {
-                            s.iter()
-                                .find(|(x, _)| *x == r)
-                                .map_or(0, |(_, c)| c.packets)
-                        };
-                        pk(&after).saturating_sub(pk(&before))
-                    };
-                    let fwd = delta(Reason::XdpFwdNewFlow) + delta(Reason::XdpFwdTracked);
-                    let rev = delta(Reason::TcRevNat);
-                    anyhow::ensure!(
-                        fwd >= done && rev >= done,
-                        "the datapath counted {fwd} forwarded and {rev} reverse-NATed packets for \
-                 {done} transactions: traffic did not go through it"
-                    );
-                    Ok(format!(
-                "; XDP forwarded {fwd} and TC reverse-NATed {rev} packets for {done} transactions"
-            ))
-                }),
-        );
-    }
-    for (mode, arg) in MODES {
-        let row = Row::new("e2e", mode, &label, n as u64)
+    let checks = match (&pl.active.ours, &before) {
+        (Some(o), Some(before)) => Some(ours_checks(o, before, pl)),
+        (Some(_), None) => {
+            let e = "the datapath counters could not be read before the runs".to_owned();
+            Some((Err(e.clone()), Err(e)))
+        }
+        _ => None,
+    };
+    for mode in MODES {
+        let Some((_, target)) = pl.client(&mode) else {
+            continue;
+        };
+        let row = Row::new("e2e", mode.case, &label, n as u64)
             .param("rounds", plan.rounds)
-            .param(
-                "transactions_per_run",
-                if arg == "tcp_crr" { plan.crr } else { plan.rr },
-            );
-        let runs = pl.results.get(mode).map(Vec::as_slice).unwrap_or_default();
+            .param("transactions_per_run", plan.count(&mode));
+        let runs = pl
+            .results
+            .get(mode.case)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         if let Some(e) = &pl.error {
             rows.push(row.failed(e));
             continue;
         }
-        if let Some(Err(e)) = &check {
-            rows.push(row.failed(format!("{e:#}")));
-            continue;
-        }
-        let verified = match &check {
+        let check = checks
+            .as_ref()
+            .map(|(xdp, sock)| if mode.from_pod { sock } else { xdp });
+        let verified = match check {
+            Some(Err(e)) => {
+                rows.push(row.failed(e));
+                continue;
+            }
             Some(Ok(s)) => s.as_str(),
-            _ => "",
+            None => "",
+        };
+        let how = if mode.from_pod {
+            format!(
+                "client in pod {CLIENT_POD} (its own lab cgroup) -> the ClusterIP, endpoints on \
+                 pod 0 of the same node (direct: pod {CLIENT_POD} -> pod 0); median over {} \
+                 interleaved rounds of each round's percentile; every reply came from pod 0 \
+                 (nothing listens on the ClusterIP: a reply through it proves the \
+                 translation){verified}",
+                runs.len()
+            )
+        } else {
+            format!(
+                "median over {} interleaved rounds of each round's percentile; every reply \
+                 came from the target pod{verified}",
+                runs.len()
+            )
         };
         rows.push(
             labkit::with_latency(row, runs)
-                .param("target", if arg == "udp_rr" { pl.udp } else { pl.tcp })
-                .note(format!(
-                    "median over {} interleaved rounds of each round's percentile; every reply \
-                     came from the target pod{verified}",
-                    runs.len()
-                )),
+                .param("target", target)
+                .note(how),
         );
     }
     rows
@@ -352,5 +550,18 @@ mod unit {
         let r: Vec<_> = rotate(&g[1], 3).copied().collect();
         assert_eq!(r, vec![2, 3, 4]);
         assert_eq!(rotate::<u8>(&[], 2).count(), 0);
+    }
+
+    #[test]
+    fn one_mode_runs_from_a_pod_to_the_clusterip() {
+        let from_pod: Vec<&Mode> = MODES.iter().filter(|m| m.from_pod).collect();
+        assert_eq!(from_pod.len(), 1);
+        assert_eq!(from_pod[0].case, CLUSTERIP_CASE);
+        assert_eq!(from_pod[0].arg, "tcp_crr");
+        let mut cases: Vec<&str> = MODES.iter().map(|m| m.case).collect();
+        cases.sort_unstable();
+        cases.dedup();
+        assert_eq!(cases.len(), MODES.len(), "case names are row keys");
+        assert_ne!(CLIENT_POD, 0, "pod 0 holds the endpoints");
     }
 }

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use lb_agent::dataplane::{BpfDataplane, Dataplane};
-use lb_agent::loader::{Capacities, Datapath, XdpAttachMode};
+use lb_agent::loader::{
+    attached_cgroup_id, set_socket_policy, Capacities, Datapath, XdpAttachMode,
+};
 use lb_bench::schema::{Row, Stat};
 use lb_testkit::bpffs::PinDir;
 use lb_testkit::lab::netns::output_with_timeout;
@@ -168,12 +170,25 @@ pub struct Ours {
     _datapath: Datapath,
     pub mode: XdpAttachMode,
     // Last: removed (detaching the pinned links) after the fds above are closed.
-    _pins: PinDir,
+    pins: PinDir,
 }
 
-/// Loads our datapath, attaches it to the node's uplink (inside the node namespace) and
+impl Ours {
+    /// The id of the cgroup our socket hooks are attached to (`None`: not attached).
+    pub fn sock_cgroup_id(&self) -> Option<u64> {
+        attached_cgroup_id(self.pins.path())
+    }
+}
+
+/// Loads our datapath, attaches it to the node's uplink (inside the node namespace) and,
+/// with `sock_cgroup`, its socket hooks to that lab cgroup (what `lb-agent run --cgroup
+/// PATH` does: the socket policy first, from the node's namespace, then the hooks), and
 /// programs `set` in the agent's order. Returns it and the seconds spent programming.
-pub fn attach_ours(lab: &Lab, set: &ServiceSet) -> anyhow::Result<(Ours, f64, usize)> {
+pub fn attach_ours(
+    lab: &Lab,
+    set: &ServiceSet,
+    sock_cgroup: Option<&Path>,
+) -> anyhow::Result<(Ours, f64, usize)> {
     let entries = services::entries(set);
     let caps = Capacities {
         services: (entries.slots.len() + entries.masters.len()) as u32 + 1024,
@@ -183,6 +198,15 @@ pub fn attach_ours(lab: &Lab, set: &ServiceSet) -> anyhow::Result<(Ours, f64, us
     };
     let pins = PinDir::new("bench-lab");
     let mut datapath = Datapath::load(pins.path(), &caps).context("loading the datapath")?;
+    if let Some(cg) = sock_cgroup {
+        // The hooks must know the node's namespace (its cookie) before they run.
+        lab.node
+            .enter(|| set_socket_policy(datapath.pins(), false))
+            .context("setting the socket policy")?;
+        datapath
+            .attach_cgroup(cg)
+            .with_context(|| format!("attaching the socket hooks to {}", cg.display()))?;
+    }
     let mode = lab
         .node
         .enter(|| datapath.attach(NODE_UPLINK))
@@ -197,7 +221,7 @@ pub fn attach_ours(lab: &Lab, set: &ServiceSet) -> anyhow::Result<(Ours, f64, us
             maps,
             _datapath: datapath,
             mode,
-            _pins: pins,
+            pins,
         },
         took,
         entries.len(),
@@ -242,12 +266,13 @@ pub fn apply_file(node: &Netns, tool: &[&str], text: &str, tag: &str) -> anyhow:
     Ok(took)
 }
 
-/// Sets `kind` up on the lab's node for `set`, then checks that it is the only datapath
-/// active there.
+/// Sets `kind` up on the lab's node for `set` (for ours, with its socket hooks on
+/// `sock_cgroup` when given), then checks that it is the only datapath active there.
 pub fn activate(
     lab: &Lab,
     kind: PathKind,
     set: &ServiceSet,
+    sock_cgroup: Option<&Path>,
     p: &Progress,
 ) -> anyhow::Result<Active> {
     let mut active = Active {
@@ -258,11 +283,29 @@ pub fn activate(
     match kind {
         PathKind::Direct => {}
         PathKind::Ours => {
-            let (ours, took, entries) = attach_ours(lab, set)?;
+            let (ours, took, entries) = attach_ours(lab, set, sock_cgroup)?;
             p.say(&format!(
-                "  ours: XDP attached ({:?} mode), {entries} map entries written in {took:.2}s",
-                ours.mode
+                "  ours: XDP attached ({:?} mode){}, {entries} map entries written in {took:.2}s",
+                ours.mode,
+                if sock_cgroup.is_some() {
+                    ", socket hooks on the client pod's cgroup"
+                } else {
+                    ""
+                }
             ));
+            if let Some(cg) = sock_cgroup {
+                use std::os::unix::fs::MetadataExt as _;
+                // On cgroup v2 a directory's inode number is its cgroup id.
+                let want = std::fs::metadata(cg)
+                    .with_context(|| format!("stat {}", cg.display()))?
+                    .ino();
+                let got = ours.sock_cgroup_id();
+                anyhow::ensure!(
+                    got == Some(want),
+                    "the socket hooks are attached to cgroup id {got:?}, not to {} (id {want})",
+                    cg.display()
+                );
+            }
             active.ours = Some(ours);
             active.program_s = took;
             active.size = format!("{entries} map entries");

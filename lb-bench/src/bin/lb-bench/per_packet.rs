@@ -33,7 +33,7 @@ use lb_common::{
     service::{backend_flags, flags},
     Backend4, Ct4Key, Ct4Value, Frontend4Key, Reason, Service4Value, Snat4Value, IPPROTO_TCP,
 };
-use lb_testkit::harness::{stat_deltas, Harness, Prog, TC_ACT_OK, XDP_PASS};
+use lb_testkit::harness::{stat_deltas, Harness, Prog, Variant, TC_ACT_OK, XDP_PASS};
 use lb_testkit::lab::NODE_IP;
 use lb_testkit::packet::{Pkt, TCP_ACK, TCP_SYN};
 
@@ -128,6 +128,37 @@ pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
          against the verdict counters"
             .into(),
     );
+    // The verifier's processed-instruction counts of the programs measured.
+    let mut probe = Harness::new("bench-pp-insns", &Capacities::default());
+    let insns: Vec<String> = [
+        lb_common::maps::PROG_XDP_INGRESS,
+        lb_common::maps::PROG_XDP_INGRESS_TIMED,
+        lb_common::maps::PROG_TC_EGRESS,
+        lb_common::maps::PROG_TC_EGRESS_TIMED,
+    ]
+    .iter()
+    .map(|name| {
+        let count = if name.starts_with("lb_xdp") {
+            probe
+                .datapath
+                .xdp_program_named(name)
+                .ok()
+                .and_then(|p| p.info().ok())
+                .and_then(|i| i.verified_instruction_count())
+        } else {
+            probe
+                .datapath
+                .tc_program_named(name)
+                .ok()
+                .and_then(|p| p.info().ok())
+                .and_then(|i| i.verified_instruction_count())
+        };
+        format!("{name} {}", count.map_or("?".into(), |c| c.to_string()))
+    })
+    .collect();
+    drop(probe);
+    out.facts
+        .insert("verifier_processed_insns".into(), insns.join(", "));
     let largest = plan.sizes.iter().copied().max().unwrap_or(1);
     let mut configs: Vec<(usize, usize)> = plan.sizes.iter().map(|n| (*n, 0)).collect();
     configs.push((largest, CT_FILL));
@@ -233,6 +264,29 @@ fn remote_backend(i: usize) -> u32 {
     0x0a80_0001 + i as u32
 }
 
+/// The port filter as the agent keeps it: every frontend and backend port of `e`, and the
+/// SNAT ports; then switched on.
+fn enable_port_filter(
+    pins: &lb_agent::loader::PinLayout,
+    e: &services::Entries,
+) -> anyhow::Result<()> {
+    use lb_common::service::port_bits;
+    let mut ports = std::collections::BTreeMap::<u16, u8>::new();
+    for (k, _) in &e.masters {
+        *ports.entry(u16::from_be(k.port)).or_default() |= port_bits::frontend(k.proto);
+    }
+    for (_, b) in &e.backends {
+        *ports.entry(u16::from_be(b.port)).or_default() |= port_bits::backend(b.proto);
+    }
+    for p in SNAT_PORTS {
+        *ports.entry(p).or_default() |= port_bits::TCP_FRONTEND | port_bits::UDP_FRONTEND;
+    }
+    let mut f = lb_agent::ports::PortFilter::open(pins)?;
+    f.narrow(&ports)?;
+    f.set_active(true)?;
+    Ok(())
+}
+
 fn measure(
     n: usize,
     fill: usize,
@@ -256,6 +310,7 @@ fn measure(
     let mut h = Harness::new("bench-pp", &caps);
     h.add_node_addr(NODE_IP);
     bpf_batch::program(h.datapath.pins(), &entries, 8192)?;
+    enable_port_filter(h.datapath.pins(), &entries)?;
     if fill > 0 {
         fill_conntrack(&h, fill)?;
         let len = h.ct_len();
@@ -438,10 +493,110 @@ fn measure(
     rows.push(finish(
         base(CASE_NONE, Prog::Xdp).param("repeat", plan.repeat),
         repeated(&mut h, Prog::Xdp, &none, Reason::XdpPassNotService, plan),
-        "a SYN to the node on a port no frontend uses, repeated",
+        "a SYN to the node on a port no frontend uses, repeated (the port filter passes it)",
     ));
+
+    // The timed variants (--latency-histogram): the same frames; the histogram must count
+    // every run, and the difference to the plain rows is the histogram's own cost.
+    h.set_variant(Variant::Timed);
+    for (case, prog, frame, want) in [
+        (CASE_EST, Prog::Xdp, &est, Reason::XdpFwdTracked),
+        (CASE_REPLY, Prog::Tc, &reply, Reason::TcRevNat),
+        (CASE_NONE, Prog::Xdp, &none, Reason::XdpPassNotService),
+    ] {
+        let before = h.maps.latency().unwrap_or_default();
+        let m = repeated(&mut h, prog, frame, want, plan).and_then(|(stat, v)| {
+            let after = h.maps.latency().unwrap_or_default();
+            let counted = |l: &lb_agent::dataplane::Latency| -> u64 {
+                match prog {
+                    Prog::Xdp => l.xdp.iter().sum(),
+                    Prog::Tc => l.tc.iter().sum(),
+                }
+            };
+            let runs = u64::from(plan.repeat) * plan.runs as u64;
+            anyhow::ensure!(
+                counted(&after) - counted(&before) == runs,
+                "the histogram counted {} of {runs} runs",
+                counted(&after) - counted(&before)
+            );
+            Ok((stat, format!("{v}; the histogram counted all {runs} runs")))
+        });
+        let mut row = Row::new(
+            "per-packet",
+            &format!("{case} [timed]"),
+            match prog {
+                Prog::Xdp => "ours (XDP, --latency-histogram)",
+                Prog::Tc => "ours (TC, --latency-histogram)",
+            },
+            n as u64,
+        )
+        .param("ct_entries", fill)
+        .param("ct_capacity", caps.ct)
+        .param("service_map_entries", service_entries)
+        .param("runs", plan.runs)
+        .param("repeat", plan.repeat);
+        row = finish(
+            row,
+            m,
+            "the timed program variant on the same frame, repeated",
+        );
+        rows.push(row);
+    }
+
+    // The floor: an XDP program that only returns XDP_PASS, through the same harness.
+    h.set_variant(Variant::Floor);
+    let before = h.stats();
+    let floor: Measured = (|| {
+        let mut samples = Vec::with_capacity(plan.runs);
+        for _ in 0..plan.runs {
+            let (verdict, out, d) = h.run_repeat(Prog::Xdp, &est, plan.repeat);
+            anyhow::ensure!(
+                verdict == XDP_PASS && out == est,
+                "the floor changed the frame"
+            );
+            samples.push(d.as_nanos() as f64);
+        }
+        anyhow::ensure!(
+            stat_deltas(&before, &h.stats()).is_empty(),
+            "the floor program touched the counters"
+        );
+        Ok((Stat::of(&samples), "no counter touched".to_string()))
+    })();
+    h.set_variant(Variant::Plain);
+    let floor_med = median_of(&floor);
+    rows.push(finish(
+        Row::new("per-packet", CASE_FLOOR, "floor (lb_xdp_pass)", n as u64)
+            .param("ct_entries", fill)
+            .param("repeat", plan.repeat)
+            .param("runs", plan.runs),
+        floor,
+        "an empty XDP program returning XDP_PASS, through the same harness: the cost every \
+         row pays before any work of ours",
+    ));
+    // Every row's cost above that floor.
+    if let Some(f) = floor_med {
+        for row in rows
+            .iter_mut()
+            .filter(|r| r.error.is_none() && r.case != CASE_FLOOR)
+        {
+            let base = row
+                .metrics
+                .iter()
+                .find(|m| m.name == "adjusted_ns")
+                .or_else(|| row.metrics.iter().find(|m| m.name == "ns_per_packet"))
+                .map(|m| m.stat.median);
+            if let Some(b) = base {
+                *row = row
+                    .clone()
+                    .metric("above_floor_ns", "ns", Stat::single(b - f));
+            }
+        }
+    }
     Ok(rows)
 }
+
+/// The floor row's case.
+pub const CASE_FLOOR: &str = "floor: empty XDP program (XDP_PASS)";
 
 pub const CASE_SYN: &str = "NodePort TCP SYN (conntrack miss + insert)";
 pub const CASE_EST: &str = "NodePort TCP established (conntrack hit)";

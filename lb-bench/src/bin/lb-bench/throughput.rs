@@ -251,7 +251,7 @@ impl FloodLab {
     ) -> anyhow::Result<FloodLab> {
         let mut lab = labkit::new_lab(1, loadgen)?;
         let set = labkit::service_set(&lab, n, kind)?;
-        let active = labkit::activate(&lab, kind, &set, p)?;
+        let active = labkit::activate(&lab, kind, &set, None, p)?;
         let (_, udp) = labkit::targets(&lab, kind, &set)?;
         let server_pid = lab
             .proc_mut("loadgen-server:0")
