@@ -1376,3 +1376,64 @@ fn resync_repairs_entries_changed_behind_the_syncers_back() {
     assert!(s.resync(&mut dp).is_ok());
     assert_eq!(dp.log.len(), n);
 }
+
+/// The reliability suite's churn, in process: six frontends (three ports, each as a
+/// ClusterIP and a NodePort) over 30 of 60 pods; every change swaps 25 pods out and 25 in,
+/// and goes through `set_frontend` + `flush` like the agent. Every flush must succeed.
+#[test]
+fn endpoint_churn_through_set_frontend_and_flush_never_fails() {
+    let mut s = Syncer::new(Limits::default());
+    let mut dp = MemDataplane::default();
+    let ports = [(80u16, Proto::Tcp), (53, Proto::Udp), (9000, Proto::Tcp)];
+    let ids: Vec<(FrontendId, u16)> = ports
+        .iter()
+        .flat_map(|&(port, proto)| {
+            [
+                (FrontendId::new(ip("10.96.0.10"), port, proto), port),
+                (
+                    FrontendId::new(Ipv4Addr::UNSPECIFIED, 30000 + port % 1000, proto),
+                    port,
+                ),
+            ]
+        })
+        .collect();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let mut current: BTreeSet<usize> = (0..30).collect();
+    for w in 0..200 {
+        for (id, port) in &ids {
+            let fe = frontend(
+                current
+                    .iter()
+                    .map(|&i| be(&format!("10.244.0.{}", i + 10), *port))
+                    .collect(),
+            );
+            s.set_frontend(*id, Some(&fe));
+        }
+        let before = dp.clone();
+        let start = dp.log.len();
+        let r = s.flush(&mut dp);
+        assert!(r.is_ok(), "write {w}: {:?}", r.failures);
+        replay(&before, &dp.log[start..]);
+        let out: Vec<usize> = (0..60).filter(|i| !current.contains(i)).collect();
+        let mut gone: Vec<usize> = current.iter().copied().collect();
+        for _ in 0..25 {
+            gone.swap_remove(next(gone.len()));
+        }
+        let gone: BTreeSet<usize> = current
+            .difference(&gone.into_iter().collect())
+            .copied()
+            .collect();
+        let mut new = out;
+        while new.len() > 25 {
+            new.swap_remove(next(new.len()));
+        }
+        current.retain(|i| !gone.contains(i));
+        current.extend(new);
+    }
+}

@@ -65,7 +65,15 @@ pub fn start_agent_in(
     let bin = workspace_bin("lb-agent");
     let pins_s = pins.path().to_string_lossy().to_string();
     let man = manifests.to_string_lossy().to_string();
+    // Every pass's `sync:` line (the agent logs the routine ones at debug level): tests
+    // wait for them. A RUST_LOG of the caller's wins.
+    let log = format!(
+        "RUST_LOG={}",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "info,lb_agent::run=debug".to_string())
+    );
     let mut args = vec![
+        "env",
+        &log,
         bin.to_str().expect("utf-8 path"),
         "run",
         "--node-name",

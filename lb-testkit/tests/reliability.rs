@@ -639,7 +639,17 @@ fn should_not_send_new_connections_to_removed_endpoints_during_6000_endpoint_cha
             let applied = Instant::now();
             if !line.contains(" 0 failures") {
                 stop.store(true, Ordering::SeqCst);
-                panic!("write {w}: {line}");
+                let warnings: Vec<String> = agent
+                    .proc
+                    .log()
+                    .lines()
+                    .filter(|l| l.contains("WARN"))
+                    .map(str::to_owned)
+                    .collect();
+                panic!(
+                    "write {w}: {line}\nagent warnings:\n{}",
+                    warnings.join("\n")
+                );
             }
             for p in &gone {
                 forbidden[*p].push((applied, None));

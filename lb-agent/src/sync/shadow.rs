@@ -317,6 +317,19 @@ impl BackendTable {
                 let more = (i + 1 - self.dense.len()).max(self.dense.len() / 4);
                 self.dense.reserve_exact(more);
                 self.dense.resize(i + 1, None);
+                // Ids the dense range now covers move out of `sparse`: `get` looks only in
+                // the dense vector below its length.
+                let covered: Vec<u32> = self
+                    .sparse
+                    .keys()
+                    .copied()
+                    .filter(|k| (*k as usize) <= i)
+                    .collect();
+                for k in covered {
+                    if let Some(moved) = self.sparse.remove(&k) {
+                        self.dense[k as usize] = Some(moved);
+                    }
+                }
             }
             self.dense[i] = Some(b);
         } else {
@@ -333,5 +346,37 @@ impl BackendTable {
             self.len -= 1;
         }
         b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(refs: u32) -> BackendShadow {
+        BackendShadow {
+            value: Backend4::default(),
+            refs,
+        }
+    }
+
+    /// An id kept in the sparse map stays found once the dense vector grows past it (the
+    /// reliability suite's endpoint churn lost backends that way).
+    #[test]
+    fn sparse_ids_stay_found_when_the_dense_range_grows_over_them() {
+        let mut t = BackendTable::default();
+        t.insert(1, b(1));
+        t.insert(10_000, b(2));
+        assert_eq!(t.get(10_000).map(|x| x.refs), Some(2));
+        for id in 2..=9_000 {
+            t.insert(id, b(0));
+        }
+        // Dense now reaches past 10,000.
+        t.insert(10_001, b(3));
+        assert_eq!(t.get(10_000).map(|x| x.refs), Some(2));
+        assert_eq!(t.len(), 9_002);
+        assert_eq!(t.remove(10_000).map(|x| x.refs), Some(2));
+        assert!(!t.contains(10_000));
+        assert_eq!(t.len(), 9_001);
     }
 }
