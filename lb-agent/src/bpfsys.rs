@@ -290,3 +290,60 @@ pub fn update_batch<K: bytemuck::Pod, V: bytemuck::Pod>(
     }
     (done, Ok(()))
 }
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_OBJ_PIN: libc::c_long = 6;
+/// `BPF_MAP_TYPE_LRU_HASH` of `enum bpf_map_type`.
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+/// `BPF_F_NO_COMMON_LRU`: one LRU list per CPU instead of one shared list.
+pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+/// The `BPF_MAP_CREATE` prefix of `union bpf_attr` up to `map_name`.
+#[repr(C)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+}
+
+/// Create an LRU hash map of `K` to `V` named `name` (at most 15 bytes kept) with `flags`,
+/// and pin it at `path`.
+pub fn create_lru_hash_pinned<K: bytemuck::Pod, V: bytemuck::Pod>(
+    path: &Path,
+    name: &str,
+    max_entries: u32,
+    flags: u32,
+) -> io::Result<()> {
+    let mut map_name = [0u8; 16];
+    for (d, s) in map_name.iter_mut().zip(name.bytes().take(15)) {
+        *d = s;
+    }
+    let mut attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_LRU_HASH,
+        key_size: std::mem::size_of::<K>() as u32,
+        value_size: std::mem::size_of::<V>() as u32,
+        max_entries,
+        map_flags: flags,
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name,
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    let fd = i32::try_from(fd).map_err(io::Error::other)?;
+    // SAFETY: BPF_MAP_CREATE returned a new descriptor that nothing else owns.
+    let map = unsafe { OwnedFd::from_raw_fd(fd) };
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut pin = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: map.as_raw_fd() as u32,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    bpf(BPF_OBJ_PIN, &mut pin).map(|_| ())
+}

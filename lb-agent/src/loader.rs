@@ -37,6 +37,33 @@ pub fn ct_syn_size(ct: u32) -> u32 {
     (ct / 4).max(1024)
 }
 
+/// Create the conntrack maps (`LB4_CT`, `LB4_CT_SYN`) under `dir` with one LRU list per CPU
+/// (`BPF_F_NO_COMMON_LRU`) before [`Datapath::load`], which then re-uses them. Maps already
+/// pinned there are left as they are. For comparing the two LRU flavours (`lb-bench`).
+pub fn precreate_per_cpu_conntrack(dir: &Path, caps: &Capacities) -> Result<(), LoadError> {
+    let pins = PinLayout::new(dir);
+    for d in [pins.dir.clone(), pins.maps()] {
+        ensure_bpffs(&d)?;
+    }
+    for (name, entries) in [
+        (maps::LB4_CT, caps.ct),
+        (maps::LB4_CT_SYN, ct_syn_size(caps.ct)),
+    ] {
+        let path = pins.map(name);
+        if path.exists() {
+            continue;
+        }
+        bpfsys::create_lru_hash_pinned::<lb_common::Ct4Key, lb_common::Ct4Value>(
+            &path,
+            name,
+            entries,
+            bpfsys::BPF_F_NO_COMMON_LRU,
+        )
+        .map_err(io_err(format!("creating {} (per-CPU LRU)", path.display())))?;
+    }
+    Ok(())
+}
+
 /// bpffs magic number (`BPF_FS_MAGIC`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

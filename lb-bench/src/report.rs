@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::schema::{PartResult, Results, Row, Stat, CLUSTERIP_CASE};
+use crate::schema::{PartResult, Results, Row, Stat, CLUSTERIP_CASE, CT_LRU_SECTION};
 
 /// Why [`check_report`] rejected a report.
 #[derive(Debug, thiserror::Error)]
@@ -313,6 +313,71 @@ fn generic_note(note: &str) -> String {
 }
 
 fn per_packet(part: &PartResult, out: &mut String) {
+    let (lru, rest): (Vec<Row>, Vec<Row>) = part
+        .rows
+        .iter()
+        .cloned()
+        .partition(|r| r.params.get("section").map(String::as_str) == Some(CT_LRU_SECTION));
+    per_packet_main(
+        &PartResult {
+            rows: rest,
+            ..part.clone()
+        },
+        out,
+    );
+    ct_lru(&lru, out);
+}
+
+/// The conntrack LRU flavours under SYN load: one row per flavour, one column per case
+/// (in the order measured), then the share held and the 2-CPU rate.
+fn ct_lru(rows: &[Row], out: &mut String) {
+    let mut cases: Vec<&str> = Vec::new();
+    let mut flavours: Vec<&str> = Vec::new();
+    for r in rows {
+        if !cases.contains(&r.case.as_str()) {
+            cases.push(&r.case);
+        }
+        if !flavours.contains(&r.path.as_str()) {
+            flavours.push(&r.path);
+        }
+    }
+    if flavours.is_empty() {
+        return;
+    }
+    out.push_str("### Conntrack map flavour under SYN load\n\n");
+    out.push_str(
+        "Fresh SYNs (one per `BPF_PROG_RUN` call, per-call overhead included) into the \
+         half-open table, ns per SYN: the shared LRU against one LRU list per CPU. `held` is \
+         the share of the half-open capacity still holding entries after one CPU filled it \
+         past capacity; `SYNs/s` is both CPUs together, per second of wall time.\n\n",
+    );
+    let mut header = vec!["flavour"];
+    header.extend(cases.iter().copied());
+    header.extend(["held", "SYNs/s (2 CPUs)"]);
+    let mut t = Table::new(&header);
+    for flavour in flavours {
+        let mine: Vec<&Row> = rows.iter().filter(|r| r.path == flavour).collect();
+        let mut cells = vec![flavour.to_owned()];
+        for case in &cases {
+            cells.push(
+                mine.iter()
+                    .find(|r| r.case == *case)
+                    .map_or_else(|| "—".to_owned(), |r| metric_cell(r, "ns_per_packet")),
+            );
+        }
+        for metric in ["held_share", "syn_per_s"] {
+            cells.push(
+                mine.iter()
+                    .find_map(|r| r.get(metric))
+                    .map_or_else(|| "—".to_owned(), cell),
+            );
+        }
+        t.row(cells);
+    }
+    t.render(out);
+}
+
+fn per_packet_main(part: &PartResult, out: &mut String) {
     out.push_str("## 1. Per-packet datapath cost (ns per packet)\n\n");
     out.push_str(
         "Kernel-reported time per packet (`BPF_PROG_RUN`), JIT on; each row is checked \
@@ -1018,6 +1083,34 @@ mod tests {
         // Different run counts fall back to the ratio of medians.
         assert_eq!(ratio(&stat(&[300.0]), &b), Some(300.0 / 110.0));
         assert_eq!(ratio(&stat(&[]), &b), None);
+    }
+
+    #[test]
+    fn ct_lru_rows_get_their_own_table_one_row_per_flavour() {
+        let row = |case: &str, path: &str, ns: f64| {
+            Row::new("per-packet", case, path, 1)
+                .param("section", CT_LRU_SECTION)
+                .metric("ns_per_packet", "ns", stat(&[ns]))
+        };
+        let mut results = sample();
+        for (path, held) in [("shared", 1.0), ("per-CPU", 0.5)] {
+            results.parts[0].rows.extend([
+                row("filling", path, 1500.0),
+                row("full", path, 1900.0).metric("held_share", "ratio", stat(&[held])),
+                row("2 CPUs", path, 2100.0).metric("syn_per_s", "1/s", stat(&[440_000.0])),
+            ]);
+        }
+        let md = markdown(&results, &[], &[]);
+        assert!(
+            md.contains("| flavour | filling | full | 2 CPUs | held | SYNs/s (2 CPUs) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| per-CPU | 1500 | 1900 | 2100 | 0.50 | 440000 |"),
+            "{md}"
+        );
+        // Not in the main per-packet table.
+        assert!(!md.contains("\n| filling"), "{md}");
     }
 
     #[test]

@@ -10,6 +10,10 @@ use crate::sysinfo::Meta;
 /// The benchmark parts, in run order.
 pub const PARTS: [&str; 4] = ["per-packet", "e2e", "throughput", "control-plane"];
 
+/// The `section` parameter of the per-packet rows that compare conntrack LRU flavours under
+/// SYN load; the report gives them a table of their own.
+pub const CT_LRU_SECTION: &str = "ct-lru";
+
 /// The e2e case of a client process in a pod connecting to a ClusterIP whose endpoint is
 /// another pod of the same node (TCP_CRR): `direct` (to the pod IP), `ours` (socket hooks
 /// translate the connect), kube-proxy's nftables and iptables rules (DNAT on the node).

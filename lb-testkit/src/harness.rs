@@ -124,8 +124,22 @@ impl Harness {
     /// Load the datapath into a fresh pin dir. Panics with the loader's message on failure
     /// (missing privileges, no bpffs...).
     pub fn new(what: &str, caps: &Capacities) -> Self {
+        Self::load(what, caps, false)
+    }
+
+    /// [`Harness::new`] with conntrack maps that keep one LRU list per CPU
+    /// (`BPF_F_NO_COMMON_LRU`) instead of the datapath's shared one.
+    pub fn new_per_cpu_lru(what: &str, caps: &Capacities) -> Self {
+        Self::load(what, caps, true)
+    }
+
+    fn load(what: &str, caps: &Capacities, per_cpu_lru: bool) -> Self {
         crate::lab::require_root();
         let pins = PinDir::new(what);
+        if per_cpu_lru {
+            lb_agent::loader::precreate_per_cpu_conntrack(pins.path(), caps)
+                .unwrap_or_else(|e| panic!("per-CPU conntrack in {}: {e}", pins.path().display()));
+        }
         let mut datapath = Datapath::load(pins.path(), caps)
             .unwrap_or_else(|e| panic!("loading the datapath into {}: {e}", pins.path().display()));
         let maps = datapath

@@ -23,6 +23,7 @@ use lb_bench::schema::PARTS;
 mod agent;
 mod bpf_batch;
 mod control_plane;
+mod ct_lru;
 mod e2e;
 /// The agent tests' fake Kubernetes API server (one source, two users).
 #[path = "../../../../lb-agent/tests/support/fake_apiserver.rs"]
@@ -58,6 +59,10 @@ enum Command {
     /// Only the agent measurements of the control-plane part (lb-agent run, kube source and
     /// manifests); `$LB_BENCH_AGENT` names another agent binary to measure the same way.
     Agent(PartArgs),
+    /// Only the conntrack-flavour rows of the per-packet part (shared against per-CPU LRU
+    /// under SYN load).
+    #[command(name = "ct-lru")]
+    CtLru(PartArgs),
     #[command(flatten)]
     Part(Part),
 }
@@ -174,7 +179,8 @@ fn main() -> ExitCode {
         Command::Suite(a) => suite::suite(a.quick, &a.only, &a.out),
         Command::Report(a) => suite::report(&a.out),
         Command::Rules(a) => print_rules(a).map(|()| ExitCode::SUCCESS),
-        Command::Agent(a) => run_agent(a).map(|()| ExitCode::SUCCESS),
+        Command::Agent(a) => run_rows("control-plane", a, agent::run).map(|()| ExitCode::SUCCESS),
+        Command::CtLru(a) => run_rows("per-packet", a, ct_lru::rows).map(|()| ExitCode::SUCCESS),
         Command::Part(part) => run_part(part).map(|()| ExitCode::SUCCESS),
     };
     match result {
@@ -205,17 +211,21 @@ fn print_rules(a: &RulesArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `lb-bench agent [--quick] --out FILE`: the agent measurements alone.
-fn run_agent(a: &PartArgs) -> anyhow::Result<()> {
+/// `lb-bench agent|ct-lru [--quick] --out FILE`: some rows of one part alone.
+fn run_rows(
+    part: &str,
+    a: &PartArgs,
+    rows: impl FnOnce(bool, &Progress) -> Vec<lb_bench::schema::Row>,
+) -> anyhow::Result<()> {
     lb_testkit::lab::require_root();
     let p = Progress {
-        part: "control-plane".to_owned(),
+        part: part.to_owned(),
         start: Instant::now(),
     };
     let result = lb_bench::schema::PartResult {
-        part: "control-plane".into(),
+        part: part.into(),
         quick: a.quick,
-        rows: agent::run(a.quick, &p),
+        rows: rows(a.quick, &p),
         elapsed_s: p.start.elapsed().as_secs_f64(),
         ..Default::default()
     };

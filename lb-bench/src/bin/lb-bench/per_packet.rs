@@ -175,6 +175,7 @@ pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
         });
         out.rows.extend(rows);
     }
+    out.rows.extend(crate::ct_lru::rows(quick, p));
     Ok(out)
 }
 
