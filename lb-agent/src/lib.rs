@@ -8,6 +8,7 @@ pub mod health;
 pub mod http;
 pub mod loader;
 pub mod model;
+pub mod peer_ifs;
 pub mod pins;
 pub mod ports;
 pub mod source;

@@ -67,7 +67,7 @@ pub fn precreate_per_cpu_conntrack(dir: &Path, caps: &Capacities) -> Result<(), 
 /// bpffs magic number (`BPF_FS_MAGIC`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// How the XDP program ended up attached.
+/// How the ingress program ended up attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XdpAttachMode {
     /// Native (driver) mode.
@@ -76,6 +76,21 @@ pub enum XdpAttachMode {
     Generic,
     /// An existing pinned link was updated in place with the new program.
     Replaced,
+    /// At TC ingress (`--attach tc`), not XDP.
+    TcIngress,
+}
+
+/// The hook the ingress program (DNAT) runs at: `lb-agent run --attach xdp|tc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Attach {
+    /// XDP on the uplink (native where the driver has it); DNATed packets go on through
+    /// the node's stack.
+    #[default]
+    Xdp,
+    /// TC ingress (clsact): no XDP program; packets for local pods go straight into the
+    /// pod's namespace (`bpf_redirect_peer`). Veth uplinks (kind nodes) may prefer it: XDP
+    /// on a veth runs on a copy of each skb.
+    Tc,
 }
 
 /// The loaded datapath: programs and pinned maps.
@@ -142,8 +157,7 @@ impl Datapath {
             })?;
             repin(&progs.join(name), |p| xdp.pin(p))?;
         }
-        // The benchmark's floor (an XDP program that only returns XDP_PASS): loaded, not
-        // pinned.
+        // The benchmark's floors (programs that only pass the packet): loaded, not pinned.
         let floor = self.xdp_program_named(maps::PROG_XDP_PASS)?;
         floor.load().map_err(|source| {
             classify(
@@ -151,7 +165,19 @@ impl Datapath {
                 prog_err(maps::PROG_XDP_PASS, source),
             )
         })?;
-        for name in [maps::PROG_TC_EGRESS, maps::PROG_TC_EGRESS_TIMED] {
+        let floor = self.tc_program_named(maps::PROG_TC_PASS)?;
+        floor.load().map_err(|source| {
+            classify(
+                format!("loading TC program {}", maps::PROG_TC_PASS),
+                prog_err(maps::PROG_TC_PASS, source),
+            )
+        })?;
+        for name in [
+            maps::PROG_TC_EGRESS,
+            maps::PROG_TC_EGRESS_TIMED,
+            maps::PROG_TC_INGRESS,
+            maps::PROG_TC_INGRESS_TIMED,
+        ] {
             let tc = self.tc_program_named(name)?;
             tc.load().map_err(|source| {
                 classify(format!("loading TC program {name}"), prog_err(name, source))
@@ -320,18 +346,52 @@ impl Datapath {
     /// [`Datapath::attach`]; with `timed`, the program variants that record their own run
     /// time in `LB_LATENCY` (`--latency-histogram`).
     pub fn attach_with(&mut self, iface: &str, timed: bool) -> Result<XdpAttachMode, LoadError> {
+        self.attach_hook(iface, Attach::Xdp, timed)
+    }
+
+    /// Attach the ingress program at `hook` and TC egress to `iface`, pinning the links.
+    /// The ingress program's link at the other hook (an earlier agent's `--attach`) is
+    /// removed once the new one is in place, so that switching hooks leaves no gap.
+    pub fn attach_hook(
+        &mut self,
+        iface: &str,
+        hook: Attach,
+        timed: bool,
+    ) -> Result<XdpAttachMode, LoadError> {
         if nix_if_nametoindex(iface) == 0 {
             return Err(LoadError::NoSuchInterface(iface.to_string()));
         }
-        let (xdp, tc) = if timed {
-            (maps::PROG_XDP_INGRESS_TIMED, maps::PROG_TC_EGRESS_TIMED)
+        let egress = if timed {
+            maps::PROG_TC_EGRESS_TIMED
         } else {
-            (maps::PROG_XDP_INGRESS, maps::PROG_TC_EGRESS)
+            maps::PROG_TC_EGRESS
         };
         let xdp_pin = self.pins.xdp_link(iface);
-        let tc_pin = self.pins.tc_link(iface);
-        let mode = self.attach_xdp(iface, &xdp_pin, xdp)?;
-        self.attach_tc(iface, &tc_pin, tc)?;
+        let ingress_pin = self.pins.tc_ingress_link(iface);
+        let mode = match hook {
+            Attach::Xdp => {
+                let name = if timed {
+                    maps::PROG_XDP_INGRESS_TIMED
+                } else {
+                    maps::PROG_XDP_INGRESS
+                };
+                let mode = self.attach_xdp(iface, &xdp_pin, name)?;
+                remove_pin(&ingress_pin)?;
+                mode
+            }
+            Attach::Tc => {
+                let name = if timed {
+                    maps::PROG_TC_INGRESS_TIMED
+                } else {
+                    maps::PROG_TC_INGRESS
+                };
+                self.attach_tc(iface, &ingress_pin, name, TcAttachType::Ingress)?;
+                remove_pin(&xdp_pin)?;
+                XdpAttachMode::TcIngress
+            }
+        };
+        let egress_pin = self.pins.tc_link(iface);
+        self.attach_tc(iface, &egress_pin, egress, TcAttachType::Egress)?;
         Ok(mode)
     }
 
@@ -381,8 +441,14 @@ impl Datapath {
         Ok(mode)
     }
 
-    fn attach_tc(&mut self, iface: &str, pin: &Path, name: &'static str) -> Result<(), LoadError> {
-        let what = format!("attaching TC egress to {iface}");
+    fn attach_tc(
+        &mut self,
+        iface: &str,
+        pin: &Path,
+        name: &'static str,
+        at: TcAttachType,
+    ) -> Result<(), LoadError> {
+        let what = format!("attaching TC {at:?} to {iface}");
         let tc = self.tc_program_named(name)?;
         let id = match PinnedLink::from_pin(pin) {
             Ok(old) => {
@@ -396,11 +462,7 @@ impl Datapath {
                     .map_err(|source| classify(&what, prog_err(name, source)))?
             }
             Err(e) if not_found(&e) => tc
-                .attach_with_options(
-                    iface,
-                    TcAttachType::Egress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
+                .attach_with_options(iface, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
                 .map_err(|source| classify(&what, prog_err(name, source)))?,
             Err(source) => {
                 return Err(LoadError::Link {
@@ -684,13 +746,15 @@ pub fn attached_interfaces(dir: &Path) -> Vec<String> {
         .flatten()
         .flatten()
         .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix("xdp-"))
-                .map(str::to_string)
+            e.file_name().to_str().and_then(|n| {
+                n.strip_prefix("xdp-")
+                    .or_else(|| n.strip_prefix("tc-ingress-"))
+                    .map(str::to_string)
+            })
         })
         .collect();
     out.sort();
+    out.dedup();
     out
 }
 

@@ -55,9 +55,15 @@ pub struct RunArgs {
     /// (repeat or separate with commas).
     #[arg(long, value_delimiter = ',')]
     node_addr: Vec<std::net::Ipv4Addr>,
-    /// Uplink interfaces to attach to (XDP ingress + TC egress).
+    /// Uplink interfaces to attach to (the ingress program + TC egress).
     #[arg(long, value_delimiter = ',', required = true)]
     iface: Vec<String>,
+    /// The hook the ingress program (DNAT) runs at. `xdp`: XDP, native where the driver has
+    /// it; DNATed packets go on through the node's stack. `tc`: TC ingress, no XDP program;
+    /// packets for local pods go straight into the pod's namespace (bpf_redirect_peer).
+    /// Switching on a restart replaces one hook's link with the other's.
+    #[arg(long, value_enum, default_value_t = lb_agent::loader::Attach::Xdp)]
+    attach: lb_agent::loader::Attach,
     /// Attach the program variants that record their own run time (bpf_ktime_get_ns at
     /// entry and exit) in per-CPU log2 nanosecond buckets, shown by `status` and exported as
     /// the lb_datapath_run_duration_ns histogram. Off, the plain programs run: no cost.

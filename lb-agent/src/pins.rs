@@ -159,6 +159,10 @@ impl PinLayout {
     pub fn tc_link(&self, iface: &str) -> PathBuf {
         self.links().join(format!("tc-egress-{iface}"))
     }
+    /// The ingress program at TC ingress (`--attach tc`), instead of [`PinLayout::xdp_link`].
+    pub fn tc_ingress_link(&self, iface: &str) -> PathBuf {
+        self.links().join(format!("tc-ingress-{iface}"))
+    }
     /// The link of the socket hook at `point` (`connect4`, ...: `lb_common::maps::SOCK_PROGS`).
     pub fn cgroup_link(&self, point: &str) -> PathBuf {
         self.links().join(format!("cgroup-{point}"))
@@ -170,12 +174,15 @@ fn is_own_prog(n: &str) -> bool {
         || n == maps::PROG_TC_EGRESS
         || n == maps::PROG_XDP_INGRESS_TIMED
         || n == maps::PROG_TC_EGRESS_TIMED
+        || n == maps::PROG_TC_INGRESS
+        || n == maps::PROG_TC_INGRESS_TIMED
         || maps::SOCK_PROGS.iter().any(|(p, _)| *p == n)
 }
 
 fn is_own_link(n: &str) -> bool {
     n.strip_prefix("xdp-")
         .or_else(|| n.strip_prefix("tc-egress-"))
+        .or_else(|| n.strip_prefix("tc-ingress-"))
         .is_some_and(|iface| !iface.is_empty())
         || n.strip_prefix("cgroup-")
             .is_some_and(|p| maps::SOCK_PROGS.iter().any(|(_, point)| *point == p))
@@ -185,7 +192,8 @@ impl PinLayout {
     /// Every pin under the directory, after checking that it holds this tool's layout and
     /// nothing else: at most `maps/`, `progs/` and `links/`, holding only pins named as the
     /// maps (current or [`maps::LEGACY_MAPS`]) and programs of `lb_common::maps`,
-    /// `links/xdp-<if>`, `links/tc-egress-<if>` and `links/cgroup-<point>`.
+    /// `links/xdp-<if>`, `links/tc-ingress-<if>`, `links/tc-egress-<if>` and
+    /// `links/cgroup-<point>`.
     /// Anything else (another program's pins, a bpffs root such as `/sys/fs/bpf`) is
     /// [`LoadError::NotOurPins`]. Returns the pins, then the sub-directories, in removal order.
     pub fn owned_entries(&self) -> Result<Vec<PathBuf>, LoadError> {

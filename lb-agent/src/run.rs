@@ -68,7 +68,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     lb_agent::loader::set_socket_policy(datapath.pins(), args.localhost_nodeports)?;
     for iface in &args.iface {
         let mode = datapath
-            .attach_with(iface, args.latency_histogram)
+            .attach_hook(iface, args.attach, args.latency_histogram)
             .with_context(|| format!("attaching to {iface}"))?;
         log::info!(
             "attached to {iface} ({mode:?}{})",
@@ -106,6 +106,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     datapath.remove_legacy_pins()?;
+    if args.attach == lb_agent::loader::Attach::Tc {
+        spawn_peer_ifs(datapath.pins().clone())?;
+    }
     let ct_cfg = lb_agent::loader::set_ct_policy(
         datapath.pins(),
         &lb_agent::loader::CtPolicy {
@@ -668,6 +671,31 @@ fn check_snat_ports(
 /// addresses); they normally leave from XDP, but when the FIB has no answer yet (a neighbour
 /// not resolved) they go to the stack, which would drop them as martian without this. With
 /// it, the stack routes them and resolves the neighbour.
+/// How often `--attach tc` re-lists the veths (`LB_PEER_IFS`): a pod's veth newer than
+/// that is sent to with `bpf_redirect` rather than `bpf_redirect_peer` meanwhile.
+const PEER_IFS_EVERY: Duration = Duration::from_secs(1);
+
+/// `--attach tc`: fill `LB_PEER_IFS` now (an error here is fatal: the map or the listing is
+/// unusable), then keep it current on a thread of its own (errors there are logged).
+fn spawn_peer_ifs(pins: lb_agent::pins::PinLayout) -> anyhow::Result<()> {
+    let (added, _) = lb_agent::peer_ifs::refresh(&pins).context("listing the veth devices")?;
+    log::info!("--attach tc: {added} veth device(s) reachable with bpf_redirect_peer");
+    std::thread::Builder::new()
+        .name("lb-peer-ifs".into())
+        .spawn(move || loop {
+            std::thread::sleep(PEER_IFS_EVERY);
+            match lb_agent::peer_ifs::refresh(&pins) {
+                Ok((0, 0)) => {}
+                Ok((added, removed)) => {
+                    log::debug!("veth devices: {added} added, {removed} removed")
+                }
+                Err(e) => log::warn!("refreshing the veth devices: {e:#}"),
+            }
+        })
+        .context("starting the veth refresh thread")?;
+    Ok(())
+}
+
 fn accept_local(iface: &str) {
     let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
     match std::fs::write(&path, "1") {

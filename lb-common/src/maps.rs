@@ -38,6 +38,10 @@ pub const LB4_AFFINITY_MAX: u32 = 65_536;
 /// hostPort frontends (address 0) match only packets addressed to one of these.
 pub const LB4_NODE_ADDRS: &str = "LB4_NODE_ADDRS_V1";
 pub const LB4_NODE_ADDRS_MAX: u32 = 256;
+/// `--attach tc`: this node's veth devices (ifindex -> 1), which TC ingress may hand a pod's
+/// packets to with `bpf_redirect_peer`; any other device gets `bpf_redirect`. Kept by the agent.
+pub const LB_PEER_IFS: &str = "LB_PEER_IFS_V1";
+pub const LB_PEER_IFS_MAX: u32 = 4096;
 
 /// The port filter: `u8` bits ([`crate::service::port_bits`]) per host-order port, read
 /// first by both packet programs so that traffic no frontend or backend uses leaves after
@@ -68,7 +72,7 @@ pub const LB4_SOCK_REVNAT: &str = "LB4_SOCK_REVNAT_V1";
 pub const LB4_SOCK_REVNAT_MAX: u32 = 262_144;
 
 /// Per-CPU log2 histogram of the programs' own run time (`--latency-histogram`): `u64`
-/// counts at `prog * LATENCY_BUCKETS + bucket`, `prog` 0 for XDP ingress and 1 for TC
+/// counts at `prog * LATENCY_BUCKETS + bucket`, `prog` 0 for the ingress program (XDP or TC ingress) and 1 for TC
 /// egress; bucket `k` counts runs of `2^(k-1)` to `2^k - 1` ns (bucket 0: 0 ns). Written only
 /// by the `_timed` program variants.
 pub const LB_LATENCY: &str = "LB_LATENCY_V1";
@@ -80,7 +84,7 @@ pub const LB_CONFIG: &str = "LB_CONFIG_V2";
 pub const LB_CONFIG_MAX: u32 = 1;
 
 /// Every map the agent pins, for sweeps and `status`.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 16] = [
     LB4_SERVICES,
     LB4_BACKENDS,
     LB4_CT,
@@ -91,6 +95,7 @@ pub const ALL_MAPS: [&str; 15] = [
     LB4_AFFINITY,
     LB4_SOCK_REVNAT,
     LB4_NODE_ADDRS,
+    LB_PEER_IFS,
     LB_PORTS,
     LB_STATS,
     LB_SVC_STATS,
@@ -107,9 +112,14 @@ pub const PROG_XDP_INGRESS: &str = "lb_xdp_ingress";
 pub const PROG_TC_EGRESS: &str = "lb_tc_egress";
 /// The same programs recording their own run time in `LB_LATENCY` (`--latency-histogram`).
 pub const PROG_XDP_INGRESS_TIMED: &str = "lb_xdp_ingress_timed";
+/// The ingress program at TC ingress instead of XDP (`lb-agent run --attach tc`).
+pub const PROG_TC_INGRESS: &str = "lb_tc_ingress";
+pub const PROG_TC_INGRESS_TIMED: &str = "lb_tc_ingress_timed";
 pub const PROG_TC_EGRESS_TIMED: &str = "lb_tc_egress_timed";
 /// An XDP program that passes every frame, for the far end of veth uplinks.
 pub const PROG_XDP_PASS: &str = "lb_xdp_pass";
+/// A TC program that passes every packet: the benchmark's floor for the TC rows.
+pub const PROG_TC_PASS: &str = "lb_tc_pass";
 /// The cgroup socket hooks (socket-level load balancing), with their attach points.
 pub const PROG_SOCK_CONNECT4: &str = "lb_sock_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";

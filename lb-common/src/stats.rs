@@ -28,6 +28,9 @@ pub struct RateLimit {
 /// * A frontend with no usable backend answers a new flow with an ICMP port-unreachable
 ///   (`XdpRejectNoBackend`), rate-limited per CPU; beyond the rate, or when it cannot, it
 ///   drops (`DropNoBackend`).
+/// * The ingress program runs at XDP (`--attach xdp`, the default) or at TC ingress
+///   (`--attach tc`); its verdicts keep their `Xdp*` names at either hook. At TC ingress a
+///   frontend without backends drops (`XdpDropNoBackend`): there is no reject from TC.
 /// * Malformed headers are dropped: the kernel would drop them too, and they must never be
 ///   rewritten or create conntrack state.
 #[repr(u32)]
@@ -123,10 +126,19 @@ pub enum Reason {
     /// Event: entries removed so that a flow picks again (a SYN on a closed tuple, a UDP
     /// flow whose backend is gone).
     CtRemoved = 49,
+    /// Event (`--attach tc`): a DNATed packet for a pod on this node handed straight to the
+    /// pod's namespace (`bpf_redirect_peer` to its host-side veth), skipping the node's stack.
+    TcRedirectPeer = 50,
+    /// Event (`--attach tc`): a translated packet sent out of the FIB's egress device
+    /// (`bpf_redirect`, MACs from the FIB): a pod device that is not a veth, another node.
+    TcRedirect = 51,
+    /// Event (`--attach tc`): as `TcRedirect`, but the next hop had no neighbour entry yet:
+    /// sent with `bpf_redirect_neigh`, which resolves it.
+    TcRedirectNeigh = 52,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 41] = [
+    pub const ALL: [Reason; 44] = [
         Reason::XdpPassNonIpv4,
         Reason::XdpPassNotService,
         Reason::XdpPassFragment,
@@ -168,6 +180,9 @@ impl Reason {
         Reason::XdpFragFwd,
         Reason::TcFragRevNat,
         Reason::CtRemoved,
+        Reason::TcRedirectPeer,
+        Reason::TcRedirect,
+        Reason::TcRedirectNeigh,
     ];
 
     /// A stable snake_case name for tables and metrics.
@@ -214,6 +229,9 @@ impl Reason {
             Reason::XdpFragFwd => "xdp_frag_fwd",
             Reason::TcFragRevNat => "tc_frag_revnat",
             Reason::CtRemoved => "ct_removed",
+            Reason::TcRedirectPeer => "tc_redirect_peer",
+            Reason::TcRedirect => "tc_redirect",
+            Reason::TcRedirectNeigh => "tc_redirect_neigh",
         }
     }
 
@@ -222,7 +240,13 @@ impl Reason {
     pub const fn is_event(self) -> bool {
         matches!(
             self,
-            Reason::CtCreated | Reason::CtExpired | Reason::CtRestored | Reason::CtRemoved
+            Reason::CtCreated
+                | Reason::CtExpired
+                | Reason::CtRestored
+                | Reason::CtRemoved
+                | Reason::TcRedirectPeer
+                | Reason::TcRedirect
+                | Reason::TcRedirectNeigh
         )
     }
 

@@ -4,15 +4,14 @@
 //! fragments that follow get the same addresses (and, for flows that leave from XDP, the
 //! same way out). A fragment that overtakes its first one, or whose record was evicted,
 //! passes untouched and counted (`XdpPassFragment`); Linux sends fragments in order.
-use aya_ebpf::programs::XdpContext;
 use lb_common::{
     conntrack::{frag_flags, CT_FORWARD, CT_REPLY},
     csum, Frag4Key, Frag4Value, Reason,
 };
 
 use crate::{
+    hook::Ingress,
     maps::FRAG,
-    nodeport,
     parse::{raw16, raw32, Flow4, Fragment4, Ipv4Hdr, Packet, ETH_HLEN},
     stats::{self, Verdict},
 };
@@ -68,18 +67,18 @@ fn rewrite_addrs<P: Packet>(pkt: &mut P, saddr: u32, daddr: u32) -> Option<()> {
     pkt.write(ETH_HLEN, ip)
 }
 
-/// XDP: a non-first fragment arriving from the wire.
+/// Ingress: a non-first fragment arriving from the wire.
 #[inline(always)]
-pub fn ingress_v4(ctx: &mut XdpContext, f: &Fragment4, bytes: u64) -> Result<Verdict, Reason> {
+pub fn ingress_v4<C: Ingress>(ctx: &mut C, f: &Fragment4, bytes: u64) -> Result<Verdict, Reason> {
     let Some(v) = lookup(f, CT_FORWARD) else {
         return Ok(Verdict::pass(Reason::XdpPassFragment));
     };
     rewrite_addrs(ctx, v.saddr, v.daddr).ok_or(Reason::XdpDropMalformedL3)?;
     stats::count_svc(v.svc_id, bytes);
     if v.flags & frag_flags::FORWARD != 0 {
-        return nodeport::out_v4(ctx, f.proto, v.saddr, v.daddr, [Reason::XdpFragFwd; 3]);
+        return ctx.out_v4(f.proto, v.saddr, v.daddr, [Reason::XdpFragFwd; 3]);
     }
-    Ok(Verdict::pass(Reason::XdpFragFwd))
+    Ok(ctx.deliver_v4(v.daddr, Reason::XdpFragFwd))
 }
 
 /// TC egress: a non-first fragment of a backend's reply. `Ok(None)`: not of our flows.

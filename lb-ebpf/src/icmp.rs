@@ -31,8 +31,8 @@ use lb_common::{
 
 use crate::{
     conntrack::{forward_key_v4, reply_key_v4},
+    hook::Ingress,
     maps::{CONFIG, CT, REJECT_RATE, SNAT},
-    nodeport,
     parse::{
         raw16, raw32, Flow4, IcmpErr4, Ipv4Hdr, Packet, ETH_HLEN, ICMP_DEST_UNREACH, IPPROTO_ICMP,
         IPV4_HLEN, TCP_CSUM_OFF, UDP_CSUM_OFF,
@@ -160,7 +160,7 @@ fn reversed(q: &Flow4) -> Flow4 {
 /// XDP ingress: an ICMP error quoting a packet of a translated flow. `None`: it quotes
 /// nothing of ours (it passes untouched).
 #[inline(always)]
-pub fn ingress_v4(ctx: &mut XdpContext, e: &IcmpErr4) -> Option<Result<Verdict, Reason>> {
+pub fn ingress_v4<C: Ingress>(ctx: &mut C, e: &IcmpErr4) -> Option<Result<Verdict, Reason>> {
     let q = &e.inner;
     // 1. A packet we sent to a client (frontend -> client): the flow's forward entry.
     // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
@@ -173,7 +173,7 @@ pub fn ingress_v4(ctx: &mut XdpContext, e: &IcmpErr4) -> Option<Result<Verdict, 
                 ..Rewrite::default()
             };
             return Some(match rewrite_v4(ctx, e, &rw) {
-                Some(()) => Ok(Verdict::pass(Reason::XdpIcmpErrDnat)),
+                Some(()) => Ok(ctx.deliver_v4(ct.nat_addr, Reason::XdpIcmpErrDnat)),
                 None => Err(Reason::XdpDropMalformedL4),
             });
         }
@@ -205,12 +205,17 @@ pub fn ingress_v4(ctx: &mut XdpContext, e: &IcmpErr4) -> Option<Result<Verdict, 
     Some(forward(ctx, e, &rw, v.addr))
 }
 
-/// Rewrite, then send on from XDP towards `to` (as the SNATed flow's packets go).
+/// Rewrite, then send on from the ingress hook towards `to` (as the SNATed flow's packets go).
 #[inline(always)]
-fn forward(ctx: &mut XdpContext, e: &IcmpErr4, rw: &Rewrite, to: u32) -> Result<Verdict, Reason> {
+fn forward<C: Ingress>(
+    ctx: &mut C,
+    e: &IcmpErr4,
+    rw: &Rewrite,
+    to: u32,
+) -> Result<Verdict, Reason> {
     rewrite_v4(ctx, e, rw).ok_or(Reason::XdpDropMalformedL4)?;
     let from = rw.outer_saddr.unwrap_or(e.saddr);
-    nodeport::out_v4(ctx, IPPROTO_ICMP, from, to, [Reason::XdpIcmpErrSnat; 3])
+    ctx.out_v4(IPPROTO_ICMP, from, to, [Reason::XdpIcmpErrSnat; 3])
 }
 
 /// TC egress: an ICMP error about a DNATed packet (client -> backend), from the backend or

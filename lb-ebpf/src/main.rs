@@ -1,5 +1,6 @@
-//! Entry points only: XDP ingress on the node's uplinks (DNAT), TC egress (reverse NAT) and
-//! the cgroup socket hooks. Each thin entry calls a `try_` function (or its module's entry);
+//! Entry points only: ingress on the node's uplinks (DNAT) at XDP or, with `--attach tc`, at
+//! TC ingress (the hook-specific half in `hook`), TC egress (reverse NAT) and the cgroup
+//! socket hooks. Each thin entry calls a `try_` function (or its module's entry);
 //! every verdict, pass or drop, is counted by reason.
 //!
 //! One module per concern, Cilium/Katran style: `parse` (headers, fragments, ICMP errors;
@@ -8,7 +9,7 @@
 //! (rewrites), `nodeport` (SNAT for remote backends and forwarding from XDP), `icmp` (error
 //! translation and the no-endpoint REJECT), `frag` (fragment tracking), `sock` (socket-level
 //! load balancing for the node's own processes and pods, sharing `lb` and `affinity`),
-//! `stats` (verdict counters), `maps`. The pure arithmetic (checksums, flow hash, slot
+//! `stats` (verdict counters), `redirect` (forwarding from TC ingress), `maps`. The pure arithmetic (checksums, flow hash, slot
 //! choice) lives in `lb_common::{csum, select}` and is property-tested on the host.
 #![no_std]
 #![no_main]
@@ -16,12 +17,14 @@
 mod affinity;
 mod conntrack;
 mod frag;
+mod hook;
 mod icmp;
 mod lb;
 mod maps;
 mod nat;
 mod nodeport;
 mod parse;
+mod redirect;
 mod sock;
 mod stats;
 
@@ -38,6 +41,8 @@ use lb_common::{
 };
 
 use crate::{
+    hook::Ingress,
+    nat::End,
     parse::{Malformed, Mode, Parsed, Skip},
     stats::Verdict,
 };
@@ -72,7 +77,7 @@ pub fn lb_xdp_ingress_timed(mut ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn xdp_ingress(ctx: &mut XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let (reason, action) = match try_xdp_ingress(ctx, bytes) {
+    let (reason, action) = match try_ingress(ctx, bytes) {
         Ok(v) => (v.reason, v.action),
         Err(reason) => (reason, xdp_action::XDP_DROP),
     };
@@ -80,9 +85,41 @@ fn xdp_ingress(ctx: &mut XdpContext) -> u32 {
     action
 }
 
-/// `Ok(verdict)`: pass, TX or redirect with that reason. `Err(reason)`: drop with that reason.
+/// The ingress program at TC ingress instead of XDP (`lb-agent run --attach tc`): the same
+/// lookups, conntrack and NAT; a packet for a local pod is handed straight to the pod's
+/// namespace (`bpf_redirect_peer`) rather than to the stack (see `redirect`). For veth
+/// uplinks, where XDP runs on a copy of every skb, this may be the cheaper hook.
+#[classifier]
+pub fn lb_tc_ingress(mut ctx: TcContext) -> i32 {
+    tc_ingress(&mut ctx)
+}
+
+/// `lb_tc_ingress` recording its own run time (`--latency-histogram`), in the ingress
+/// program's histogram.
+#[classifier]
+pub fn lb_tc_ingress_timed(mut ctx: TcContext) -> i32 {
+    // SAFETY: no preconditions.
+    let t0 = unsafe { bpf_ktime_get_ns() };
+    let action = tc_ingress(&mut ctx);
+    stats::record_latency(0, t0);
+    action
+}
+
 #[inline(always)]
-fn try_xdp_ingress(ctx: &mut XdpContext, bytes: u64) -> Result<Verdict, Reason> {
+fn tc_ingress(ctx: &mut TcContext) -> i32 {
+    let bytes = u64::from(ctx.len());
+    let (reason, action) = match try_ingress(ctx, bytes) {
+        Ok(v) => (v.reason, hook::tc_action(v.action)),
+        Err(reason) => (reason, TC_ACT_SHOT),
+    };
+    stats::count(reason, bytes);
+    action
+}
+
+/// The ingress program at either hook. `Ok(verdict)`: pass, TX or redirect with that
+/// reason. `Err(reason)`: drop with that reason.
+#[inline(always)]
+fn try_ingress<C: Ingress>(ctx: &mut C, bytes: u64) -> Result<Verdict, Reason> {
     let flow = match parse::parse_v4(ctx, Mode::Strict) {
         Ok(Parsed::Flow(flow)) => flow,
         Ok(Parsed::Fragment(f)) => return frag::ingress_v4(ctx, &f, bytes),
@@ -125,7 +162,7 @@ fn try_xdp_ingress(ctx: &mut XdpContext, bytes: u64) -> Result<Verdict, Reason> 
     let (id, backend) = match chosen {
         Ok(c) => c,
         // kube-proxy's REJECT: an ICMP port unreachable, rate-limited.
-        Err(Reason::XdpDropNoBackend) => return icmp::reject_v4(ctx),
+        Err(Reason::XdpDropNoBackend) => return ctx.reject_v4(),
         Err(r) => return Err(r),
     };
     let flags = if nodeport::needs_snat(&fe, &backend) {
@@ -139,8 +176,8 @@ fn try_xdp_ingress(ctx: &mut XdpContext, bytes: u64) -> Result<Verdict, Reason> 
 
 /// DNAT (and for a remote backend, SNAT and send on) a packet of the flow pinned by `ct`.
 #[inline(always)]
-fn forward_flow_v4(
-    ctx: &mut XdpContext,
+fn forward_flow_v4<C: Ingress>(
+    ctx: &mut C,
     flow: &parse::Flow4,
     ct: &lb_common::Ct4Value,
     new: bool,
@@ -163,7 +200,7 @@ fn forward_flow_v4(
         ),
         (true, false) => Some(nodeport::lookup_v4(flow, &backend, ct.svc_id)?),
     };
-    nat::dnat_v4(ctx, flow.proto, ct.nat_addr, ct.nat_port)?;
+    ctx.rewrite_v4(flow, End::Dst, ct.nat_addr, ct.nat_port)?;
     stats::count_svc(ct.svc_id, bytes);
     if let Some(snat) = snat {
         frag::record_v4(
@@ -177,11 +214,12 @@ fn forward_flow_v4(
         return nodeport::forward_v4(ctx, flow, &backend, &snat);
     }
     frag::record_v4(flow, CT_FORWARD, flow.saddr, ct.nat_addr, 0, ct.svc_id);
-    Ok(Verdict::pass(if new {
+    let reason = if new {
         Reason::XdpFwdNewFlow
     } else {
         Reason::XdpFwdTracked
-    }))
+    };
+    Ok(ctx.deliver_v4(ct.nat_addr, reason))
 }
 
 #[inline(always)]
@@ -200,6 +238,13 @@ fn xdp_skip_reason(skip: Skip) -> Reason {
 #[xdp]
 pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// Passes every packet: the TC twin of `lb_xdp_pass`, the floor of the per-packet benchmark's
+/// TC rows (never attached).
+#[classifier]
+pub fn lb_tc_pass(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
 }
 
 /// TC egress on the node's uplinks: replies from backends get the frontend address and port

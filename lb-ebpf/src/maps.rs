@@ -41,6 +41,9 @@ pub static SOCK_REVNAT: LruHashMap<SockRev4Key, SockRev4Value> =
 #[map(name = "LB4_NODE_ADDRS_V1")]
 pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(LB4_NODE_ADDRS_MAX, 0);
 
+#[map(name = "LB_PEER_IFS_V1")]
+pub static PEER_IFS: HashMap<u32, u32> = HashMap::pinned(LB_PEER_IFS_MAX, 0);
+
 #[map(name = "LB_PORTS_V1")]
 pub static PORTS: Array<u8> = Array::pinned(LB_PORTS_MAX, 0);
 

@@ -1,12 +1,12 @@
-//! Address/port rewrites: DNAT in XDP (incremental checksums from `lb_common::csum`: there
-//! is no skb yet) and reverse NAT in TC (kernel csum helpers, which also handle
-//! CHECKSUM_PARTIAL skbs correctly).
+//! Address/port rewrites: in XDP with incremental checksums from `lb_common::csum` (there is
+//! no skb yet), in TC (ingress DNAT with `--attach tc`, egress reverse NAT) with the kernel's
+//! csum helpers, which also keep CHECKSUM_COMPLETE and CHECKSUM_PARTIAL skbs right.
 use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{csum, Reason, IPPROTO_TCP};
 
 use crate::parse::{
-    ptr_at, raw16, raw32, Flow4, Ipv4Hdr, TcpHdr, UdpHdr, ETH_HLEN, IP_CSUM_OFF, IP_SADDR_OFF,
-    L4_OFF,
+    ptr_at, raw16, raw32, Flow4, Ipv4Hdr, TcpHdr, UdpHdr, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF,
+    IP_SADDR_OFF, L4_OFF,
 };
 
 /// Which end of a packet a rewrite changes.
@@ -69,23 +69,20 @@ pub fn rewrite_v4(
     Ok(())
 }
 
-/// DNAT: rewrite the destination (see [`rewrite_v4`]).
-#[inline(always)]
-pub fn dnat_v4(ctx: &XdpContext, proto: u8, new_addr: u32, new_port: u16) -> Result<(), Reason> {
-    rewrite_v4(ctx, proto, End::Dst, new_addr, new_port)
-}
-
 /// `bpf_l4_csum_replace` flag: the field is part of the pseudo-header (addresses).
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 /// `bpf_l4_csum_replace` flag: a zero UDP checksum means "none" and is left alone.
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
-/// Restore `new_addr:new_port` (the frontend) as the source of the reply `flow`, with the IP
-/// and L4 checksums fixed by the kernel helpers (pseudo-header aware for the address).
+/// Rewrite the source or destination address and port of an IPv4 TCP/UDP packet at TC
+/// (either direction), with the IP and L4 checksums fixed by the kernel helpers: they are
+/// pseudo-header aware for the address and keep `skb->csum` right for CHECKSUM_COMPLETE and
+/// CHECKSUM_PARTIAL skbs, which direct writes would not.
 #[inline(always)]
-pub fn revnat_v4(
+pub fn tc_rewrite_v4(
     ctx: &mut TcContext,
     flow: &Flow4,
+    end: End,
     new_addr: u32,
     new_port: u16,
 ) -> Result<(), Reason> {
@@ -94,25 +91,40 @@ pub fn revnat_v4(
     } else {
         BPF_F_MARK_MANGLED_0
     };
+    let (old_addr, old_port, addr_off, port_off) = match end {
+        End::Src => (flow.saddr, flow.sport, IP_SADDR_OFF, flow.l4_off),
+        End::Dst => (flow.daddr, flow.dport, IP_DADDR_OFF, flow.l4_off + 2),
+    };
     let err = |_| Reason::TcDropRewrite;
     let l4_csum = flow.l4_csum_off();
     ctx.l4_csum_replace(
         l4_csum,
-        u64::from(flow.saddr),
+        u64::from(old_addr),
         u64::from(new_addr),
         BPF_F_PSEUDO_HDR | mangled0 | 4,
     )
     .map_err(err)?;
     ctx.l4_csum_replace(
         l4_csum,
-        u64::from(flow.sport),
+        u64::from(old_port),
         u64::from(new_port),
         mangled0 | 2,
     )
     .map_err(err)?;
-    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(flow.saddr), u64::from(new_addr), 4)
+    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)
         .map_err(err)?;
-    ctx.store(IP_SADDR_OFF, &new_addr, 0).map_err(err)?;
-    ctx.store(flow.l4_off, &new_port, 0).map_err(err)?;
+    ctx.store(addr_off, &new_addr, 0).map_err(err)?;
+    ctx.store(port_off, &new_port, 0).map_err(err)?;
     Ok(())
+}
+
+/// Restore `new_addr:new_port` (the frontend) as the source of the reply `flow` (TC egress).
+#[inline(always)]
+pub fn revnat_v4(
+    ctx: &mut TcContext,
+    flow: &Flow4,
+    new_addr: u32,
+    new_port: u16,
+) -> Result<(), Reason> {
+    tc_rewrite_v4(ctx, flow, End::Src, new_addr, new_port)
 }

@@ -1,5 +1,5 @@
 //! NodePort SNAT for remote backends (externalTrafficPolicy Cluster), and forwarding from
-//! XDP itself.
+//! XDP itself (from TC ingress with `--attach tc`: `redirect`).
 //!
 //! A new flow from a client to a NodePort, LoadBalancer or external IP frontend whose chosen
 //! backend lives on another node leaves this node with this node's address and a SNAT port
@@ -30,9 +30,10 @@ use lb_common::{
 use crate::{
     conntrack::forward_key_v4,
     frag,
+    hook::Ingress,
     lb::Frontend,
     maps::{CONFIG, SNAT},
-    nat::{self, End},
+    nat::End,
     parse::{ptr_at, raw16, EthHdr, Flow4, Ipv4Hdr, ETH_HLEN},
     stats::Verdict,
 };
@@ -130,15 +131,14 @@ pub fn lookup_v4(flow: &Flow4, backend: &Backend4, svc_id: u32) -> Result<Snat4V
 /// After the DNAT of `flow` to `backend`: rewrite the source to `snat` and send the packet
 /// on from XDP.
 #[inline(always)]
-pub fn forward_v4(
-    ctx: &XdpContext,
+pub fn forward_v4<C: Ingress>(
+    ctx: &mut C,
     flow: &Flow4,
     backend: &Backend4,
     snat: &Snat4Value,
 ) -> Result<Verdict, Reason> {
-    nat::rewrite_v4(ctx, flow.proto, End::Src, snat.addr, snat.port)?;
-    out_v4(
-        ctx,
+    ctx.rewrite_v4(flow, End::Src, snat.addr, snat.port)?;
+    ctx.out_v4(
         flow.proto,
         snat.addr,
         backend.addr,
@@ -153,7 +153,7 @@ pub fn forward_v4(
 /// A packet to this node's address on a SNAT port: if it is the reply of a SNATed flow,
 /// translate it back to the client and send it on. `None`: not ours.
 #[inline(always)]
-pub fn reverse_v4(ctx: &XdpContext, flow: &Flow4) -> Option<Result<(Verdict, u32), Reason>> {
+pub fn reverse_v4<C: Ingress>(ctx: &mut C, flow: &Flow4) -> Option<Result<(Verdict, u32), Reason>> {
     let cfg = CONFIG.get(0)?;
     let port = u16::from_be(flow.dport);
     if cfg.snat_port_max == 0 || port < cfg.snat_port_min || port > cfg.snat_port_max {
@@ -172,13 +172,13 @@ pub fn reverse_v4(ctx: &XdpContext, flow: &Flow4) -> Option<Result<(Verdict, u32
 /// not a closure: an outlined closure returning its result through the stack is rejected
 /// by the verifier.)
 #[inline(always)]
-fn reverse_apply_v4(
-    ctx: &XdpContext,
+fn reverse_apply_v4<C: Ingress>(
+    ctx: &mut C,
     flow: &Flow4,
     v: &Snat4Value,
 ) -> Result<(Verdict, u32), Reason> {
-    nat::rewrite_v4(ctx, flow.proto, End::Src, v.fe_addr, v.fe_port)?;
-    nat::rewrite_v4(ctx, flow.proto, End::Dst, v.addr, v.port)?;
+    ctx.rewrite_v4(flow, End::Src, v.fe_addr, v.fe_port)?;
+    ctx.rewrite_v4(flow, End::Dst, v.addr, v.port)?;
     frag::record_v4(
         flow,
         CT_FORWARD,
@@ -187,8 +187,7 @@ fn reverse_apply_v4(
         frag_flags::FORWARD,
         v.svc_id,
     );
-    let verdict = out_v4(
-        ctx,
+    let verdict = ctx.out_v4(
         flow.proto,
         v.fe_addr,
         v.addr,

@@ -15,8 +15,11 @@ pub const IPV4_HLEN: usize = 20;
 /// packets with options before L4 parsing).
 pub const L4_OFF: usize = ETH_HLEN + IPV4_HLEN;
 
+/// Offsets of the IPv4 TTL (followed by the protocol), checksum and addresses in a frame.
+pub const IP_TTL_OFF: usize = ETH_HLEN + 8;
 pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
+pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
 /// Offsets of the checksum field inside the TCP and UDP headers.
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;

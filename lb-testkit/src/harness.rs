@@ -25,6 +25,8 @@ pub const TC_ACT_SHOT: u32 = 2;
 pub enum Prog {
     Xdp,
     Tc,
+    /// The ingress program at TC ingress (`lb_tc_ingress`, `--attach tc`).
+    TcIngress,
 }
 
 pub struct Harness {
@@ -46,8 +48,8 @@ pub enum Variant {
     Plain,
     /// `lb_xdp_ingress_timed`, `lb_tc_egress_timed` (`--latency-histogram`).
     Timed,
-    /// XDP: `lb_xdp_pass`, an empty program returning XDP_PASS (the benchmark's floor);
-    /// TC: the plain program.
+    /// `lb_xdp_pass` and `lb_tc_pass`, empty programs that pass the packet (the
+    /// benchmark's floors).
     Floor,
 }
 
@@ -275,10 +277,18 @@ impl Harness {
             repeat,
             ..Default::default()
         };
-        let (xdp, tc) = match self.variant {
-            Variant::Plain => (maps::PROG_XDP_INGRESS, maps::PROG_TC_EGRESS),
-            Variant::Timed => (maps::PROG_XDP_INGRESS_TIMED, maps::PROG_TC_EGRESS_TIMED),
-            Variant::Floor => (maps::PROG_XDP_PASS, maps::PROG_TC_EGRESS),
+        let (xdp, tc, tc_in) = match self.variant {
+            Variant::Plain => (
+                maps::PROG_XDP_INGRESS,
+                maps::PROG_TC_EGRESS,
+                maps::PROG_TC_INGRESS,
+            ),
+            Variant::Timed => (
+                maps::PROG_XDP_INGRESS_TIMED,
+                maps::PROG_TC_EGRESS_TIMED,
+                maps::PROG_TC_INGRESS_TIMED,
+            ),
+            Variant::Floor => (maps::PROG_XDP_PASS, maps::PROG_TC_PASS, maps::PROG_TC_PASS),
         };
         let res = match prog {
             Prog::Xdp => self
@@ -290,6 +300,11 @@ impl Harness {
                 .datapath
                 .tc_program_named(tc)
                 .expect("tc program")
+                .test_run(opts),
+            Prog::TcIngress => self
+                .datapath
+                .tc_program_named(tc_in)
+                .expect("tc ingress program")
                 .test_run(opts),
         }
         .unwrap_or_else(|e| panic!("BPF_PROG_RUN ({prog:?}, {} bytes): {e}", frame.len()));

@@ -6,7 +6,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{Reason, IPPROTO_TCP, IPPROTO_UDP};
 use lb_testkit::{
-    harness::{stat_deltas, FrontendSpec, Harness, Prog, TC_ACT_OK, XDP_DROP, XDP_PASS},
+    harness::{
+        stat_deltas, FrontendSpec, Harness, Prog, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
+    },
     packet::{
         arp_request, icmp_error, ip_packet, verify_checksums, with_ip_addrs, Pkt, L4, TCP_ACK,
         TCP_FIN, TCP_PSH, TCP_SYN,
@@ -47,9 +49,9 @@ struct Fixture {
 
 fn fx(desc: impl Into<String>, prog: Prog, input: Vec<u8>, verdict: u32, output: Out) -> Fixture {
     let reason = match (prog, verdict, &output) {
-        (Prog::Xdp, XDP_PASS, Out::Frame(_)) => Reason::XdpFwdTracked,
-        (Prog::Xdp, XDP_PASS, Out::Same) => Reason::XdpPassNotService,
-        (Prog::Xdp, _, _) => Reason::XdpDropMalformedL3,
+        (Prog::Xdp | Prog::TcIngress, XDP_PASS, Out::Frame(_)) => Reason::XdpFwdTracked,
+        (Prog::Xdp | Prog::TcIngress, XDP_PASS, Out::Same) => Reason::XdpPassNotService,
+        (Prog::Xdp | Prog::TcIngress, _, _) => Reason::XdpDropMalformedL3,
         (Prog::Tc, _, Out::Frame(_)) => Reason::TcRevNat,
         (Prog::Tc, _, Out::Same) => Reason::TcPassNotTracked,
     };
@@ -739,17 +741,17 @@ fn with_tot_len(frame: &[u8]) -> Vec<u8> {
     f
 }
 
-#[test]
-fn packet_fixtures() {
-    let mut h = Harness::new("fixtures", &Default::default());
-    program(&mut h);
-    let table = table();
-    assert!(
-        table.len() >= 30,
-        "the table must keep at least 30 fixtures"
-    );
+/// Run the table in order through `h`, each fixture by `map` (its program, verdict, output
+/// and counters as that run expects them; `None`: the fixture cannot run there). Returns
+/// the failures and how many fixtures ran.
+fn run_table(
+    h: &mut Harness,
+    mut map: impl FnMut(&Fixture) -> Option<Fixture>,
+) -> (Vec<String>, usize) {
     let mut failures = Vec::new();
-    for f in &table {
+    let mut ran = 0;
+    for f in table().iter().filter_map(&mut map) {
+        ran += 1;
         let before = h.stats();
         let ct_before = h.ct_len() as i64;
         let (verdict, out) = h.run(f.prog, &f.input);
@@ -788,10 +790,37 @@ fn packet_fixtures() {
             errs.push(format!("conntrack delta {ct_delta}, want {}", f.ct_delta));
         }
         if !errs.is_empty() {
-            failures.push(format!("[{}] {}", f.desc, errs.join("; ")));
+            failures.push(format!("[{:?}: {}] {}", f.prog, f.desc, errs.join("; ")));
         }
     }
-    println!("{} packet fixtures run", table.len());
+    (failures, ran)
+}
+
+impl Fixture {
+    fn copy(&self) -> Fixture {
+        Fixture {
+            desc: self.desc.clone(),
+            prog: self.prog,
+            input: self.input.clone(),
+            verdict: self.verdict,
+            output: match &self.output {
+                Out::Same => Out::Same,
+                Out::Frame(f) => Out::Frame(f.clone()),
+            },
+            counters: self.counters.clone(),
+            ct_delta: self.ct_delta,
+        }
+    }
+}
+
+#[test]
+fn packet_fixtures() {
+    let mut h = Harness::new("fixtures", &Default::default());
+    program(&mut h);
+    let total = table().len();
+    assert!(total >= 30, "the table must keep at least 30 fixtures");
+    let (failures, ran) = run_table(&mut h, |f| Some(f.copy()));
+    println!("{ran} packet fixtures run");
     for (prog, insns) in h.datapath.verified_insns().expect("program info") {
         println!("verifier: {prog} processed {insns} instructions");
         assert!(
@@ -803,7 +832,76 @@ fn packet_fixtures() {
         failures.is_empty(),
         "{} of {} fixtures failed:\n{}",
         failures.len(),
-        table.len(),
+        ran,
+        failures.join("\n")
+    );
+}
+
+/// `--attach tc`: the same table, in the same order (the TC egress fixtures too, which
+/// depend on the flows ingress created), with every XDP fixture run through `lb_tc_ingress`
+/// instead. The frames, checksums, counters and conntrack changes must be the XDP ones,
+/// byte for byte; the verdict is the TC twin of the XDP one (pass: `TC_ACT_OK`, drop:
+/// `TC_ACT_SHOT`). Two differences by design: the no-backend reject drops at TC (counted
+/// `xdp_drop_no_backend`), and frames shorter than an Ethernet header or their fixed IP header
+/// cannot reach TC (the kernel refuses them). Run in a namespace of its own with no routes, so every FIB lookup
+/// fails and packets go to the stack, as the XDP table's do.
+#[test]
+fn packet_fixtures_through_tc_ingress() {
+    lb_testkit::lab::require_root();
+    let ns = lb_testkit::lab::Netns::new(format!(
+        "{}{}-fx-tc",
+        lb_testkit::lab::NS_PREFIX,
+        std::process::id()
+    ));
+    let mut h = Harness::new("fixtures-tc", &Default::default());
+    program(&mut h);
+    let mut skipped = Vec::new();
+    let (failures, ran) = ns.enter(|| {
+        run_table(&mut h, |f| {
+            if f.prog != Prog::Xdp {
+                return Some(f.copy());
+            }
+            // BPF_PROG_RUN refuses an skb shorter than Ethernet, and an IPv4 or IPv6
+            // frame shorter than its fixed IP header: such frames cannot reach TC.
+            let short = f.input.len() < 14
+                || match [f.input[12], f.input[13]] {
+                    [0x08, 0x00] => f.input.len() < 14 + 20,
+                    [0x86, 0xdd] => f.input.len() < 14 + 40,
+                    _ => false,
+                };
+            if short {
+                skipped.push(f.desc.clone());
+                return None;
+            }
+            let mut t = f.copy();
+            t.prog = Prog::TcIngress;
+            t.verdict = match f.verdict {
+                XDP_PASS => TC_ACT_OK,
+                XDP_DROP => TC_ACT_SHOT,
+                XDP_TX => {
+                    // The reject: no ICMP from TC, the packet is dropped and counted.
+                    assert_eq!(
+                        f.counters,
+                        vec![(Reason::XdpRejectNoBackend, 1)],
+                        "{}",
+                        f.desc
+                    );
+                    t.output = Out::Same;
+                    t.counters = vec![(Reason::XdpDropNoBackend, 1)];
+                    TC_ACT_SHOT
+                }
+                v => panic!("[{}] no TC twin for XDP verdict {v}", f.desc),
+            };
+            Some(t)
+        })
+    });
+    println!("{ran} packet fixtures run through TC ingress; skipped (too short for an skb): {skipped:?}");
+    assert!(ran >= 30, "only {ran} fixtures ran");
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixtures failed through TC ingress:\n{}",
+        failures.len(),
+        ran,
         failures.join("\n")
     );
 }

@@ -68,6 +68,8 @@ const DEFAULT_SEED: u64 = 0x00f0_2210_c0ff_ee07;
 const RANDOM_FRAMES: usize = 1_000_000;
 const MALFORMED_FRAMES: usize = 100_000;
 const LAB_FRAMES: usize = 100_000;
+/// Frames of the TC-ingress random phase.
+const TC_INGRESS_FRAMES: usize = 1_000_000;
 /// Frames run between two checks of the counters and maps in the malformed phases.
 const BATCH: usize = 500;
 
@@ -757,7 +759,7 @@ fn tc_malformed(f: &[u8]) -> bool {
 /// header, and for an skb (TC) an IPv4 or IPv6 frame shorter than the fixed IP header.
 fn refused(prog: Prog, f: &[u8]) -> bool {
     f.len() < 14
-        || (prog == Prog::Tc
+        || (matches!(prog, Prog::Tc | Prog::TcIngress)
             && match [f[12], f[13]] {
                 [0x08, 0x00] => f.len() < 14 + 20,
                 [0x86, 0xdd] => f.len() < 14 + 40,
@@ -796,6 +798,11 @@ fn run_on(h: &mut Harness, prog: Prog, f: &[u8], ifindex: Option<u32>) -> Option
             .expect("xdp program")
             .test_run(opts),
         Prog::Tc => h.datapath.tc_program().expect("tc program").test_run(opts),
+        Prog::TcIngress => h
+            .datapath
+            .tc_program_named(maps::PROG_TC_INGRESS)
+            .expect("tc ingress program")
+            .test_run(opts),
     };
     match res {
         Ok(r) => {
@@ -810,7 +817,7 @@ fn run_on(h: &mut Harness, prog: Prog, f: &[u8], ifindex: Option<u32>) -> Option
 fn valid_action(prog: Prog, v: u32) -> bool {
     match prog {
         Prog::Xdp => matches!(v, XDP_DROP | XDP_PASS | XDP_TX | XDP_REDIRECT),
-        Prog::Tc => matches!(v, TC_ACT_OK | TC_ACT_SHOT | TC_ACT_REDIRECT),
+        Prog::Tc | Prog::TcIngress => matches!(v, TC_ACT_OK | TC_ACT_SHOT | TC_ACT_REDIRECT),
     }
 }
 
@@ -1105,8 +1112,8 @@ struct Outcome {
     frames: u64,
     mutated: u64,
     valid_input: u64,
-    /// XDP, TC.
-    tally: [Tally; 2],
+    /// XDP, TC, TC ingress.
+    tally: [Tally; 3],
     failed: u64,
     failures: Vec<String>,
 }
@@ -1155,13 +1162,14 @@ fn fuzz_loop(
             let malformed = match prog {
                 Prog::Xdp => xdp_malformed(&frame),
                 Prog::Tc => tc_malformed(&frame).then_some(Reason::TcPassMalformed),
+                Prog::TcIngress => xdp_malformed(&frame),
             };
             if let Some(r) = malformed {
                 *t.malformed.entry(r).or_default() += 1;
-                let want = if prog == Prog::Xdp {
-                    XDP_DROP
-                } else {
-                    TC_ACT_OK
+                let want = match prog {
+                    Prog::Xdp => XDP_DROP,
+                    Prog::Tc => TC_ACT_OK,
+                    Prog::TcIngress => TC_ACT_SHOT,
                 };
                 if v != want {
                     errs.push(format!(
@@ -1181,7 +1189,7 @@ fn fuzz_loop(
                 if let Err(e) = check_rewrite(&frame, &out) {
                     errs.push(format!("rewritten frame: {e}"));
                 }
-                if prog == Prog::Xdp {
+                if prog != Prog::Tc {
                     traffic.learn(&frame, &out);
                 }
             }
@@ -1230,10 +1238,16 @@ fn finish(
     }
     let _ = write!(report, "  verdict counters:\n{}", reason_table(d));
     let mut errs = Vec::new();
-    for prog in [Prog::Xdp, Prog::Tc] {
+    for &prog in progs {
+        // The ingress program counts under its xdp_ reasons at either hook.
+        let counts_as = if prog == Prog::TcIngress {
+            Prog::Xdp
+        } else {
+            prog
+        };
         let (p, b) = d
             .iter()
-            .filter(|(r, _)| reason_prog(**r) == Some(prog))
+            .filter(|(r, _)| reason_prog(**r) == Some(counts_as))
             .fold((0, 0), |(p, b), (_, (dp, db))| (p + dp, b + db));
         let t = &o.tally[prog as usize];
         if (p, b) != (t.runs, t.bytes) {
@@ -1279,6 +1293,47 @@ fn random_and_mutated_frames() {
     let mut traffic = Traffic::new(targets, NODE, others);
     let progs = [Prog::Xdp, Prog::Tc];
     let mut o = fuzz_loop(&mut h, &mut traffic, &mut rng, frames, &progs, None);
+    let d = deltas(&before, &h.stats());
+    finish(
+        &mut report,
+        &mut o,
+        &d,
+        &progs,
+        started.elapsed().as_secs_f64(),
+    );
+    println!("{report}");
+    assert!(
+        o.failed == 0,
+        "{} failures (seed {seed:#x}), first {}:\n{}",
+        o.failed,
+        o.failures.len(),
+        o.failures.join("\n")
+    );
+}
+
+/// `--attach tc`: the random phase with the ingress program at TC ingress (and TC egress).
+/// Run in a namespace without routes, so every FIB lookup fails as it does for XDP here.
+#[test]
+fn random_and_mutated_frames_through_tc_ingress() {
+    lb_testkit::lab::require_root();
+    let started = Instant::now();
+    let seed = fuzz_seed() ^ 0x7463_696e;
+    let frames = env_u64("LB_FUZZ_FRAMES").map_or(TC_INGRESS_FRAMES, |n| n as usize);
+    let mut report = format!(
+        "fuzz TC ingress: seed {seed:#x}, {frames} frames through TC ingress and TC egress\n"
+    );
+    let ns = lb_testkit::lab::Netns::new(format!(
+        "{}{}-fuzz-tc",
+        lb_testkit::lab::NS_PREFIX,
+        std::process::id()
+    ));
+    let (mut h, targets) = setup("fuzz-tc-in", seed);
+    let before = h.stats();
+    let mut rng = Rng(seed);
+    let others = vec![NODE, NODE2, CLUSTER_IP, POD0, REMOTE0];
+    let mut traffic = Traffic::new(targets, NODE, others);
+    let progs = [Prog::TcIngress, Prog::Tc];
+    let mut o = ns.enter(|| fuzz_loop(&mut h, &mut traffic, &mut rng, frames, &progs, None));
     let d = deltas(&before, &h.stats());
     finish(
         &mut report,

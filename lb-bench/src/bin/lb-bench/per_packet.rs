@@ -163,6 +163,11 @@ pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
     let mut configs: Vec<(usize, usize)> = plan.sizes.iter().map(|n| (*n, 0)).collect();
     configs.push((largest, CT_FILL));
     let mut clients = Clients(0);
+    let ns = lb_testkit::lab::Netns::new(format!(
+        "{}{}-pp",
+        lb_testkit::lab::NS_PREFIX,
+        std::process::id()
+    ));
     for (n, fill) in configs {
         let label = if fill > 0 {
             format!("N={n} with {fill} conntrack entries")
@@ -170,9 +175,13 @@ pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
             format!("N={n}")
         };
         p.say(&format!("per-packet: {label}: loading and programming"));
-        let rows = measure(n, fill, &plan, &mut clients, p).unwrap_or_else(|e| {
-            vec![Row::new("per-packet", "setup", "ours", n as u64).failed(format!("{e:#}"))]
-        });
+        // In a namespace of this run with no routes: the TC-ingress rows' FIB lookups must
+        // fail the same way on every machine (XDP's, with no ingress interface, always do).
+        let rows = ns
+            .enter(|| measure(n, fill, &plan, &mut clients, p))
+            .unwrap_or_else(|e| {
+                vec![Row::new("per-packet", "setup", "ours", n as u64).failed(format!("{e:#}"))]
+            });
         out.rows.extend(rows);
     }
     out.rows.extend(crate::ct_lru::rows(quick, p));
@@ -338,6 +347,7 @@ fn measure(
             match prog {
                 Prog::Xdp => "ours (XDP)",
                 Prog::Tc => "ours (TC)",
+                Prog::TcIngress => "ours (TC ingress)",
             },
             n as u64,
         )
@@ -497,6 +507,73 @@ fn measure(
         "a SYN to the node on a port no frontend uses, repeated (the port filter passes it)",
     ));
 
+    // The ingress program at TC ingress (`--attach tc`), the same cases. This namespace has
+    // no routes: the DNATed packets go to the stack (TC_ACT_OK), as the XDP rows' do.
+    let tc_client = clients.next();
+    h.run(
+        Prog::TcIngress,
+        &Pkt::tcp(tc_client, node(NODE_PORT), TCP_SYN).build(),
+    );
+    let tc_est = Pkt::tcp(tc_client, node(NODE_PORT), TCP_ACK).build();
+    rows.push(finish(
+        base(&tc_case(CASE_EST), Prog::TcIngress).param("repeat", plan.repeat),
+        repeated(
+            &mut h,
+            Prog::TcIngress,
+            &tc_est,
+            Reason::XdpFwdTracked,
+            plan,
+        ),
+        "one ACK of a tracked flow through lb_tc_ingress, repeated",
+    ));
+    let tc_miss = per_frame(&mut h, Prog::TcIngress, Reason::XdpFwdNewFlow, plan, |_| {
+        Pkt::tcp(clients.next(), node(NODE_PORT), TCP_SYN).build()
+    });
+    let tc_tuples: Vec<SocketAddrV4> = (0..plan.frames * plan.runs)
+        .map(|_| clients.next())
+        .collect();
+    for c in &tc_tuples {
+        h.run(
+            Prog::TcIngress,
+            &Pkt::tcp(*c, node(NODE_PORT), TCP_SYN).build(),
+        );
+    }
+    let tc_hit1 = per_frame(&mut h, Prog::TcIngress, Reason::XdpFwdTracked, plan, |i| {
+        Pkt::tcp(tc_tuples[i], node(NODE_PORT), TCP_ACK).build()
+    });
+    let tc_hit_rep = rows
+        .last()
+        .and_then(|r| r.get("ns_per_packet"))
+        .map(|s| s.median);
+    let (m, h1) = (median_of(&tc_miss), median_of(&tc_hit1));
+    let mut tc_syn = finish(
+        base(&tc_case(CASE_SYN), Prog::TcIngress).param("frames_per_run", plan.frames),
+        tc_miss,
+        "one fresh SYN per BPF_PROG_RUN call through lb_tc_ingress; adjusted_ns as for XDP",
+    );
+    if let (Some(m), Some(h1), Some(hr)) = (m, h1, tc_hit_rep) {
+        if tc_syn.error.is_none() {
+            tc_syn = tc_syn.metric("adjusted_ns", "ns", Stat::single(m - h1 + hr));
+        }
+    }
+    rows.push(tc_syn);
+    rows.push(finish(
+        base(&tc_case(CASE_EST_1CALL), Prog::TcIngress).param("frames_per_run", plan.frames),
+        tc_hit1,
+        "one tracked ACK per call through lb_tc_ingress: the per-call baseline of its SYN row",
+    ));
+    rows.push(finish(
+        base(&tc_case(CASE_NONE), Prog::TcIngress).param("repeat", plan.repeat),
+        repeated(
+            &mut h,
+            Prog::TcIngress,
+            &none,
+            Reason::XdpPassNotService,
+            plan,
+        ),
+        "a SYN to an unused node port through lb_tc_ingress, repeated",
+    ));
+
     // The timed variants (--latency-histogram): the same frames; the histogram must count
     // every run, and the difference to the plain rows is the histogram's own cost.
     h.set_variant(Variant::Timed);
@@ -510,7 +587,7 @@ fn measure(
             let after = h.maps.latency().unwrap_or_default();
             let counted = |l: &lb_agent::dataplane::Latency| -> u64 {
                 match prog {
-                    Prog::Xdp => l.xdp.iter().sum(),
+                    Prog::Xdp | Prog::TcIngress => l.xdp.iter().sum(),
                     Prog::Tc => l.tc.iter().sum(),
                 }
             };
@@ -528,6 +605,7 @@ fn measure(
             match prog {
                 Prog::Xdp => "ours (XDP, --latency-histogram)",
                 Prog::Tc => "ours (TC, --latency-histogram)",
+                Prog::TcIngress => "ours (TC ingress, --latency-histogram)",
             },
             n as u64,
         )
@@ -544,60 +622,74 @@ fn measure(
         rows.push(row);
     }
 
-    // The floor: an XDP program that only returns XDP_PASS, through the same harness.
+    // The floors: empty programs that pass the packet, through the same harness, one per
+    // hook (a TC run pays for an skb that an XDP run does not).
     h.set_variant(Variant::Floor);
-    let before = h.stats();
-    let floor: Measured = (|| {
-        let mut samples = Vec::with_capacity(plan.runs);
-        for _ in 0..plan.runs {
-            let (verdict, out, d) = h.run_repeat(Prog::Xdp, &est, plan.repeat);
-            anyhow::ensure!(
-                verdict == XDP_PASS && out == est,
-                "the floor changed the frame"
-            );
-            samples.push(d.as_nanos() as f64);
-        }
-        anyhow::ensure!(
-            stat_deltas(&before, &h.stats()).is_empty(),
-            "the floor program touched the counters"
+    let floors = [
+        (CASE_FLOOR, "floor (lb_xdp_pass)", Prog::Xdp, XDP_PASS),
+        (CASE_FLOOR_TC, "floor (lb_tc_pass)", Prog::Tc, TC_ACT_OK),
+    ]
+    .map(|(case, path, prog, verdict)| {
+        let m = floor(&mut h, prog, verdict, &est, plan);
+        let med = median_of(&m);
+        let row = finish(
+            Row::new("per-packet", case, path, n as u64)
+                .param("ct_entries", fill)
+                .param("repeat", plan.repeat)
+                .param("runs", plan.runs),
+            m,
+            "an empty program that passes the packet, through the same harness: the cost \
+             every row of that hook pays before any work of ours",
         );
-        Ok((Stat::of(&samples), "no counter touched".to_string()))
-    })();
+        (row, med)
+    });
     h.set_variant(Variant::Plain);
-    let floor_med = median_of(&floor);
-    rows.push(finish(
-        Row::new("per-packet", CASE_FLOOR, "floor (lb_xdp_pass)", n as u64)
-            .param("ct_entries", fill)
-            .param("repeat", plan.repeat)
-            .param("runs", plan.runs),
-        floor,
-        "an empty XDP program returning XDP_PASS, through the same harness: the cost every \
-         row pays before any work of ours",
-    ));
-    // Every row's cost above that floor.
-    if let Some(f) = floor_med {
-        for row in rows
-            .iter_mut()
-            .filter(|r| r.error.is_none() && r.case != CASE_FLOOR)
-        {
-            let base = row
-                .metrics
-                .iter()
-                .find(|m| m.name == "adjusted_ns")
-                .or_else(|| row.metrics.iter().find(|m| m.name == "ns_per_packet"))
-                .map(|m| m.stat.median);
-            if let Some(b) = base {
-                *row = row
-                    .clone()
-                    .metric("above_floor_ns", "ns", Stat::single(b - f));
-            }
+    // Every row's cost above its hook's floor.
+    for row in rows.iter_mut().filter(|r| r.error.is_none()) {
+        let floor = if row.path.contains("TC") {
+            floors[1].1
+        } else {
+            floors[0].1
+        };
+        let base = row
+            .metrics
+            .iter()
+            .find(|m| m.name == "adjusted_ns")
+            .or_else(|| row.metrics.iter().find(|m| m.name == "ns_per_packet"))
+            .map(|m| m.stat.median);
+        if let (Some(b), Some(f)) = (base, floor) {
+            *row = row
+                .clone()
+                .metric("above_floor_ns", "ns", Stat::single(b - f));
         }
     }
+    rows.extend(floors.into_iter().map(|(row, _)| row));
     Ok(rows)
 }
 
-/// The floor row's case.
+/// The floor rows' cases.
 pub const CASE_FLOOR: &str = "floor: empty XDP program (XDP_PASS)";
+pub const CASE_FLOOR_TC: &str = "floor: empty TC program (TC_ACT_OK)";
+
+/// `frame` through the floor program of `prog`'s hook ([`Variant::Floor`]), repeated: it
+/// must come back unchanged with `verdict`, and no counter may move.
+fn floor(h: &mut Harness, prog: Prog, verdict: u32, frame: &[u8], plan: &Plan) -> Measured {
+    let before = h.stats();
+    let mut samples = Vec::with_capacity(plan.runs);
+    for _ in 0..plan.runs {
+        let (v, out, d) = h.run_repeat(prog, frame, plan.repeat);
+        anyhow::ensure!(
+            v == verdict && out == frame,
+            "the floor changed the frame or returned {v}"
+        );
+        samples.push(d.as_nanos() as f64);
+    }
+    anyhow::ensure!(
+        stat_deltas(&before, &h.stats()).is_empty(),
+        "the floor program touched the counters"
+    );
+    Ok((Stat::of(&samples), "no counter touched".to_string()))
+}
 
 pub const CASE_SYN: &str = "NodePort TCP SYN (conntrack miss + insert)";
 pub const CASE_EST: &str = "NodePort TCP established (conntrack hit)";
@@ -628,8 +720,13 @@ fn finish(row: Row, m: Measured, how: &str) -> Row {
 fn expected_verdict(prog: Prog) -> u32 {
     match prog {
         Prog::Xdp => XDP_PASS,
-        Prog::Tc => TC_ACT_OK,
+        Prog::Tc | Prog::TcIngress => TC_ACT_OK,
     }
+}
+
+/// The case name of a row measured through `lb_tc_ingress`.
+pub fn tc_case(case: &str) -> String {
+    format!("{case} [TC ingress]")
 }
 
 /// Checks that exactly `packets` packets were counted, all under `want`.
