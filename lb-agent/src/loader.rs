@@ -740,22 +740,36 @@ pub fn teardown(dir: &Path) -> Result<(), LoadError> {
 
 /// Interfaces with pinned links under `dir`.
 pub fn attached_interfaces(dir: &Path) -> Vec<String> {
+    attached_hooks(dir).into_iter().map(|(i, _)| i).collect()
+}
+
+/// Interfaces with a pinned ingress link under `dir`, each with its hook (`xdp` or `tc`;
+/// both while an agent switches hooks), sorted by interface.
+pub fn attached_hooks(dir: &Path) -> Vec<(String, String)> {
     let pins = PinLayout::new(dir);
-    let mut out: Vec<String> = std::fs::read_dir(pins.links())
+    let mut out: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+    for e in std::fs::read_dir(pins.links())
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| {
-            e.file_name().to_str().and_then(|n| {
-                n.strip_prefix("xdp-")
-                    .or_else(|| n.strip_prefix("tc-ingress-"))
-                    .map(str::to_string)
-            })
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let hook = if let Some(i) = name.strip_prefix("xdp-") {
+            Some((i.to_string(), "xdp"))
+        } else {
+            name.strip_prefix("tc-ingress-")
+                .map(|i| (i.to_string(), "tc"))
+        };
+        if let Some((iface, hook)) = hook {
+            out.entry(iface).or_default().push(hook);
+        }
+    }
+    out.into_iter()
+        .map(|(iface, mut hooks)| {
+            hooks.sort_unstable();
+            (iface, hooks.join("+"))
         })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
+        .collect()
 }
 
 fn remove_pin(pin: &Path) -> Result<(), LoadError> {

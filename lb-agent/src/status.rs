@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 use anyhow::Context as _;
 use lb_agent::{
     dataplane::{BpfDataplane, Dataplane as _},
-    loader::{attached_interfaces, PinLayout},
+    loader::{attached_hooks, PinLayout},
 };
 use lb_common::{
     service::{backend_flags, flags, scope},
@@ -136,7 +136,7 @@ fn print_latency(l: &lb_agent::dataplane::Latency) {
         &["PROGRAM", "RUNS", "P50", "P99"],
         &[
             vec![
-                "xdp ingress".into(),
+                "ingress (xdp or tc)".into(),
                 l.xdp.iter().sum::<u64>().to_string(),
                 q(&l.xdp, 0.5),
                 q(&l.xdp, 0.99),
@@ -161,7 +161,7 @@ fn print_latency(l: &lb_agent::dataplane::Latency) {
         })
         .collect();
     println!();
-    table(&["BUCKET", "XDP", "TC"], &rows);
+    table(&["BUCKET", "INGRESS", "TC EGRESS"], &rows);
 }
 
 /// Print rows as aligned columns (like `kubectl get`).
@@ -241,13 +241,15 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
     let ct = dp.conntrack()?.len();
     let ct_cap = dp.capacities().ct;
     let ct_pct = 100.0 * ct as f64 / f64::from(ct_cap.max(1));
-    let ifaces = attached_interfaces(bpffs);
+    let hooked = attached_hooks(bpffs);
+    let ifaces: Vec<&str> = hooked.iter().map(|(i, _)| i.as_str()).collect();
     let hooks = socket_hooks(bpffs);
     let latency = dp.latency();
     match format {
         Format::Json => {
             let out = json!({
                 "interfaces": ifaces,
+                "ingress_hooks": hooked.iter().cloned().collect::<BTreeMap<String, String>>(),
                 "socket_hooks": hooks,
                 "node_addrs": node_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                 "frontends": fe_json,
@@ -262,10 +264,14 @@ pub fn print(bpffs: &Path, format: Format) -> anyhow::Result<()> {
         Format::Table => {
             println!(
                 "INTERFACES: {}   NODE ADDRESSES: {}   CONNTRACK ENTRIES: {ct} / {ct_cap} ({ct_pct:.1}%)\n",
-                if ifaces.is_empty() {
+                if hooked.is_empty() {
                     "<none>".to_string()
                 } else {
-                    ifaces.join(",")
+                    hooked
+                        .iter()
+                        .map(|(i, h)| format!("{i} ({h})"))
+                        .collect::<Vec<_>>()
+                        .join(",")
                 },
                 if node_addrs.is_empty() {
                     "<none>".to_string()

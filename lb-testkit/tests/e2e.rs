@@ -394,6 +394,133 @@ fn agent_restart_keeps_open_connections() {
     );
 }
 
+/// `lb-agent run --attach tc`: the ingress program at TC ingress instead of XDP. NodePort
+/// HTTP to both pods, a hostPort and UDP work; packets for the pods are handed straight to
+/// their namespaces (`tc_redirect_peer` counts each forwarded packet); no XDP link is
+/// pinned. Then a restart with `--attach xdp` swaps hooks under open connections: they keep
+/// working, and the links are the XDP ones.
+#[test]
+fn attach_tc_forwards_to_pods_with_redirect_peer_and_switches_hooks_on_restart() {
+    let mut env = Env::with_args("e2e-tc", &["--attach", "tc"]);
+    let pins = PinLayout::new(env.pins.path());
+    let uplink = lb_testkit::lab::NODE_UPLINK;
+    assert!(
+        pins.tc_ingress_link(uplink).exists(),
+        "tc-ingress link pinned"
+    );
+    assert!(
+        !pins.xdp_link(uplink).exists(),
+        "no XDP link with --attach tc"
+    );
+    let log = env.agent.as_ref().map(|a| a.proc.log()).unwrap_or_default();
+    assert!(log.contains("(TcIngress)"), "{log}");
+    assert!(
+        log.contains("3 veth device(s) reachable with bpf_redirect_peer"),
+        "the uplink and the two pod veths are listed:\n{log}"
+    );
+
+    let before = env.stats();
+    let mut per_pod = BTreeMap::new();
+    for _ in 0..100 {
+        let b = env
+            .http(np(30001))
+            .expect("HTTP via NodePort (--attach tc)");
+        *per_pod.entry(b).or_insert(0u32) += 1;
+    }
+    assert_eq!(per_pod.len(), 2, "both pods answer: {per_pod:?}");
+    assert_eq!(
+        env.http(np(8000)).expect("hostPort 8000 -> pod0:80"),
+        "pod0"
+    );
+    let reply = env
+        .lab
+        .client
+        .enter(|| udp_request(np(30053), b"ping", T))
+        .expect("UDP via NodePort (--attach tc)");
+    let reply = String::from_utf8_lossy(&reply).to_string();
+    assert!(reply.ends_with(":ping"), "{reply:?}");
+    let after = env.stats();
+    let delta = |r: Reason| after.get(&r).map_or(0, |c| c.0) - before.get(&r).map_or(0, |c| c.0);
+    let (new, tracked) = (delta(Reason::XdpFwdNewFlow), delta(Reason::XdpFwdTracked));
+    assert!(new >= 102, "{new} new flows for 102 requests");
+    assert!(
+        tracked >= 200,
+        "{tracked} tracked packets (ACK, data, FIN per connection)"
+    );
+    // Every DNATed packet went to its pod by bpf_redirect_peer, none through the stack.
+    assert_eq!(
+        delta(Reason::TcRedirectPeer),
+        new + tracked,
+        "every forwarded packet handed to its pod's namespace; other events: redirect {}, \
+         neigh {}",
+        delta(Reason::TcRedirect),
+        delta(Reason::TcRedirectNeigh)
+    );
+    assert!(
+        delta(Reason::TcRevNat) >= 300,
+        "replies reverse-NATed by TC egress"
+    );
+    assert_no_drops(&env);
+    let bin = lb_testkit::agent::workspace_bin("lb-agent");
+    let status = |env: &Env| {
+        env.lab.node.run(&[
+            bin.to_str().expect("path"),
+            "status",
+            "--bpffs",
+            env.pins.path().to_str().expect("path"),
+        ])
+    };
+    let table = status(&env);
+    assert!(table.contains("INTERFACES: up0 (tc)"), "{table}");
+    assert!(table.contains("tc_redirect_peer"), "{table}");
+
+    // Switch hooks on a restart, under open connections.
+    let mut conns: Vec<(LineConn, String)> = (0..20)
+        .map(|i| {
+            let mut c = env
+                .lab
+                .client
+                .enter(|| LineConn::connect(np(30900), T))
+                .expect("connect");
+            let r = c.request(&format!("one{i}")).expect("first request");
+            (c, r.split(':').next().unwrap_or_default().to_string())
+        })
+        .collect();
+    let mut agent = env.agent.take().expect("agent");
+    agent.proc.kill();
+    env.agent = Some(lb_testkit::agent::start_agent_with(
+        &env.lab,
+        &env.pins,
+        env.manifests.path(),
+        &["--attach", "xdp"],
+    ));
+    assert!(
+        pins.xdp_link(uplink).exists(),
+        "XDP link pinned after the switch"
+    );
+    assert!(
+        !pins.tc_ingress_link(uplink).exists(),
+        "the tc-ingress link is gone after the switch"
+    );
+    let xdp_before = env.count(Reason::XdpFwdTracked);
+    let peer_before = env.count(Reason::TcRedirectPeer);
+    for (i, (c, pod)) in conns.iter_mut().enumerate() {
+        let r = c
+            .request(&format!("two{i}"))
+            .unwrap_or_else(|e| panic!("connection {i} after the switch: {e}"));
+        assert_eq!(r, format!("{pod}:two{i}"), "connection {i} changed backend");
+    }
+    assert!(env.count(Reason::XdpFwdTracked) - xdp_before >= 20);
+    assert_eq!(
+        env.count(Reason::TcRedirectPeer),
+        peer_before,
+        "TC ingress no longer runs"
+    );
+    assert_no_drops(&env);
+    let table = status(&env);
+    assert!(table.contains("INTERFACES: up0 (xdp)"), "{table}");
+}
+
 #[test]
 fn metrics_and_status_report_what_the_datapath_did() {
     let env = Env::with_args("e2e-metrics", &["--metrics-addr", "127.0.0.1:9464"]);
@@ -444,6 +571,7 @@ fn metrics_and_status_report_what_the_datapath_did() {
     ]);
     let v: serde_json::Value = serde_json::from_str(&json).expect("status -o json is JSON");
     assert_eq!(v["interfaces"], serde_json::json!(["up0"]));
+    assert_eq!(v["ingress_hooks"], serde_json::json!({"up0": "xdp"}));
     assert_eq!(v["node_addrs"], serde_json::json!(["10.200.0.1"]));
     let fe = v["frontends"]
         .as_array()

@@ -895,7 +895,9 @@ fn packet_fixtures_through_tc_ingress() {
             Some(t)
         })
     });
-    println!("{ran} packet fixtures run through TC ingress; skipped (too short for an skb): {skipped:?}");
+    println!(
+        "{ran} packet fixtures run through TC ingress; skipped (too short for an skb): {skipped:?}"
+    );
     assert!(ran >= 30, "only {ran} fixtures ran");
     assert!(
         failures.is_empty(),

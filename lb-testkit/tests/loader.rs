@@ -248,3 +248,32 @@ fn reset_svc_stats_zeroes_every_cpu() {
     let c = h.maps.svc_stats(9).expect("svc stats");
     assert_eq!((c.packets, c.bytes), (0, 0));
 }
+
+/// `--attach tc` lists only the veths `bpf_redirect_peer` can use: in the lab's node, its
+/// uplink and the pods' veths (peers in other namespaces); a veth pair with both ends in
+/// the node's namespace, and a bridge, are left out.
+#[test]
+fn peer_ifs_are_the_veths_whose_peer_is_in_another_namespace() {
+    lb_testkit::lab::require_root();
+    let lab = Lab::new(LabConfig { pods: 2 });
+    lab.node.ip(&[
+        "link", "add", "same0", "type", "veth", "peer", "name", "same1",
+    ]);
+    lab.node.ip(&["link", "add", "br-x", "type", "bridge"]);
+    let index = |name: &str| {
+        let c = std::ffi::CString::new(name).expect("name");
+        // SAFETY: a valid NUL-terminated name.
+        unsafe { libc::if_nametoindex(c.as_ptr()) }
+    };
+    let (got, want) = lab.node.enter(|| {
+        let got = lb_agent::peer_ifs::veth_ifindexes().expect("netlink dump");
+        let want: std::collections::BTreeSet<u32> =
+            [lb_testkit::lab::NODE_UPLINK, "veth0", "veth1"]
+                .iter()
+                .map(|n| index(n))
+                .collect();
+        (got, want)
+    });
+    assert!(!want.contains(&0), "lab devices exist: {want:?}");
+    assert_eq!(got, want);
+}
