@@ -167,6 +167,7 @@ fn path_color(path: &str) -> RGBColor {
     match path {
         "direct" => RGBColor(90, 90, 90),
         "ours" => RGBColor(31, 119, 180),
+        "ours-tc" => RGBColor(23, 190, 207),
         "iptables-end" => RGBColor(214, 39, 40),
         "iptables-middle" => RGBColor(255, 127, 14),
         "nftables" => RGBColor(44, 160, 44),

@@ -473,7 +473,10 @@ fn e2e(part: &PartResult, out: &mut String) {
     out.push_str(
         "Client namespace -> node namespace -> pod namespace, 1-byte request and reply. \
          `direct`: client to the pod IP, routed, no NAT (the floor). `ours`: NodePort through \
-         our XDP/TC datapath. `iptables-end` / `iptables-middle`: kube-proxy iptables-mode \
+         our datapath, `lb-agent run --attach xdp` (XDP ingress, TC egress; DNATed packets \
+         go on through the node's stack). `ours-tc`: the same with `--attach tc` (the ingress \
+         program at TC ingress hands packets for local pods straight to the pod's namespace \
+         with `bpf_redirect_peer`, skipping the node's stack). `iptables-end` / `iptables-middle`: kube-proxy iptables-mode \
          rules with the target Service last / in the middle of the chains. `nftables`: \
          kube-proxy nftables-mode rules. Ratios are per-round (paired) medians. A pod's \
          process connecting to a ClusterIP has a section of its own below.\n\n",

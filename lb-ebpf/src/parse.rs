@@ -140,7 +140,13 @@ impl Packet for TcContext {
 
     #[inline(always)]
     fn read<T: Copy>(&self, off: usize) -> Option<T> {
-        // bpf_skb_load_bytes: also reads the non-linear part of the skb.
+        // The linear part directly (no helper call: the headers are there on the common
+        // path); beyond it bpf_skb_load_bytes, which also reads the non-linear part.
+        let (start, end) = (self.data(), self.data_end());
+        if start + off + core::mem::size_of::<T>() <= end {
+            // SAFETY: bounds checked against data_end; an unaligned read is valid for any T.
+            return Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
+        }
         TcContext::load::<T>(self, off).ok()
     }
 

@@ -335,11 +335,10 @@ fn removed_backend_keeps_established_flows() {
     assert_no_drops(&env);
 }
 
-#[test]
-fn agent_restart_keeps_open_connections() {
-    let mut env = Env::new("e2e-restart");
-    // 200 open connections, each with its first request answered.
-    let mut conns: Vec<(LineConn, String)> = (0..200)
+/// `n` connections to the line server's NodePort, each with its first request answered,
+/// with the pod that answered.
+fn open_conns(env: &Env, n: usize) -> Vec<(LineConn, String)> {
+    (0..n)
         .map(|i| {
             let mut c = env
                 .lab
@@ -350,24 +349,33 @@ fn agent_restart_keeps_open_connections() {
             let pod = r.split(':').next().unwrap_or_default().to_string();
             (c, pod)
         })
-        .collect();
-    let ask = |conns: &mut Vec<(LineConn, String)>, what: &str| {
-        for (i, (c, pod)) in conns.iter_mut().enumerate() {
-            let r = c
-                .request(&format!("{what}{i}"))
-                .unwrap_or_else(|e| panic!("connection {i} ({what}): {e}"));
-            assert_eq!(
-                r,
-                format!("{pod}:{what}{i}"),
-                "connection {i} changed backend"
-            );
-        }
-    };
+        .collect()
+}
+
+/// One more request on every connection: each is answered by the pod that answered first.
+fn ask_all(conns: &mut [(LineConn, String)], what: &str) {
+    for (i, (c, pod)) in conns.iter_mut().enumerate() {
+        let r = c
+            .request(&format!("{what}{i}"))
+            .unwrap_or_else(|e| panic!("connection {i} ({what}): {e}"));
+        assert_eq!(
+            r,
+            format!("{pod}:{what}{i}"),
+            "connection {i} changed backend"
+        );
+    }
+}
+
+#[test]
+fn agent_restart_keeps_open_connections() {
+    let mut env = Env::new("e2e-restart");
+    // 200 open connections, each with its first request answered.
+    let mut conns = open_conns(&env, 200);
 
     // SIGKILL the agent: the pinned links keep the programs attached.
     let mut agent = env.agent.take().expect("agent");
     agent.proc.kill();
-    ask(&mut conns, "two");
+    ask_all(&mut conns, "two");
     assert_eq!(
         env.http(np(30001)).map(|b| b.starts_with("pod")).ok(),
         Some(true),
@@ -376,7 +384,7 @@ fn agent_restart_keeps_open_connections() {
 
     // A new agent on the same pins takes over; every connection keeps working.
     env.agent = Some(start_agent(&env.lab, &env.pins, env.manifests.path()));
-    ask(&mut conns, "three");
+    ask_all(&mut conns, "three");
     assert!(env
         .http(np(30001))
         .expect("new flow after restart")
@@ -475,17 +483,7 @@ fn attach_tc_forwards_to_pods_with_redirect_peer_and_switches_hooks_on_restart()
     assert!(table.contains("tc_redirect_peer"), "{table}");
 
     // Switch hooks on a restart, under open connections.
-    let mut conns: Vec<(LineConn, String)> = (0..20)
-        .map(|i| {
-            let mut c = env
-                .lab
-                .client
-                .enter(|| LineConn::connect(np(30900), T))
-                .expect("connect");
-            let r = c.request(&format!("one{i}")).expect("first request");
-            (c, r.split(':').next().unwrap_or_default().to_string())
-        })
-        .collect();
+    let mut conns = open_conns(&env, 20);
     let mut agent = env.agent.take().expect("agent");
     agent.proc.kill();
     env.agent = Some(lb_testkit::agent::start_agent_with(
@@ -504,12 +502,7 @@ fn attach_tc_forwards_to_pods_with_redirect_peer_and_switches_hooks_on_restart()
     );
     let xdp_before = env.count(Reason::XdpFwdTracked);
     let peer_before = env.count(Reason::TcRedirectPeer);
-    for (i, (c, pod)) in conns.iter_mut().enumerate() {
-        let r = c
-            .request(&format!("two{i}"))
-            .unwrap_or_else(|e| panic!("connection {i} after the switch: {e}"));
-        assert_eq!(r, format!("{pod}:two{i}"), "connection {i} changed backend");
-    }
+    ask_all(&mut conns, "two");
     assert!(env.count(Reason::XdpFwdTracked) - xdp_before >= 20);
     assert_eq!(
         env.count(Reason::TcRedirectPeer),

@@ -59,6 +59,7 @@ use lb_common::{
 use lb_testkit::harness::{
     FrontendSpec, Harness, Prog, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
 };
+use lb_testkit::lab::Netns;
 
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
@@ -1278,27 +1279,29 @@ fn finish(
     }
 }
 
-#[test]
-fn random_and_mutated_frames() {
+/// The random phase: `frames` frames (`LB_FUZZ_FRAMES` overrides), half of them mutated,
+/// through `progs`, run inside `ns` when given; fails on any broken invariant.
+fn random_phase(what: &str, seed: u64, frames: usize, progs: &[Prog], ns: Option<&Netns>) {
     let started = Instant::now();
-    let seed = fuzz_seed();
-    let frames = env_u64("LB_FUZZ_FRAMES").map_or(RANDOM_FRAMES, |n| n as usize);
-    let mut report = format!(
-        "fuzz random phase: seed {seed:#x} (LB_FUZZ_SEED), {frames} frames through XDP and TC\n"
-    );
-    let (mut h, targets) = setup("fuzz-random", seed);
+    let frames = env_u64("LB_FUZZ_FRAMES").map_or(frames, |n| n as usize);
+    let mut report =
+        format!("fuzz {what}: seed {seed:#x} (LB_FUZZ_SEED), {frames} frames through {progs:?}\n");
+    let (mut h, targets) = setup(&format!("fuzz-{what}"), seed);
     let before = h.stats();
     let mut rng = Rng(seed);
     let others = vec![NODE, NODE2, CLUSTER_IP, POD0, REMOTE0];
     let mut traffic = Traffic::new(targets, NODE, others);
-    let progs = [Prog::Xdp, Prog::Tc];
-    let mut o = fuzz_loop(&mut h, &mut traffic, &mut rng, frames, &progs, None);
+    let mut run = || fuzz_loop(&mut h, &mut traffic, &mut rng, frames, progs, None);
+    let mut o = match ns {
+        Some(ns) => ns.enter(run),
+        None => run(),
+    };
     let d = deltas(&before, &h.stats());
     finish(
         &mut report,
         &mut o,
         &d,
-        &progs,
+        progs,
         started.elapsed().as_secs_f64(),
     );
     println!("{report}");
@@ -1311,44 +1314,33 @@ fn random_and_mutated_frames() {
     );
 }
 
+#[test]
+fn random_and_mutated_frames() {
+    random_phase(
+        "random",
+        fuzz_seed(),
+        RANDOM_FRAMES,
+        &[Prog::Xdp, Prog::Tc],
+        None,
+    );
+}
+
 /// `--attach tc`: the random phase with the ingress program at TC ingress (and TC egress).
 /// Run in a namespace without routes, so every FIB lookup fails as it does for XDP here.
 #[test]
 fn random_and_mutated_frames_through_tc_ingress() {
     lb_testkit::lab::require_root();
-    let started = Instant::now();
-    let seed = fuzz_seed() ^ 0x7463_696e;
-    let frames = env_u64("LB_FUZZ_FRAMES").map_or(TC_INGRESS_FRAMES, |n| n as usize);
-    let mut report = format!(
-        "fuzz TC ingress: seed {seed:#x}, {frames} frames through TC ingress and TC egress\n"
-    );
-    let ns = lb_testkit::lab::Netns::new(format!(
+    let ns = Netns::new(format!(
         "{}{}-fuzz-tc",
         lb_testkit::lab::NS_PREFIX,
         std::process::id()
     ));
-    let (mut h, targets) = setup("fuzz-tc-in", seed);
-    let before = h.stats();
-    let mut rng = Rng(seed);
-    let others = vec![NODE, NODE2, CLUSTER_IP, POD0, REMOTE0];
-    let mut traffic = Traffic::new(targets, NODE, others);
-    let progs = [Prog::TcIngress, Prog::Tc];
-    let mut o = ns.enter(|| fuzz_loop(&mut h, &mut traffic, &mut rng, frames, &progs, None));
-    let d = deltas(&before, &h.stats());
-    finish(
-        &mut report,
-        &mut o,
-        &d,
-        &progs,
-        started.elapsed().as_secs_f64(),
-    );
-    println!("{report}");
-    assert!(
-        o.failed == 0,
-        "{} failures (seed {seed:#x}), first {}:\n{}",
-        o.failed,
-        o.failures.len(),
-        o.failures.join("\n")
+    random_phase(
+        "tc-in",
+        fuzz_seed() ^ 0x7463_696e,
+        TC_INGRESS_FRAMES,
+        &[Prog::TcIngress, Prog::Tc],
+        Some(&ns),
     );
 }
 

@@ -442,7 +442,8 @@ fn endpoint_switch(n: usize, switches: usize, p: &Progress) -> anyhow::Result<Ro
         .target_tcp()
         .node_port
         .ok_or_else(|| anyhow::anyhow!("no NodePort"))?;
-    let (mut ours, _, entries) = labkit::attach_ours(&lab, &set, None)?;
+    let (mut ours, _, entries) =
+        labkit::attach_ours(&lab, &set, None, lb_agent::loader::Attach::Xdp)?;
     labkit::check_only(&lab, labkit::PathKind::Ours)?;
     let key = Frontend4Key::new(0, np.to_be(), IPPROTO_TCP, 0);
     let mut next_id = ours

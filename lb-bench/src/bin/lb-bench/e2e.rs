@@ -77,9 +77,10 @@ pub const MODES: [Mode; 4] = [
 /// The pod the ClusterIP client runs in; pod 0 holds the target Service's endpoints.
 pub const CLIENT_POD: usize = 1;
 
-pub const PATHS: [PathKind; 5] = [
+pub const PATHS: [PathKind; 6] = [
     PathKind::Direct,
     PathKind::Ours,
+    PathKind::OursTc,
     PathKind::Iptables(Position::End),
     PathKind::Iptables(Position::Middle),
     PathKind::Nftables,
@@ -331,7 +332,7 @@ fn setup(
     let set = labkit::service_set(&lab, n, kind)?;
     let sock = cgroup
         .as_ref()
-        .filter(|_| kind == PathKind::Ours)
+        .filter(|_| matches!(kind, PathKind::Ours | PathKind::OursTc))
         .map(LabCgroup::path);
     let active = labkit::activate(&lab, kind, &set, sock, p)?;
     let (tcp, udp) = labkit::targets(&lab, kind, &set)?;
@@ -441,9 +442,11 @@ fn ours_checks(
     let nodeport = done(pl, |m| !m.from_pod);
     let fwd = delta(Reason::XdpFwdNewFlow) + delta(Reason::XdpFwdTracked);
     let rev = delta(Reason::TcRevNat);
+    let peer = delta(Reason::TcRedirectPeer);
     let xdp = if fwd >= nodeport && rev >= nodeport {
         Ok(format!(
-            "; XDP forwarded {fwd} and TC reverse-NATed {rev} packets for {nodeport} transactions"
+            "; ingress forwarded {fwd} ({peer} by bpf_redirect_peer) and TC egress reverse-NATed \
+             {rev} packets for {nodeport} transactions"
         ))
     } else {
         Err(format!(

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use lb_agent::dataplane::{BpfDataplane, Dataplane};
 use lb_agent::loader::{
-    attached_cgroup_id, set_socket_policy, Capacities, Datapath, XdpAttachMode,
+    attached_cgroup_id, set_socket_policy, Attach, Capacities, Datapath, XdpAttachMode,
 };
 use lb_bench::schema::{Row, Stat};
 use lb_testkit::bpffs::PinDir;
@@ -37,8 +37,10 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(900);
 pub enum PathKind {
     /// Client to pod IP, routed by the node, no NAT: the floor.
     Direct,
-    /// Our XDP/TC datapath on the node's uplink.
+    /// Our datapath on the node's uplink: XDP ingress, TC egress (`--attach xdp`).
     Ours,
+    /// Our datapath with the ingress program at TC ingress (`--attach tc`).
+    OursTc,
     /// kube-proxy iptables mode, target Service at that position of the chains.
     Iptables(Position),
     /// kube-proxy nftables mode.
@@ -50,6 +52,7 @@ impl PathKind {
         match self {
             PathKind::Direct => "direct".into(),
             PathKind::Ours => "ours".into(),
+            PathKind::OursTc => "ours-tc".into(),
             PathKind::Iptables(pos) => format!("iptables-{}", pos.label()),
             PathKind::Nftables => "nftables".into(),
         }
@@ -188,6 +191,7 @@ pub fn attach_ours(
     lab: &Lab,
     set: &ServiceSet,
     sock_cgroup: Option<&Path>,
+    hook: Attach,
 ) -> anyhow::Result<(Ours, f64, usize)> {
     let entries = services::entries(set);
     let caps = Capacities {
@@ -209,7 +213,7 @@ pub fn attach_ours(
     }
     let mode = lab
         .node
-        .enter(|| datapath.attach(NODE_UPLINK))
+        .enter(|| attach_to(&mut datapath, NODE_UPLINK, hook))
         .context("attaching to the node's uplink")?;
     let mut maps = datapath.dataplane().context("opening the maps")?;
     maps.put_node_addr(NODE_IP)?;
@@ -226,6 +230,20 @@ pub fn attach_ours(
         took,
         entries.len(),
     ))
+}
+
+/// What `lb-agent run --iface IFACE --attach HOOK` attaches, from the calling thread's
+/// namespace: the programs, and for TC the veths `bpf_redirect_peer` may use.
+pub fn attach_to(
+    datapath: &mut Datapath,
+    iface: &str,
+    hook: Attach,
+) -> anyhow::Result<XdpAttachMode> {
+    let mode = datapath.attach_hook(iface, hook, false)?;
+    if hook == Attach::Tc {
+        lb_agent::peer_ifs::refresh(datapath.pins()).context("listing the veth devices")?;
+    }
+    Ok(mode)
 }
 
 /// Runs `args` inside `ns` via `ip netns exec`, bounded by `timeout`; fails with stderr.
@@ -282,10 +300,16 @@ pub fn activate(
     };
     match kind {
         PathKind::Direct => {}
-        PathKind::Ours => {
-            let (ours, took, entries) = attach_ours(lab, set, sock_cgroup)?;
+        PathKind::Ours | PathKind::OursTc => {
+            let hook = if kind == PathKind::OursTc {
+                Attach::Tc
+            } else {
+                Attach::Xdp
+            };
+            let (ours, took, entries) = attach_ours(lab, set, sock_cgroup, hook)?;
             p.say(&format!(
-                "  ours: XDP attached ({:?} mode){}, {entries} map entries written in {took:.2}s",
+                "  {}: attached ({:?}){}, {entries} map entries written in {took:.2}s",
+                kind.label(),
                 ours.mode,
                 if sock_cgroup.is_some() {
                     ", socket hooks on the client pod's cgroup"
@@ -336,7 +360,7 @@ pub fn activate(
 }
 
 /// Verifies that the node runs exactly the datapath `kind` and nothing else: XDP on the
-/// uplink only for ours, kube-proxy's iptables jump only for iptables, the kube-proxy nft
+/// uplink only for ours (not for ours-tc), kube-proxy's iptables jump only for iptables, the kube-proxy nft
 /// table only for nftables. (Each check reads one chain: dumping a 360k-rule ruleset with
 /// `iptables-save` or `nft list ruleset` takes minutes.)
 pub fn check_only(lab: &Lab, kind: PathKind) -> anyhow::Result<()> {

@@ -381,9 +381,7 @@ fn measure(
     let hit_tuples: Vec<SocketAddrV4> = (0..plan.frames * plan.runs)
         .map(|_| clients.next())
         .collect();
-    for c in &hit_tuples {
-        h.run(Prog::Xdp, &Pkt::tcp(*c, node(NODE_PORT), TCP_SYN).build());
-    }
+    establish(&mut h, Prog::Xdp, &hit_tuples);
     let hit1 = per_frame(&mut h, Prog::Xdp, Reason::XdpFwdTracked, plan, |i| {
         Pkt::tcp(hit_tuples[i], node(NODE_PORT), TCP_ACK).build()
     });
@@ -532,12 +530,7 @@ fn measure(
     let tc_tuples: Vec<SocketAddrV4> = (0..plan.frames * plan.runs)
         .map(|_| clients.next())
         .collect();
-    for c in &tc_tuples {
-        h.run(
-            Prog::TcIngress,
-            &Pkt::tcp(*c, node(NODE_PORT), TCP_SYN).build(),
-        );
-    }
+    establish(&mut h, Prog::TcIngress, &tc_tuples);
     let tc_hit1 = per_frame(&mut h, Prog::TcIngress, Reason::XdpFwdTracked, plan, |i| {
         Pkt::tcp(tc_tuples[i], node(NODE_PORT), TCP_ACK).build()
     });
@@ -721,6 +714,16 @@ fn expected_verdict(prog: Prog) -> u32 {
     match prog {
         Prog::Xdp => XDP_PASS,
         Prog::Tc | Prog::TcIngress => TC_ACT_OK,
+    }
+}
+
+/// Make every client's flow to the NodePort established: its SYN (a half-open entry in
+/// `LB4_CT_SYN`), then its first ACK (which moves it to `LB4_CT`). With SYNs alone, more
+/// tuples than the half-open table holds would evict each other.
+fn establish(h: &mut Harness, prog: Prog, clients: &[SocketAddrV4]) {
+    for c in clients {
+        h.run(prog, &Pkt::tcp(*c, node(NODE_PORT), TCP_SYN).build());
+        h.run(prog, &Pkt::tcp(*c, node(NODE_PORT), TCP_ACK).build());
     }
 }
 

@@ -20,9 +20,10 @@ use crate::services::{self, Position, ServiceSet};
 use crate::Progress;
 
 pub const CASE: &str = "TCP_CRR remote (SNAT)";
-const PATHS: [PathKind; 4] = [
+const PATHS: [PathKind; 5] = [
     PathKind::Direct,
     PathKind::Ours,
+    PathKind::OursTc,
     PathKind::Iptables(Position::End),
     PathKind::Nftables,
 ];
@@ -70,7 +71,12 @@ fn setup(kind: PathKind, loadgen: &Path, p: &Progress) -> anyhow::Result<PathLab
     let mut ours = None;
     match kind {
         PathKind::Direct => {}
-        PathKind::Ours => {
+        PathKind::Ours | PathKind::OursTc => {
+            let hook = if kind == PathKind::OursTc {
+                lb_agent::loader::Attach::Tc
+            } else {
+                lb_agent::loader::Attach::Xdp
+            };
             let mut entries = services::entries(&set);
             for (_, b) in &mut entries.backends {
                 b.flags |= backend_flags::REMOTE;
@@ -80,7 +86,7 @@ fn setup(kind: PathKind, loadgen: &Path, p: &Progress) -> anyhow::Result<PathLab
                 .context("loading the datapath")?;
             let mode = cluster.nodes[0]
                 .ns
-                .enter(|| datapath.attach(NODE_UPLINK))
+                .enter(|| labkit::attach_to(&mut datapath, NODE_UPLINK, hook))
                 .context("attaching to node0's uplink")?;
             let mut maps = datapath.dataplane()?;
             maps.put_node_addr(node0)?;
@@ -94,7 +100,8 @@ fn setup(kind: PathKind, loadgen: &Path, p: &Progress) -> anyhow::Result<PathLab
                 .ns
                 .enter(|| std::fs::write("/proc/sys/net/ipv4/conf/up0/accept_local", "1"))?;
             p.say(&format!(
-                "  remote/ours: XDP on node0 ({mode:?}), SNAT to {node0}"
+                "  remote/{}: {mode:?} on node0, SNAT to {node0}",
+                kind.label()
             ));
             ours = Some(OursOnNode0 {
                 maps,

@@ -25,9 +25,10 @@ use crate::Progress;
 
 /// The direct path is the floor; nftables is left out here (its 10k-Service rule set takes
 /// minutes to load, and e2e already compares it).
-const PATHS: [PathKind; 3] = [
+const PATHS: [PathKind; 4] = [
     PathKind::Direct,
     PathKind::Ours,
+    PathKind::OursTc,
     PathKind::Iptables(Position::End),
 ];
 const FLOWS: u32 = 16;
