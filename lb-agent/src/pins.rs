@@ -27,6 +27,8 @@ pub enum LoadError {
          CAP_PERFMON (run as root, or grant those capabilities)"
     )]
     NotPermitted { what: String },
+    #[error("{what}: the kernel's verifier rejected the program; the end of its log:\n{log}")]
+    Verifier { what: String, log: String },
     #[error("interface {0:?} does not exist in this network namespace")]
     NoSuchInterface(String),
     #[error("cgroup {0} does not exist (give --cgroup a cgroup v2 directory, or off)")]
@@ -89,8 +91,34 @@ fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Turn permission failures anywhere in an error chain into [`LoadError::NotPermitted`].
+/// The last lines of the verifier's log, if a program load in `e`'s chain has one (a load
+/// refused for lack of privileges is refused before the verifier runs: no log).
+fn verifier_log_tail(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    const LINES: usize = 40;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(ProgramError::LoadError { verifier_log, .. }) = err.downcast_ref() {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+            if !lines.is_empty() {
+                return Some(lines[lines.len().saturating_sub(LINES)..].join("\n"));
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Turn permission failures anywhere in an error chain into [`LoadError::NotPermitted`], and
+/// a verifier rejection (which the kernel also reports as EACCES) into
+/// [`LoadError::Verifier`] with the end of its log.
 pub(crate) fn classify(what: impl Into<String>, err: LoadError) -> LoadError {
+    if let Some(log) = verifier_log_tail(&err) {
+        return LoadError::Verifier {
+            what: what.into(),
+            log,
+        };
+    }
     if is_eperm(&err) {
         LoadError::NotPermitted { what: what.into() }
     } else {

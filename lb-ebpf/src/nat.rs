@@ -96,6 +96,16 @@ pub fn tc_rewrite_v4(
         End::Dst => (flow.daddr, flow.dport, IP_DADDR_OFF, flow.l4_off + 2),
     };
     let err = |_| Reason::TcDropRewrite;
+    // The address (with the IP checksum, incrementally: a change its checksum compensates
+    // leaves a CHECKSUM_COMPLETE skb's csum as it was) and the port by direct writes where
+    // they lie in the linear part; otherwise by the helpers.
+    if !tc_write_direct_v4(ctx, flow.l4_off, end, old_addr, new_addr, new_port) {
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)
+            .map_err(err)?;
+        ctx.store(addr_off, &new_addr, 0).map_err(err)?;
+        ctx.store(port_off, &new_port, 0).map_err(err)?;
+    }
+    // The L4 checksum by the helpers, last (a helper call invalidates packet pointers).
     let l4_csum = flow.l4_csum_off();
     ctx.l4_csum_replace(
         l4_csum,
@@ -111,11 +121,43 @@ pub fn tc_rewrite_v4(
         mangled0 | 2,
     )
     .map_err(err)?;
-    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)
-        .map_err(err)?;
-    ctx.store(addr_off, &new_addr, 0).map_err(err)?;
-    ctx.store(port_off, &new_port, 0).map_err(err)?;
     Ok(())
+}
+
+/// [`tc_rewrite_v4`]'s address, IP checksum and port writes through the skb's linear data.
+/// `false`: they do not all lie there (nothing written).
+#[inline(always)]
+fn tc_write_direct_v4(
+    ctx: &TcContext,
+    l4_off: usize,
+    end: End,
+    old_addr: u32,
+    new_addr: u32,
+    new_port: u16,
+) -> bool {
+    // At most Ethernet + a 60-byte IPv4 header (a bound the verifier can see).
+    if !(L4_OFF..=ETH_HLEN + 60).contains(&l4_off) {
+        return false;
+    }
+    let (start, data_end) = (ctx.data(), ctx.data_end());
+    let port_off = if end == End::Src { l4_off } else { l4_off + 2 };
+    // Two checks the verifier can follow: the fixed IPv4 header, then the port.
+    if start + L4_OFF > data_end || start + port_off + 2 > data_end {
+        return false;
+    }
+    // SAFETY: the IPv4 header lies before data_end (checked); alignment 1; direct writes
+    // are allowed at TC (the kernel unclones the skb first).
+    let ip = unsafe { &mut *((start + ETH_HLEN) as *mut Ipv4Hdr) };
+    let field = if end == End::Src {
+        &mut ip.saddr
+    } else {
+        &mut ip.daddr
+    };
+    *field = new_addr.to_ne_bytes();
+    ip.check = csum::replace4(raw16(ip.check), old_addr, new_addr).to_ne_bytes();
+    // SAFETY: the port lies before data_end (checked).
+    unsafe { core::ptr::write_unaligned((start + port_off) as *mut u16, new_port) };
+    true
 }
 
 /// Restore `new_addr:new_port` (the frontend) as the source of the reply `flow` (TC egress).
