@@ -486,21 +486,20 @@ impl Datapath {
 
     /// The kernel verifier's processed-instruction count per program.
     pub fn verified_insns(&mut self) -> Result<Vec<(&'static str, u32)>, LoadError> {
-        let xdp = self
-            .xdp_program()?
-            .info()
-            .map_err(|source| prog_err(maps::PROG_XDP_INGRESS, source))?
-            .verified_instruction_count()
-            .unwrap_or(0);
-        let tc = self
-            .tc_program()?
-            .info()
-            .map_err(|source| prog_err(maps::PROG_TC_EGRESS, source))?
-            .verified_instruction_count()
-            .unwrap_or(0);
+        let count = |info: Result<aya::programs::ProgramInfo, ProgramError>, name| {
+            info.map_err(|source| prog_err(name, source))
+                .map(|i| i.verified_instruction_count().unwrap_or(0))
+        };
+        let xdp = count(self.xdp_program()?.info(), maps::PROG_XDP_INGRESS)?;
+        let tc = count(self.tc_program()?.info(), maps::PROG_TC_EGRESS)?;
+        let tc_in = count(
+            self.tc_program_named(maps::PROG_TC_INGRESS)?.info(),
+            maps::PROG_TC_INGRESS,
+        )?;
         Ok(vec![
             (maps::PROG_XDP_INGRESS, xdp),
             (maps::PROG_TC_EGRESS, tc),
+            (maps::PROG_TC_INGRESS, tc_in),
         ])
     }
 }

@@ -402,14 +402,14 @@ fn agent_restart_keeps_open_connections() {
     );
 }
 
-/// `lb-agent run --attach tc`: the ingress program at TC ingress instead of XDP. NodePort
-/// HTTP to both pods, a hostPort and UDP work; packets for the pods are handed straight to
+/// `lb-agent run --attach tc --latency-histogram`: the ingress program at TC ingress instead
+/// of XDP, timed. NodePort HTTP to both pods, a hostPort and UDP work; packets for the pods are handed straight to
 /// their namespaces (`tc_redirect_peer` counts each forwarded packet); no XDP link is
 /// pinned. Then a restart with `--attach xdp` swaps hooks under open connections: they keep
 /// working, and the links are the XDP ones.
 #[test]
 fn attach_tc_forwards_to_pods_with_redirect_peer_and_switches_hooks_on_restart() {
-    let mut env = Env::with_args("e2e-tc", &["--attach", "tc"]);
+    let mut env = Env::with_args("e2e-tc", &["--attach", "tc", "--latency-histogram"]);
     let pins = PinLayout::new(env.pins.path());
     let uplink = lb_testkit::lab::NODE_UPLINK;
     assert!(
@@ -421,7 +421,7 @@ fn attach_tc_forwards_to_pods_with_redirect_peer_and_switches_hooks_on_restart()
         "no XDP link with --attach tc"
     );
     let log = env.agent.as_ref().map(|a| a.proc.log()).unwrap_or_default();
-    assert!(log.contains("(TcIngress)"), "{log}");
+    assert!(log.contains("attached to up0 (TcIngress"), "{log}");
     assert!(
         log.contains("3 veth device(s) reachable with bpf_redirect_peer"),
         "the uplink and the two pod veths are listed:\n{log}"
@@ -481,6 +481,28 @@ fn attach_tc_forwards_to_pods_with_redirect_peer_and_switches_hooks_on_restart()
     let table = status(&env);
     assert!(table.contains("INTERFACES: up0 (tc)"), "{table}");
     assert!(table.contains("tc_redirect_peer"), "{table}");
+    // --latency-histogram at TC ingress: the ingress histogram timed every forwarded packet.
+    assert!(table.contains("DATAPATH RUN TIME"), "{table}");
+    let json: serde_json::Value = serde_json::from_str(&env.lab.node.run(&[
+        bin.to_str().expect("path"),
+        "status",
+        "-o",
+        "json",
+        "--bpffs",
+        env.pins.path().to_str().expect("path"),
+    ]))
+    .expect("status -o json");
+    let runs: u64 = json["latency_ns_log2_buckets"]["xdp"]
+        .as_array()
+        .expect("ingress histogram")
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .sum();
+    assert!(
+        runs >= new + tracked,
+        "{runs} ingress runs timed, {} forwarded",
+        new + tracked
+    );
 
     // Switch hooks on a restart, under open connections.
     let mut conns = open_conns(&env, 20);

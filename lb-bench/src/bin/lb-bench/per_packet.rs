@@ -135,6 +135,8 @@ pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
         lb_common::maps::PROG_XDP_INGRESS_TIMED,
         lb_common::maps::PROG_TC_EGRESS,
         lb_common::maps::PROG_TC_EGRESS_TIMED,
+        lb_common::maps::PROG_TC_INGRESS,
+        lb_common::maps::PROG_TC_INGRESS_TIMED,
     ]
     .iter()
     .map(|name| {
