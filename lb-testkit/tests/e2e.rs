@@ -409,7 +409,16 @@ fn agent_restart_keeps_open_connections() {
 /// working, and the links are the XDP ones.
 #[test]
 fn attach_tc_forwards_to_pods_with_redirect_peer_and_switches_hooks_on_restart() {
-    let mut env = Env::with_args("e2e-tc", &["--attach", "tc", "--latency-histogram"]);
+    let mut env = Env::with_args(
+        "e2e-tc",
+        &[
+            "--attach",
+            "tc",
+            "--latency-histogram",
+            "--metrics-addr",
+            "127.0.0.1:9464",
+        ],
+    );
     let pins = PinLayout::new(env.pins.path());
     let uplink = lb_testkit::lab::NODE_UPLINK;
     assert!(
@@ -503,6 +512,20 @@ fn attach_tc_forwards_to_pods_with_redirect_peer_and_switches_hooks_on_restart()
         "{runs} ingress runs timed, {} forwarded",
         new + tracked
     );
+    let body = lb_testkit::agent::scrape(&env.lab.node, 9464);
+    let count =
+        lb_testkit::agent::metric(&body, "lb_datapath_run_duration_ns_count{prog=\"xdp\"} ");
+    assert_eq!(
+        count, runs,
+        "/metrics exports the ingress histogram that status shows"
+    );
+    println!("{table}");
+    for line in body
+        .lines()
+        .filter(|l| l.starts_with("lb_datapath_run_duration_ns"))
+    {
+        println!("{line}");
+    }
 
     // Switch hooks on a restart, under open connections.
     let mut conns = open_conns(&env, 20);
