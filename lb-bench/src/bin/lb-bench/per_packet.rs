@@ -375,35 +375,15 @@ fn measure(
         "one ACK of a tracked flow, repeated in the kernel",
     ));
 
-    // SYN: conntrack miss + insert, one fresh tuple per call.
-    let miss = per_frame(&mut h, Prog::Xdp, Reason::XdpFwdNewFlow, plan, |_| {
-        Pkt::tcp(clients.next(), node(NODE_PORT), TCP_SYN).build()
-    });
-    // Established again, measured the same way as the miss (one frame per call).
-    let hit_tuples: Vec<SocketAddrV4> = (0..plan.frames * plan.runs)
-        .map(|_| clients.next())
-        .collect();
-    establish(&mut h, Prog::Xdp, &hit_tuples);
-    let hit1 = per_frame(&mut h, Prog::Xdp, Reason::XdpFwdTracked, plan, |i| {
-        Pkt::tcp(hit_tuples[i], node(NODE_PORT), TCP_ACK).build()
-    });
-    let (miss_med, hit1_med) = (median_of(&miss), median_of(&hit1));
-    let mut miss_row = finish(
-        base(CASE_SYN, Prog::Xdp).param("frames_per_run", plan.frames),
-        miss,
-        "one fresh SYN per BPF_PROG_RUN call (repeat=1), mean of the kernel's per-call times; \
-         adjusted_ns = this - (established, 1 frame/call) + (established, repeated)",
-    );
-    if let (Some(m), Some(h1), Some(hr)) = (miss_med, hit1_med, hit_med) {
-        if miss_row.error.is_none() {
-            miss_row = miss_row.metric("adjusted_ns", "ns", Stat::single(m - h1 + hr));
-        }
-    }
-    rows.push(miss_row);
-    rows.push(finish(
-        base(CASE_EST_1CALL, Prog::Xdp).param("frames_per_run", plan.frames),
-        hit1,
-        "one tracked ACK per BPF_PROG_RUN call (repeat=1): the per-call baseline for the SYN row",
+    // SYN: conntrack miss + insert, one fresh tuple per call; and its per-call baseline.
+    rows.extend(syn_rows(
+        &mut h,
+        Prog::Xdp,
+        clients,
+        plan,
+        hit_med,
+        &base,
+        str::to_owned,
     ));
 
     // hostPort (hostIP = node address), established.
@@ -526,36 +506,18 @@ fn measure(
         ),
         "one ACK of a tracked flow through lb_tc_ingress, repeated",
     ));
-    let tc_miss = per_frame(&mut h, Prog::TcIngress, Reason::XdpFwdNewFlow, plan, |_| {
-        Pkt::tcp(clients.next(), node(NODE_PORT), TCP_SYN).build()
-    });
-    let tc_tuples: Vec<SocketAddrV4> = (0..plan.frames * plan.runs)
-        .map(|_| clients.next())
-        .collect();
-    establish(&mut h, Prog::TcIngress, &tc_tuples);
-    let tc_hit1 = per_frame(&mut h, Prog::TcIngress, Reason::XdpFwdTracked, plan, |i| {
-        Pkt::tcp(tc_tuples[i], node(NODE_PORT), TCP_ACK).build()
-    });
     let tc_hit_rep = rows
         .last()
         .and_then(|r| r.get("ns_per_packet"))
         .map(|s| s.median);
-    let (m, h1) = (median_of(&tc_miss), median_of(&tc_hit1));
-    let mut tc_syn = finish(
-        base(&tc_case(CASE_SYN), Prog::TcIngress).param("frames_per_run", plan.frames),
-        tc_miss,
-        "one fresh SYN per BPF_PROG_RUN call through lb_tc_ingress; adjusted_ns as for XDP",
-    );
-    if let (Some(m), Some(h1), Some(hr)) = (m, h1, tc_hit_rep) {
-        if tc_syn.error.is_none() {
-            tc_syn = tc_syn.metric("adjusted_ns", "ns", Stat::single(m - h1 + hr));
-        }
-    }
-    rows.push(tc_syn);
-    rows.push(finish(
-        base(&tc_case(CASE_EST_1CALL), Prog::TcIngress).param("frames_per_run", plan.frames),
-        tc_hit1,
-        "one tracked ACK per call through lb_tc_ingress: the per-call baseline of its SYN row",
+    rows.extend(syn_rows(
+        &mut h,
+        Prog::TcIngress,
+        clients,
+        plan,
+        tc_hit_rep,
+        &base,
+        tc_case,
     ));
     rows.push(finish(
         base(&tc_case(CASE_NONE), Prog::TcIngress).param("repeat", plan.repeat),
@@ -717,6 +679,50 @@ fn expected_verdict(prog: Prog) -> u32 {
         Prog::Xdp => XDP_PASS,
         Prog::Tc | Prog::TcIngress => TC_ACT_OK,
     }
+}
+
+/// The SYN row through `prog` (one fresh SYN per `BPF_PROG_RUN` call) and its per-call
+/// baseline (one tracked ACK per call). The SYN row's `adjusted_ns` = SYN - baseline +
+/// `hit_rep` (the established flow's repeated median): the SYN's cost without the per-call
+/// overhead. `name` gives a case's row name for this program.
+fn syn_rows(
+    h: &mut Harness,
+    prog: Prog,
+    clients: &mut Clients,
+    plan: &Plan,
+    hit_rep: Option<f64>,
+    base: &dyn Fn(&str, Prog) -> Row,
+    name: fn(&str) -> String,
+) -> [Row; 2] {
+    let miss = per_frame(h, prog, Reason::XdpFwdNewFlow, plan, |_| {
+        Pkt::tcp(clients.next(), node(NODE_PORT), TCP_SYN).build()
+    });
+    // Established flows, measured the same way as the miss (one frame per call).
+    let tuples: Vec<SocketAddrV4> = (0..plan.frames * plan.runs)
+        .map(|_| clients.next())
+        .collect();
+    establish(h, prog, &tuples);
+    let hit1 = per_frame(h, prog, Reason::XdpFwdTracked, plan, |i| {
+        Pkt::tcp(tuples[i], node(NODE_PORT), TCP_ACK).build()
+    });
+    let (miss_med, hit1_med) = (median_of(&miss), median_of(&hit1));
+    let mut syn = finish(
+        base(&name(CASE_SYN), prog).param("frames_per_run", plan.frames),
+        miss,
+        "one fresh SYN per BPF_PROG_RUN call (repeat=1), mean of the kernel's per-call times; \
+         adjusted_ns = this - (established, 1 frame/call) + (established, repeated)",
+    );
+    if let (Some(m), Some(h1), Some(hr)) = (miss_med, hit1_med, hit_rep) {
+        if syn.error.is_none() {
+            syn = syn.metric("adjusted_ns", "ns", Stat::single(m - h1 + hr));
+        }
+    }
+    let baseline = finish(
+        base(&name(CASE_EST_1CALL), prog).param("frames_per_run", plan.frames),
+        hit1,
+        "one tracked ACK per BPF_PROG_RUN call (repeat=1): the per-call baseline for the SYN row",
+    );
+    [syn, baseline]
 }
 
 /// Make every client's flow to the NodePort established: its SYN (a half-open entry in
