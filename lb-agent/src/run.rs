@@ -66,6 +66,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&args.bpffs, &caps)?;
     // The socket policy first: the hooks must know the node's namespace before they run.
     lb_agent::loader::set_socket_policy(datapath.pins(), args.localhost_nodeports)?;
+    // The veths TC ingress may redirect to, listed before it runs.
+    if args.attach == lb_agent::loader::Attach::Tc {
+        spawn_peer_ifs(datapath.pins().clone())?;
+    }
     for iface in &args.iface {
         let mode = datapath
             .attach_hook(iface, args.attach, args.latency_histogram)
@@ -106,9 +110,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     datapath.remove_legacy_pins()?;
-    if args.attach == lb_agent::loader::Attach::Tc {
-        spawn_peer_ifs(datapath.pins().clone())?;
-    }
     let ct_cfg = lb_agent::loader::set_ct_policy(
         datapath.pins(),
         &lb_agent::loader::CtPolicy {
