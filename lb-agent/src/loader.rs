@@ -737,11 +737,6 @@ pub fn teardown(dir: &Path) -> Result<(), LoadError> {
     std::fs::remove_dir(dir).map_err(io_err(format!("remove {}", dir.display())))
 }
 
-/// Interfaces with pinned links under `dir`.
-pub fn attached_interfaces(dir: &Path) -> Vec<String> {
-    attached_hooks(dir).into_iter().map(|(i, _)| i).collect()
-}
-
 /// Interfaces with a pinned ingress link under `dir`, each with its hook (`xdp` or `tc`;
 /// both while an agent switches hooks), sorted by interface.
 pub fn attached_hooks(dir: &Path) -> Vec<(String, String)> {

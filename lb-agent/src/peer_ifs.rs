@@ -1,7 +1,8 @@
 //! `--attach tc`: keeps `LB_PEER_IFS` equal to the veth devices of the agent's network
 //! namespace whose peer is in another namespace (a pod's), the devices TC ingress may hand
-//! a local pod's packets to with `bpf_redirect_peer`. Any other device (a bridge, a device that came up since the last
-//! refresh) still works: the datapath sends to it with `bpf_redirect` instead.
+//! a local pod's packets to with `bpf_redirect_peer`. Any other device (a bridge, a device
+//! that came up since the last refresh) still works: the datapath sends to it with
+//! `bpf_redirect` instead.
 use std::collections::BTreeSet;
 use std::io;
 

@@ -667,11 +667,6 @@ fn check_snat_ports(
     Ok(())
 }
 
-/// `net.ipv4.conf.IFACE.accept_local=1`. Packets the datapath translated for a remote
-/// backend carry one of this node's addresses as source (or come from one of its frontend
-/// addresses); they normally leave from XDP, but when the FIB has no answer yet (a neighbour
-/// not resolved) they go to the stack, which would drop them as martian without this. With
-/// it, the stack routes them and resolves the neighbour.
 /// How often `--attach tc` re-lists the veths (`LB_PEER_IFS`): a pod's veth newer than
 /// that is sent to with `bpf_redirect` rather than `bpf_redirect_peer` meanwhile.
 const PEER_IFS_EVERY: Duration = Duration::from_secs(1);
@@ -697,6 +692,11 @@ fn spawn_peer_ifs(pins: lb_agent::pins::PinLayout) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `net.ipv4.conf.IFACE.accept_local=1`. Packets the datapath translated for a remote
+/// backend carry one of this node's addresses as source (or come from one of its frontend
+/// addresses); they normally leave from XDP, but when the FIB has no answer yet (a neighbour
+/// not resolved) they go to the stack, which would drop them as martian without this. With
+/// it, the stack routes them and resolves the neighbour.
 fn accept_local(iface: &str) {
     let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
     match std::fs::write(&path, "1") {

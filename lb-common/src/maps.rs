@@ -38,8 +38,9 @@ pub const LB4_AFFINITY_MAX: u32 = 65_536;
 /// hostPort frontends (address 0) match only packets addressed to one of these.
 pub const LB4_NODE_ADDRS: &str = "LB4_NODE_ADDRS_V1";
 pub const LB4_NODE_ADDRS_MAX: u32 = 256;
-/// `--attach tc`: this node's veth devices (ifindex -> 1), which TC ingress may hand a pod's
-/// packets to with `bpf_redirect_peer`; any other device gets `bpf_redirect`. Kept by the agent.
+/// `--attach tc`: this node's veth devices whose peer is in another namespace (ifindex -> 1),
+/// which TC ingress may hand a pod's packets to with `bpf_redirect_peer`; any other device
+/// gets `bpf_redirect`. Kept by the agent.
 pub const LB_PEER_IFS: &str = "LB_PEER_IFS_V1";
 pub const LB_PEER_IFS_MAX: u32 = 4096;
 
@@ -72,9 +73,9 @@ pub const LB4_SOCK_REVNAT: &str = "LB4_SOCK_REVNAT_V1";
 pub const LB4_SOCK_REVNAT_MAX: u32 = 262_144;
 
 /// Per-CPU log2 histogram of the programs' own run time (`--latency-histogram`): `u64`
-/// counts at `prog * LATENCY_BUCKETS + bucket`, `prog` 0 for the ingress program (XDP or TC ingress) and 1 for TC
-/// egress; bucket `k` counts runs of `2^(k-1)` to `2^k - 1` ns (bucket 0: 0 ns). Written only
-/// by the `_timed` program variants.
+/// counts at `prog * LATENCY_BUCKETS + bucket`, `prog` 0 for the ingress program (XDP or
+/// TC ingress) and 1 for TC egress; bucket `k` counts runs of `2^(k-1)` to `2^k - 1` ns
+/// (bucket 0: 0 ns). Written only by the `_timed` program variants.
 pub const LB_LATENCY: &str = "LB_LATENCY_V1";
 pub const LATENCY_BUCKETS: u32 = 64;
 pub const LB_LATENCY_MAX: u32 = 2 * LATENCY_BUCKETS;

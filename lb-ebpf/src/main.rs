@@ -9,8 +9,9 @@
 //! (rewrites), `nodeport` (SNAT for remote backends and forwarding from XDP), `icmp` (error
 //! translation and the no-endpoint REJECT), `frag` (fragment tracking), `sock` (socket-level
 //! load balancing for the node's own processes and pods, sharing `lb` and `affinity`),
-//! `stats` (verdict counters), `redirect` (forwarding from TC ingress), `maps`. The pure arithmetic (checksums, flow hash, slot
-//! choice) lives in `lb_common::{csum, select}` and is property-tested on the host.
+//! `stats` (verdict counters), `redirect` (forwarding from TC ingress), `maps`. The pure
+//! arithmetic (checksums, flow hash, slot choice) lives in `lb_common::{csum, select}` and
+//! is property-tested on the host.
 #![no_std]
 #![no_main]
 

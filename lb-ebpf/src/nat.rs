@@ -75,9 +75,10 @@ const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
 /// Rewrite the source or destination address and port of an IPv4 TCP/UDP packet at TC
-/// (either direction), with the IP and L4 checksums fixed by the kernel helpers: they are
-/// pseudo-header aware for the address and keep `skb->csum` right for CHECKSUM_COMPLETE and
-/// CHECKSUM_PARTIAL skbs, which direct writes would not.
+/// (either direction). Address, IP checksum and port are written directly where they lie
+/// in the skb's linear part (by the helpers otherwise); the L4 checksum always goes through
+/// `bpf_l4_csum_replace`, which is pseudo-header aware and keeps CHECKSUM_COMPLETE and
+/// CHECKSUM_PARTIAL skbs right, as an incremental update of the field would not.
 #[inline(always)]
 pub fn tc_rewrite_v4(
     ctx: &mut TcContext,

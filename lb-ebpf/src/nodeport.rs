@@ -129,7 +129,7 @@ pub fn lookup_v4(flow: &Flow4, backend: &Backend4, svc_id: u32) -> Result<Snat4V
 }
 
 /// After the DNAT of `flow` to `backend`: rewrite the source to `snat` and send the packet
-/// on from XDP.
+/// on from the ingress hook.
 #[inline(always)]
 pub fn forward_v4<C: Ingress>(
     ctx: &mut C,

@@ -20,6 +20,17 @@ pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 
+/// Whether `BPF_PROG_RUN` refuses `frame` as an skb (TC): shorter than an Ethernet header,
+/// or an IPv4 or IPv6 frame shorter than its fixed IP header. Such frames cannot reach TC.
+pub fn skb_refuses(frame: &[u8]) -> bool {
+    frame.len() < 14
+        || match [frame[12], frame[13]] {
+            [0x08, 0x00] => frame.len() < 14 + 20,
+            [0x86, 0xdd] => frame.len() < 14 + 40,
+            _ => false,
+        }
+}
+
 /// Which program a frame goes through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prog {

@@ -403,9 +403,9 @@ fn agent_restart_keeps_open_connections() {
 }
 
 /// `lb-agent run --attach tc --latency-histogram`: the ingress program at TC ingress instead
-/// of XDP, timed. NodePort HTTP to both pods, a hostPort and UDP work; packets for the pods are handed straight to
-/// their namespaces (`tc_redirect_peer` counts each forwarded packet); no XDP link is
-/// pinned. Then a restart with `--attach xdp` swaps hooks under open connections: they keep
+/// of XDP, timed. NodePort HTTP to both pods, a hostPort and UDP work; packets for the pods
+/// are handed straight to their namespaces (`tc_redirect_peer` counts each forwarded
+/// packet); no XDP link is pinned. Then a restart with `--attach xdp` swaps hooks under open connections: they keep
 /// working, and the links are the XDP ones.
 #[test]
 fn attach_tc_forwards_to_pods_with_redirect_peer_and_switches_hooks_on_restart() {
@@ -489,7 +489,17 @@ fn attach_tc_forwards_to_pods_with_redirect_peer_and_switches_hooks_on_restart()
     };
     let table = status(&env);
     assert!(table.contains("INTERFACES: up0 (tc)"), "{table}");
-    assert!(table.contains("tc_redirect_peer"), "{table}");
+    // The counter row shows what the map counted (every reason has a row, zero or not).
+    let peer_row = format!("event {}", env.count(Reason::TcRedirectPeer));
+    assert!(
+        table.lines().any(|l| l.starts_with("tc_redirect_peer")
+            && l.split_whitespace()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .join(" ")
+                .starts_with(&peer_row)),
+        "status shows tc_redirect_peer {peer_row}:\n{table}"
+    );
     // --latency-histogram at TC ingress: the ingress histogram timed every forwarded packet.
     assert!(table.contains("DATAPATH RUN TIME"), "{table}");
     let json: serde_json::Value = serde_json::from_str(&env.lab.node.run(&[

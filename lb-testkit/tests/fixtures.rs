@@ -7,7 +7,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use lb_common::{Reason, IPPROTO_TCP, IPPROTO_UDP};
 use lb_testkit::{
     harness::{
-        stat_deltas, FrontendSpec, Harness, Prog, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
+        skb_refuses, stat_deltas, FrontendSpec, Harness, Prog, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP,
+        XDP_PASS,
     },
     packet::{
         arp_request, icmp_error, ip_packet, verify_checksums, with_ip_addrs, Pkt, L4, TCP_ACK,
@@ -28,6 +29,7 @@ fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
 }
 
 /// What a fixture expects to come out.
+#[derive(Clone)]
 enum Out {
     /// The frame, unchanged.
     Same,
@@ -35,6 +37,7 @@ enum Out {
     Frame(Vec<u8>),
 }
 
+#[derive(Clone)]
 struct Fixture {
     desc: String,
     prog: Prog,
@@ -741,16 +744,17 @@ fn with_tot_len(frame: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Run the table in order through `h`, each fixture by `map` (its program, verdict, output
+/// Run `table` in order through `h`, each fixture by `map` (its program, verdict, output
 /// and counters as that run expects them; `None`: the fixture cannot run there). Returns
 /// the failures and how many fixtures ran.
 fn run_table(
     h: &mut Harness,
+    table: &[Fixture],
     mut map: impl FnMut(&Fixture) -> Option<Fixture>,
 ) -> (Vec<String>, usize) {
     let mut failures = Vec::new();
     let mut ran = 0;
-    for f in table().iter().filter_map(&mut map) {
+    for f in table.iter().filter_map(&mut map) {
         ran += 1;
         let before = h.stats();
         let ct_before = h.ct_len() as i64;
@@ -796,30 +800,16 @@ fn run_table(
     (failures, ran)
 }
 
-impl Fixture {
-    fn copy(&self) -> Fixture {
-        Fixture {
-            desc: self.desc.clone(),
-            prog: self.prog,
-            input: self.input.clone(),
-            verdict: self.verdict,
-            output: match &self.output {
-                Out::Same => Out::Same,
-                Out::Frame(f) => Out::Frame(f.clone()),
-            },
-            counters: self.counters.clone(),
-            ct_delta: self.ct_delta,
-        }
-    }
-}
-
 #[test]
 fn packet_fixtures() {
     let mut h = Harness::new("fixtures", &Default::default());
     program(&mut h);
-    let total = table().len();
-    assert!(total >= 30, "the table must keep at least 30 fixtures");
-    let (failures, ran) = run_table(&mut h, |f| Some(f.copy()));
+    let table = table();
+    assert!(
+        table.len() >= 30,
+        "the table must keep at least 30 fixtures"
+    );
+    let (failures, ran) = run_table(&mut h, &table, |f| Some(f.clone()));
     println!("{ran} packet fixtures run");
     for (prog, insns) in h.datapath.verified_insns().expect("program info") {
         println!("verifier: {prog} processed {insns} instructions");
@@ -842,38 +832,28 @@ fn packet_fixtures() {
 /// instead. The frames, checksums, counters and conntrack changes must be the XDP ones,
 /// byte for byte; the verdict is the TC twin of the XDP one (pass: `TC_ACT_OK`, drop:
 /// `TC_ACT_SHOT`). Two differences by design: the no-backend reject drops at TC (counted
-/// `xdp_drop_no_backend`), and frames shorter than an Ethernet header or their fixed IP header
-/// cannot reach TC (the kernel refuses them). Run in a namespace of its own with no routes, so every FIB lookup
-/// fails and packets go to the stack, as the XDP table's do.
+/// `xdp_drop_no_backend`), and frames shorter than an Ethernet header or their fixed IP
+/// header cannot reach TC (the kernel refuses them). Run in a namespace of its own with no
+/// routes, so every FIB lookup fails and packets go to the stack, as the XDP table's do.
 #[test]
 fn packet_fixtures_through_tc_ingress() {
     lb_testkit::lab::require_root();
-    let ns = lb_testkit::lab::Netns::new(format!(
-        "{}{}-fx-tc",
-        lb_testkit::lab::NS_PREFIX,
-        std::process::id()
-    ));
+    let ns = lb_testkit::lab::Netns::empty("fx-tc");
     let mut h = Harness::new("fixtures-tc", &Default::default());
     program(&mut h);
     let mut skipped = Vec::new();
     let (failures, ran) = ns.enter(|| {
-        run_table(&mut h, |f| {
+        run_table(&mut h, &table(), |f| {
             if f.prog != Prog::Xdp {
-                return Some(f.copy());
+                return Some(f.clone());
             }
-            // BPF_PROG_RUN refuses an skb shorter than Ethernet, and an IPv4 or IPv6
-            // frame shorter than its fixed IP header: such frames cannot reach TC.
-            let short = f.input.len() < 14
-                || match [f.input[12], f.input[13]] {
-                    [0x08, 0x00] => f.input.len() < 14 + 20,
-                    [0x86, 0xdd] => f.input.len() < 14 + 40,
-                    _ => false,
-                };
+            // BPF_PROG_RUN refuses such frames as skbs: they cannot reach TC.
+            let short = skb_refuses(&f.input);
             if short {
                 skipped.push(f.desc.clone());
                 return None;
             }
-            let mut t = f.copy();
+            let mut t = f.clone();
             t.prog = Prog::TcIngress;
             t.verdict = match f.verdict {
                 XDP_PASS => TC_ACT_OK,

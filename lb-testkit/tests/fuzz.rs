@@ -57,7 +57,7 @@ use lb_common::{
     Snat4Value, IPPROTO_TCP, IPPROTO_UDP,
 };
 use lb_testkit::harness::{
-    FrontendSpec, Harness, Prog, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
+    skb_refuses, FrontendSpec, Harness, Prog, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
 };
 use lb_testkit::lab::Netns;
 
@@ -759,13 +759,7 @@ fn tc_malformed(f: &[u8]) -> bool {
 /// Whether `BPF_PROG_RUN` refuses `f` for `prog` (EINVAL): shorter than an Ethernet
 /// header, and for an skb (TC) an IPv4 or IPv6 frame shorter than the fixed IP header.
 fn refused(prog: Prog, f: &[u8]) -> bool {
-    f.len() < 14
-        || (matches!(prog, Prog::Tc | Prog::TcIngress)
-            && match [f[12], f[13]] {
-                [0x08, 0x00] => f.len() < 14 + 20,
-                [0x86, 0xdd] => f.len() < 14 + 40,
-                _ => false,
-            })
+    f.len() < 14 || (matches!(prog, Prog::Tc | Prog::TcIngress) && skb_refuses(f))
 }
 
 /// Run `f` through `prog` once: `(verdict, output frame)`, or `None` when the kernel refuses
@@ -1330,11 +1324,7 @@ fn random_and_mutated_frames() {
 #[test]
 fn random_and_mutated_frames_through_tc_ingress() {
     lb_testkit::lab::require_root();
-    let ns = Netns::new(format!(
-        "{}{}-fuzz-tc",
-        lb_testkit::lab::NS_PREFIX,
-        std::process::id()
-    ));
+    let ns = Netns::empty("fuzz-tc");
     random_phase(
         "tc-in",
         fuzz_seed() ^ 0x7463_696e,

@@ -147,6 +147,12 @@ pub struct Netns {
 }
 
 impl Netns {
+    /// An empty namespace of this run, `lbt-<pid>-<what>` (swept if the run dies): only
+    /// its loopback, no routes. For `BPF_PROG_RUN` whose FIB lookups must fail everywhere.
+    pub fn empty(what: &str) -> Netns {
+        Netns::new(format!("{}{}-{what}", super::NS_PREFIX, std::process::id()))
+    }
+
     /// Creates namespace `name` with its loopback up. Panics with `ip`'s error on failure
     /// (for instance when the name is taken).
     pub fn new(name: impl Into<String>) -> Netns {

@@ -137,29 +137,24 @@ pub fn rows(quick: bool, p: &Progress) -> Vec<Row> {
                 out.push(row.failed(&e.1));
                 continue;
             }
-            let s = samples
-                .iter()
-                .find(|(k, _)| *k == (f, case))
-                .map_or(&[][..], |(_, v)| v.as_slice());
-            row = row.metric("ns_per_packet", "ns", Stat::of(s));
+            row = row.metric("ns_per_packet", "ns", Stat::of(series(&samples, (f, case))));
             if case == CASE_FULL {
-                let r = held
-                    .iter()
-                    .find(|(k, _)| *k == f)
-                    .map_or(&[][..], |(_, v)| v.as_slice());
-                row = row.metric("held_share", "ratio", Stat::of(r));
+                row = row.metric("held_share", "ratio", Stat::of(series(&held, f)));
             }
             if case == CASE_FULL_2CPU {
-                let r = rates
-                    .iter()
-                    .find(|(k, _)| *k == f)
-                    .map_or(&[][..], |(_, v)| v.as_slice());
-                row = row.metric("syn_per_s", "1/s", Stat::of(r));
+                row = row.metric("syn_per_s", "1/s", Stat::of(series(&rates, f)));
             }
             out.push(row);
         }
     }
     out
+}
+
+/// The samples kept under `k` (none: empty).
+fn series<K: PartialEq>(v: &[(K, Vec<f64>)], k: K) -> &[f64] {
+    v.iter()
+        .find(|(kk, _)| *kk == k)
+        .map_or(&[][..], |(_, xs)| xs.as_slice())
 }
 
 fn push<K: PartialEq>(v: &mut Vec<(K, Vec<f64>)>, k: K, x: f64) {

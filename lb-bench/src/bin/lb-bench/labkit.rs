@@ -58,6 +58,15 @@ impl PathKind {
         }
     }
 
+    /// The `--attach` hook of our paths (`None`: not ours).
+    pub fn hook(self) -> Option<Attach> {
+        match self {
+            PathKind::Ours => Some(Attach::Xdp),
+            PathKind::OursTc => Some(Attach::Tc),
+            _ => None,
+        }
+    }
+
     /// Where the target Service sits in the service list for this path. Only iptables
     /// walks the list; the others are put at the end too, for identical tables.
     pub fn position(self) -> Position {
@@ -301,11 +310,7 @@ pub fn activate(
     match kind {
         PathKind::Direct => {}
         PathKind::Ours | PathKind::OursTc => {
-            let hook = if kind == PathKind::OursTc {
-                Attach::Tc
-            } else {
-                Attach::Xdp
-            };
+            let hook = kind.hook().unwrap_or_default();
             let (ours, took, entries) = attach_ours(lab, set, sock_cgroup, hook)?;
             p.say(&format!(
                 "  {}: attached ({:?}){}, {entries} map entries written in {took:.2}s",
@@ -360,9 +365,9 @@ pub fn activate(
 }
 
 /// Verifies that the node runs exactly the datapath `kind` and nothing else: XDP on the
-/// uplink only for ours (not for ours-tc), kube-proxy's iptables jump only for iptables, the kube-proxy nft
-/// table only for nftables. (Each check reads one chain: dumping a 360k-rule ruleset with
-/// `iptables-save` or `nft list ruleset` takes minutes.)
+/// uplink only for ours (not for ours-tc), kube-proxy's iptables jump only for iptables, the
+/// kube-proxy nft table only for nftables. (Each check reads one chain: dumping a 360k-rule
+/// ruleset with `iptables-save` or `nft list ruleset` takes minutes.)
 pub fn check_only(lab: &Lab, kind: PathKind) -> anyhow::Result<()> {
     let node = lab.node.name();
     let t = Duration::from_secs(300);

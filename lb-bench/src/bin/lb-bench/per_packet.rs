@@ -165,11 +165,7 @@ pub fn run(quick: bool, p: &Progress) -> anyhow::Result<PartResult> {
     let mut configs: Vec<(usize, usize)> = plan.sizes.iter().map(|n| (*n, 0)).collect();
     configs.push((largest, CT_FILL));
     let mut clients = Clients(0);
-    let ns = lb_testkit::lab::Netns::new(format!(
-        "{}{}-pp",
-        lb_testkit::lab::NS_PREFIX,
-        std::process::id()
-    ));
+    let ns = lb_testkit::lab::Netns::empty("pp");
     for (n, fill) in configs {
         let label = if fill > 0 {
             format!("N={n} with {fill} conntrack entries")
@@ -353,6 +349,7 @@ fn measure(
             },
             n as u64,
         )
+        .param("hook", hook_of(prog))
         .param("ct_entries", fill)
         .param("ct_capacity", caps.ct)
         .param("service_map_entries", service_entries)
@@ -566,6 +563,7 @@ fn measure(
             },
             n as u64,
         )
+        .param("hook", hook_of(prog))
         .param("ct_entries", fill)
         .param("ct_capacity", caps.ct)
         .param("service_map_entries", service_entries)
@@ -591,6 +589,7 @@ fn measure(
         let med = median_of(&m);
         let row = finish(
             Row::new("per-packet", case, path, n as u64)
+                .param("hook", hook_of(prog))
                 .param("ct_entries", fill)
                 .param("repeat", plan.repeat)
                 .param("runs", plan.runs),
@@ -603,7 +602,7 @@ fn measure(
     h.set_variant(Variant::Plain);
     // Every row's cost above its hook's floor.
     for row in rows.iter_mut().filter(|r| r.error.is_none()) {
-        let floor = if row.path.contains("TC") {
+        let floor = if row.params.get("hook").map(String::as_str) == Some(hook_of(Prog::Tc)) {
             floors[1].1
         } else {
             floors[0].1
@@ -732,6 +731,14 @@ fn establish(h: &mut Harness, prog: Prog, clients: &[SocketAddrV4]) {
     for c in clients {
         h.run(prog, &Pkt::tcp(*c, node(NODE_PORT), TCP_SYN).build());
         h.run(prog, &Pkt::tcp(*c, node(NODE_PORT), TCP_ACK).build());
+    }
+}
+
+/// The hook a program runs at (a row's `hook` param: which floor it is measured against).
+fn hook_of(prog: Prog) -> &'static str {
+    match prog {
+        Prog::Xdp => "xdp",
+        Prog::Tc | Prog::TcIngress => "tc",
     }
 }
 

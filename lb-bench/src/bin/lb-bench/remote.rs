@@ -72,11 +72,7 @@ fn setup(kind: PathKind, loadgen: &Path, p: &Progress) -> anyhow::Result<PathLab
     match kind {
         PathKind::Direct => {}
         PathKind::Ours | PathKind::OursTc => {
-            let hook = if kind == PathKind::OursTc {
-                lb_agent::loader::Attach::Tc
-            } else {
-                lb_agent::loader::Attach::Xdp
-            };
+            let hook = kind.hook().unwrap_or_default();
             let mut entries = services::entries(&set);
             for (_, b) in &mut entries.backends {
                 b.flags |= backend_flags::REMOTE;
