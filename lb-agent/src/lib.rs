@@ -4,6 +4,7 @@ pub mod bpfsys;
 pub mod controller;
 pub mod ct_gc;
 pub mod dataplane;
+pub mod hash;
 pub mod health;
 pub mod http;
 pub mod loader;

@@ -49,9 +49,9 @@ const CONTROL_TICK: Duration = Duration::from_millis(200);
 const SLOW_PASS: Duration = Duration::from_millis(100);
 /// How often a summary of the passes is logged (each one is logged at debug level).
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
-/// At most this many changes are applied before a reconcile (a long list is applied in
-/// pieces, but the maps are synced only once the source is ready).
-const DRAIN_MAX: usize = 100_000;
+/// At most this many changes are applied before a reconcile (a long list is applied and
+/// reconciled in pieces as it arrives, but the maps are synced only once the source is ready).
+const DRAIN_MAX: usize = 20_000;
 
 type HealthChecks = BTreeMap<u16, HealthCheck>;
 
@@ -300,7 +300,7 @@ impl Control {
                     while let Ok(change) = self.rx.try_recv() {
                         ready |= change.apply(&mut self.controller);
                         received += 1;
-                        if received as usize >= DRAIN_MAX && ready {
+                        if received as usize >= DRAIN_MAX {
                             break;
                         }
                     }
@@ -328,6 +328,23 @@ impl Control {
                 summary = Summary::default();
             }
             if !ready {
+                // Work on the lists while they arrive: reconcile what they made dirty and
+                // hand it to the syncer, which only records it. Nothing is written before
+                // every kind is listed (a partial view would program Services without
+                // their endpoints); then only the flush is left.
+                if received > 0 {
+                    let changes = self.controller.reconcile();
+                    for id in &changes.frontends {
+                        self.syncer
+                            .set_frontend(*id, self.controller.frontend(id).as_deref());
+                    }
+                    // Backends of new identities are invisible to the datapath until a
+                    // slot points at them: they may be written already.
+                    let report = self.syncer.prewrite_new_backends(&mut self.dp);
+                    for f in &report.failures {
+                        log::debug!("sync (before the lists are complete): {f}");
+                    }
+                }
                 continue;
             }
             let now = Instant::now();

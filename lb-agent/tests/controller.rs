@@ -247,6 +247,8 @@ struct Maps {
     inc_dp: MemDataplane,
     full: Syncer,
     full_dp: MemDataplane,
+    /// Backends the prewrites put.
+    prewritten: usize,
 }
 
 impl Maps {
@@ -261,6 +263,7 @@ impl Maps {
             inc_dp: MemDataplane::default(),
             full: Syncer::new(limits),
             full_dp: MemDataplane::default(),
+            prewritten: 0,
         }
     }
 
@@ -275,6 +278,21 @@ impl Maps {
             self.inc.set_frontend(*id, c.frontend(id).as_deref());
         }
         self.inc.set_node_addrs(c.node_addrs());
+        // As the agent does while its first lists arrive (here at every step): new
+        // identities' backends first. They are unreachable: only backend puts, to ids that
+        // were free.
+        let before = self.inc_dp.clone();
+        let r = self.inc.prewrite_new_backends(&mut self.inc_dp);
+        assert!(r.is_ok(), "{context}: {:?}", r.failures);
+        self.prewritten += r.puts;
+        for op in &self.inc_dp.log {
+            assert!(
+                matches!(op, MemOp::PutBackend(id, _) if !before.backends.contains_key(id)),
+                "{context}: prewrite wrote {op:?}"
+            );
+        }
+        replay(&before, &self.inc_dp.log, context);
+        self.inc_dp.log.clear();
         // Like the agent: flush, and again right away while something waits (a frontend
         // that was programmed without a counter slot gets one freed by this flush).
         for _ in 0..3 {
@@ -380,6 +398,10 @@ fn run_covering(seed: u64, events: usize, cfg: &ModelConfig, cov: &mut Coverage)
         cov.record(&want);
         prev = want;
     }
+    assert!(
+        maps.prewritten > 0,
+        "seed {seed}: no prewrite wrote anything"
+    );
     done
 }
 

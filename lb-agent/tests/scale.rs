@@ -190,9 +190,16 @@ fn control_plane_cost_at_scale() {
         s.set_frontend(*id, c.frontend(id).as_deref());
     }
     say("syncer: set_frontend", t);
+    // What the agent does while the lists still arrive: new identities' backends.
+    let t = Instant::now();
+    let r = s.prewrite_new_backends(&mut dp);
+    assert!(r.is_ok());
+    assert_eq!(r.puts, 10 * n, "every backend is a new identity");
+    say(&format!("syncer: new backends ({} puts)", r.puts), t);
     let t = Instant::now();
     let r = s.flush(&mut dp);
     assert!(r.is_ok());
+    assert_eq!(r.puts, n + 10 * n, "every master and slot");
     say(&format!("syncer: first flush ({} puts)", r.puts), t);
     let mut lat = Vec::new();
     for k in 0..200 {

@@ -1437,3 +1437,70 @@ fn endpoint_churn_through_set_frontend_and_flush_never_fails() {
         current.extend(new);
     }
 }
+
+/// The agent writes new identities' backends while the first lists still arrive: those
+/// writes touch no entry the datapath can reach (not an existing backend whose flags
+/// changed, not a service entry), and the flush after them completes the same maps.
+#[test]
+fn prewrite_puts_only_unreachable_new_backends_and_the_flush_completes_them() {
+    let mut dp = MemDataplane::default();
+    let (f1, f2) = (fid("10.96.0.10", 80), fid("10.96.0.11", 80));
+    apply(
+        &mut Syncer::new(Limits::default()),
+        &desired(vec![(f1, bes(1..=3))], &[]),
+        &mut dp,
+    );
+    let before = dp.clone();
+
+    // A restarted agent; its lists are half in: f1's backend 3 is now terminating (an
+    // existing id: must wait for the flush), f2 is new with two new backends and one
+    // shared with f1.
+    let mut s = Syncer::new(Limits::default());
+    let mut terminating = bes(1..=3);
+    terminating[2].terminating = true;
+    let d = desired(
+        vec![
+            (f1, terminating),
+            (
+                f2,
+                vec![
+                    be("10.244.0.1", 8080),
+                    be("10.244.0.8", 8080),
+                    be("10.244.0.9", 8080),
+                ],
+            ),
+        ],
+        &[],
+    );
+    for (id, fe) in &d.frontends {
+        s.set_frontend(*id, Some(fe));
+    }
+    let n = dp.log.len();
+    let r = s.prewrite_new_backends(&mut dp);
+    assert!(r.is_ok(), "{:?}", r.failures);
+    let ops = ops_since(&dp, n).to_vec();
+    assert_eq!(ops.len(), 2, "{ops:#?}");
+    for op in &ops {
+        let MemOp::PutBackend(id, v) = op else {
+            panic!("only backend puts before the lists are complete: {op:?}");
+        };
+        assert!(!before.backends.contains_key(id), "id {id} was in use");
+        assert!([8u8, 9].contains(&(u32::from_be(v.addr) as u8)), "{v:?}");
+    }
+    assert_eq!(dp.services, before.services, "no service entry written");
+    replay(&before, &ops);
+    // A second prewrite has nothing left to do.
+    assert_eq!(s.prewrite_new_backends(&mut dp).puts, 0);
+
+    let n = dp.log.len();
+    let r = s.flush(&mut dp);
+    assert!(r.is_ok(), "{:?}", r.failures);
+    replay(&before, &dp.log[before.log.len()..]);
+    assert!(
+        !ops_since(&dp, n)
+            .iter()
+            .any(|op| matches!(op, MemOp::PutBackend(id, _) if !before.backends.contains_key(id))),
+        "the flush does not write the new backends again"
+    );
+    assert_state(&dp, &d);
+}

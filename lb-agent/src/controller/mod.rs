@@ -13,12 +13,13 @@
 //! Problems are counted per source (a Service, a Pod, the Nodes, a contested frontend, the
 //! health checks) and logged once when they first appear.
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use crate::hash::{HashMap, HashSet};
 use crate::model::{
     self, AgeKey, Cx, Desired, Frontend, FrontendId, HealthCandidate, HealthCheck, ModelConfig,
     NodeState, NodeView, PodView, Problem, Proto, Scope, ServiceView, SliceView,
@@ -175,30 +176,60 @@ pub struct Controller {
     health_dirty: bool,
     health_checks: BTreeMap<u16, HealthCheck>,
     health_problems: Vec<Problem>,
+    /// Kinds being listed: the objects the list has not delivered yet (deleted when it ends).
+    unlisted: Unlisted,
+}
+
+/// A kind of object, as listed by a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListKind {
+    Services,
+    Slices,
+    Pods,
+    Nodes,
+}
+
+/// Per kind being listed: the objects held before the list began that it has not delivered
+/// yet. Empty (nothing to find) on the first list.
+#[derive(Debug, Default)]
+struct Unlisted {
+    services: Option<HashSet<Key>>,
+    slices: Option<HashSet<Key>>,
+    pods: Option<HashSet<Key>>,
+    nodes: Option<HashSet<String>>,
+}
+
+impl Unlisted {
+    fn seen(set: &mut Option<HashSet<Key>>, namespace: &str, name: &str) {
+        if let Some(set) = set.as_mut().filter(|s| !s.is_empty()) {
+            set.remove(&Key::new(namespace, name));
+        }
+    }
 }
 
 impl Controller {
     pub fn new(cfg: ModelConfig) -> Self {
         let mut c = Self {
             cfg,
-            services: HashMap::new(),
-            slices: HashMap::new(),
-            slice_service: HashMap::new(),
-            pods: HashMap::new(),
+            services: HashMap::default(),
+            slices: HashMap::default(),
+            slice_service: HashMap::default(),
+            pods: HashMap::default(),
             nodes: BTreeMap::new(),
-            frontends: HashMap::new(),
-            conflicts: HashMap::new(),
+            frontends: HashMap::default(),
+            conflicts: HashMap::default(),
             problems: ProblemSet::default(),
-            dirty_services: HashSet::new(),
+            dirty_services: HashSet::default(),
             touched: BTreeSet::new(),
             nodes_dirty: true,
             node_state: NodeState::default(),
             node_problems: Vec::new(),
             health_candidates: BTreeMap::new(),
-            health_ports: HashMap::new(),
+            health_ports: HashMap::default(),
             health_dirty: false,
             health_checks: BTreeMap::new(),
             health_problems: Vec::new(),
+            unlisted: Unlisted::default(),
         };
         c.reconcile_nodes();
         c.nodes_dirty = true;
@@ -214,6 +245,7 @@ impl Controller {
 
     /// A Service was added or changed.
     pub fn upsert_service(&mut self, view: ServiceView) {
+        Unlisted::seen(&mut self.unlisted.services, &view.namespace, &view.name);
         let key = Key::new(view.namespace.clone(), view.name.clone());
         let found = self.services.get(&key).map(|e| {
             (
@@ -261,6 +293,7 @@ impl Controller {
 
     /// A Service was deleted.
     pub fn delete_service(&mut self, namespace: &str, name: &str) {
+        Unlisted::seen(&mut self.unlisted.services, namespace, name);
         let key = Key::new(namespace, name);
         let Some(arc) = self.services.get(&key).map(|e| e.key.clone()) else {
             return;
@@ -311,6 +344,7 @@ impl Controller {
     /// An EndpointSlice was added or changed; `view` is `None` when the model ignores it
     /// (not IPv4, no `kubernetes.io/service-name`).
     pub fn upsert_slice(&mut self, namespace: &str, name: &str, view: Option<SliceView>) {
+        Unlisted::seen(&mut self.unlisted.slices, namespace, name);
         let Some(view) = view else {
             self.delete_slice(namespace, name);
             return;
@@ -344,6 +378,7 @@ impl Controller {
 
     /// An EndpointSlice was deleted.
     pub fn delete_slice(&mut self, namespace: &str, name: &str) {
+        Unlisted::seen(&mut self.unlisted.slices, namespace, name);
         let Some(svc) = self.slice_service.remove(&Key::new(namespace, name)) else {
             return;
         };
@@ -361,6 +396,7 @@ impl Controller {
 
     /// A Pod was added or changed.
     pub fn upsert_pod(&mut self, view: PodView) {
+        Unlisted::seen(&mut self.unlisted.pods, &view.namespace, &view.name);
         let key = Key::new(view.namespace.clone(), view.name.clone());
         if self.pods.get(&key).is_some_and(|e| e.view == view) {
             return;
@@ -381,6 +417,7 @@ impl Controller {
 
     /// A Pod was deleted.
     pub fn delete_pod(&mut self, namespace: &str, name: &str) {
+        Unlisted::seen(&mut self.unlisted.pods, namespace, name);
         let Some(e) = self.pods.remove(&Key::new(namespace, name)) else {
             return;
         };
@@ -390,6 +427,9 @@ impl Controller {
 
     /// A Node was added or changed.
     pub fn upsert_node(&mut self, view: NodeView) {
+        if let Some(set) = self.unlisted.nodes.as_mut() {
+            set.remove(&view.name);
+        }
         if self.nodes.get(&view.name) != Some(&view) {
             self.nodes.insert(view.name.clone(), view);
             self.nodes_dirty = true;
@@ -398,76 +438,89 @@ impl Controller {
 
     /// A Node was deleted.
     pub fn delete_node(&mut self, name: &str) {
+        if let Some(set) = self.unlisted.nodes.as_mut() {
+            set.remove(name);
+        }
         if self.nodes.remove(name).is_some() {
             self.nodes_dirty = true;
         }
     }
 
+    /// A complete list of `kind` begins: its objects follow as upserts (and deletes), applied
+    /// as they arrive, and [`Controller::end_list`] deletes those held before that the list
+    /// did not deliver. A list that begins again (a retried or expired one) starts over.
+    pub fn begin_list(&mut self, kind: ListKind) {
+        let u = &mut self.unlisted;
+        match kind {
+            ListKind::Services => {
+                u.services = Some(self.services.keys().map(|k| (**k).clone()).collect())
+            }
+            ListKind::Slices => u.slices = Some(self.slice_service.keys().cloned().collect()),
+            ListKind::Pods => u.pods = Some(self.pods.keys().map(|k| (**k).clone()).collect()),
+            ListKind::Nodes => u.nodes = Some(self.nodes.keys().cloned().collect()),
+        }
+    }
+
+    /// The list of `kind` is complete: the objects it did not deliver are gone.
+    pub fn end_list(&mut self, kind: ListKind) {
+        match kind {
+            ListKind::Services => {
+                for k in self.unlisted.services.take().unwrap_or_default() {
+                    self.delete_service(&k.namespace, &k.name);
+                }
+            }
+            ListKind::Slices => {
+                for k in self.unlisted.slices.take().unwrap_or_default() {
+                    self.delete_slice(&k.namespace, &k.name);
+                }
+            }
+            ListKind::Pods => {
+                for k in self.unlisted.pods.take().unwrap_or_default() {
+                    self.delete_pod(&k.namespace, &k.name);
+                }
+            }
+            ListKind::Nodes => {
+                for n in self.unlisted.nodes.take().unwrap_or_default() {
+                    self.delete_node(&n);
+                }
+            }
+        }
+    }
+
     /// Every Service is now `views` (a full list): the others are deleted.
     pub fn replace_services(&mut self, views: Vec<ServiceView>) {
-        let keep: HashSet<Key> = views
-            .iter()
-            .map(|v| Key::new(v.namespace.clone(), v.name.clone()))
-            .collect();
-        let gone: Vec<Arc<Key>> = self
-            .services
-            .keys()
-            .filter(|k| !keep.contains(&***k))
-            .cloned()
-            .collect();
-        for k in gone {
-            self.delete_service(&k.namespace, &k.name);
-        }
+        self.begin_list(ListKind::Services);
         for v in views {
             self.upsert_service(v);
         }
+        self.end_list(ListKind::Services);
     }
 
     /// Every EndpointSlice is now `slices` (a full list of (namespace, name, view)).
     pub fn replace_slices(&mut self, slices: Vec<(Key, Option<SliceView>)>) {
-        let keep: HashSet<&Key> = slices.iter().map(|(k, _)| k).collect();
-        let gone: Vec<Key> = self
-            .slice_service
-            .keys()
-            .filter(|k| !keep.contains(k))
-            .cloned()
-            .collect();
-        for k in gone {
-            self.delete_slice(&k.namespace, &k.name);
-        }
+        self.begin_list(ListKind::Slices);
         for (k, v) in slices {
             self.upsert_slice(&k.namespace, &k.name, v);
         }
+        self.end_list(ListKind::Slices);
     }
 
     /// Every Pod is now `views`.
     pub fn replace_pods(&mut self, views: Vec<PodView>) {
-        let keep: HashSet<Key> = views
-            .iter()
-            .map(|v| Key::new(v.namespace.clone(), v.name.clone()))
-            .collect();
-        let gone: Vec<Arc<Key>> = self
-            .pods
-            .keys()
-            .filter(|k| !keep.contains(&***k))
-            .cloned()
-            .collect();
-        for k in gone {
-            self.delete_pod(&k.namespace, &k.name);
-        }
+        self.begin_list(ListKind::Pods);
         for v in views {
             self.upsert_pod(v);
         }
+        self.end_list(ListKind::Pods);
     }
 
     /// Every Node is now `views`.
     pub fn replace_nodes(&mut self, views: Vec<NodeView>) {
-        let new: BTreeMap<String, NodeView> =
-            views.into_iter().map(|v| (v.name.clone(), v)).collect();
-        if new != self.nodes {
-            self.nodes = new;
-            self.nodes_dirty = true;
+        self.begin_list(ListKind::Nodes);
+        for v in views {
+            self.upsert_node(v);
         }
+        self.end_list(ListKind::Nodes);
     }
 
     // -----------------------------------------------------------------------------------

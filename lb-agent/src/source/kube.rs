@@ -2,8 +2,10 @@
 //! Node, in two forms:
 //! - [`changes`] (the agent's): every object is converted to its compact view as it arrives
 //!   and sent as a [`Change`]; no full object is kept. A complete list (the first one, or a
-//!   re-list after `410 Gone`) is sent as one [`Change::Relisted`], and [`Change::Ready`]
-//!   follows once every kind has been listed;
+//!   re-list after `410 Gone`) is sent page by page as it arrives, between a
+//!   [`Change::ListBegin`] and a [`Change::ListEnd`] (so the controller works on it while the
+//!   rest is still on the wire), and [`Change::Ready`] follows once every kind has been
+//!   listed;
 //! - [`watch`] / [`KubeSource`]: kube-rs reflectors, published as debounced [`Snapshot`]s of
 //!   [`Objects`] on a `tokio::sync::watch` channel (for tests and tools).
 //!
@@ -32,8 +34,9 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::controller::Key;
+use crate::controller::ListKind;
 use crate::model::{ModelConfig, NodeView, Objects, PodView, ServiceView, SliceView};
-use crate::source::{Change, Relist};
+use crate::source::Change;
 
 /// How long the publisher waits after a change before taking a snapshot, so that a burst of
 /// events (a rollout, a re-list) becomes one snapshot.
@@ -144,17 +147,6 @@ pub fn changes(
         listed.clone(),
         move |s| Change::Service(key_of(s), Some(ServiceView::new(s, &c))),
         |s| Change::Service(key_of(s), None),
-        |items| {
-            Relist::Services(
-                items
-                    .into_iter()
-                    .filter_map(|c| match c {
-                        Change::Service(_, v) => v,
-                        _ => None,
-                    })
-                    .collect(),
-            )
-        },
     );
     let c = cfg.clone();
     let slices = spawn_changes::<EndpointSlice>(
@@ -165,17 +157,6 @@ pub fn changes(
         listed.clone(),
         move |s| Change::Slice(key_of(s), SliceView::new(s, &c)),
         |s| Change::Slice(key_of(s), None),
-        |items| {
-            Relist::Slices(
-                items
-                    .into_iter()
-                    .filter_map(|c| match c {
-                        Change::Slice(k, v) => Some((k, v)),
-                        _ => None,
-                    })
-                    .collect(),
-            )
-        },
     );
     let c = cfg.clone();
     let pods = spawn_changes::<Pod>(
@@ -186,17 +167,6 @@ pub fn changes(
         listed.clone(),
         move |p| Change::Pod(key_of(p), Some(PodView::new(p, &c))),
         |p| Change::Pod(key_of(p), None),
-        |items| {
-            Relist::Pods(
-                items
-                    .into_iter()
-                    .filter_map(|c| match c {
-                        Change::Pod(_, v) => v,
-                        _ => None,
-                    })
-                    .collect(),
-            )
-        },
     );
     // Every Node: this node's own gives the NodePort addresses, the others are where remote
     // endpoints live.
@@ -208,17 +178,6 @@ pub fn changes(
         listed.clone(),
         |n| Change::Node(n.name_any(), Some(NodeView::new(n))),
         |n| Change::Node(n.name_any(), None),
-        |items| {
-            Relist::Nodes(
-                items
-                    .into_iter()
-                    .filter_map(|c| match c {
-                        Change::Node(_, v) => v,
-                        _ => None,
-                    })
-                    .collect(),
-            )
-        },
     );
     let watchdog = AbortOnDrop(tokio::spawn(async move {
         let mut waited = Duration::ZERO;
@@ -258,6 +217,12 @@ struct Listed {
 
 impl Listed {
     const NAMES: [&'static str; 4] = ["services", "endpointslices", "pods", "nodes"];
+    const KINDS: [ListKind; 4] = [
+        ListKind::Services,
+        ListKind::Slices,
+        ListKind::Pods,
+        ListKind::Nodes,
+    ];
 
     /// Mark `kind` listed; true when this completes the set.
     fn mark(&self, kind: usize) -> bool {
@@ -287,7 +252,6 @@ impl Listed {
 }
 
 /// One watch of [`changes`]: objects converted as they arrive, lists sent whole.
-#[allow(clippy::too_many_arguments, reason = "one watch's parts, passed once")]
 fn spawn_changes<K>(
     kind: usize,
     api: Api<K>,
@@ -296,7 +260,6 @@ fn spawn_changes<K>(
     listed: Arc<Listed>,
     upsert: impl Fn(&K) -> Change + Send + 'static,
     delete: impl Fn(&K) -> Change + Send + 'static,
-    relist: impl Fn(Vec<Change>) -> Relist + Send + 'static,
 ) -> AbortOnDrop
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -306,22 +269,22 @@ where
     let task = tokio::spawn(async move {
         let stream = watcher::watcher(api, config).default_backoff();
         let mut stream = std::pin::pin!(stream);
-        let mut buffer: Vec<Change> = Vec::new();
+        let list_kind = Listed::KINDS[kind];
+        let mut listed_objects = 0usize;
         while let Some(item) = stream.next().await {
             let sent = match item {
                 Ok(Event::Init) => {
                     debug!("{name}: listing");
-                    buffer = Vec::new();
-                    true
+                    listed_objects = 0;
+                    tx.send(Change::ListBegin(list_kind)).is_ok()
                 }
                 Ok(Event::InitApply(o)) => {
-                    buffer.push(upsert(&o));
-                    true
+                    listed_objects += 1;
+                    tx.send(upsert(&o)).is_ok()
                 }
                 Ok(Event::InitDone) => {
-                    let items = std::mem::take(&mut buffer);
-                    info!("{name}: list complete ({} objects)", items.len());
-                    let mut ok = tx.send(Change::Relisted(relist(items))).is_ok();
+                    info!("{name}: list complete ({listed_objects} objects)");
+                    let mut ok = tx.send(Change::ListEnd(list_kind)).is_ok();
                     if listed.mark(kind) {
                         info!("kubernetes source ready: every kind listed");
                         ok &= tx.send(Change::Ready).is_ok();

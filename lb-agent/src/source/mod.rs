@@ -8,7 +8,7 @@
 pub mod kube;
 pub mod manifests;
 
-use crate::controller::{Controller, Key};
+use crate::controller::{Controller, Key, ListKind};
 use crate::model::{NodeView, PodView, ServiceView, SliceView};
 
 /// One change of the objects, as a source reports it.
@@ -21,20 +21,13 @@ pub enum Change {
     Slice(Key, Option<SliceView>),
     Pod(Key, Option<PodView>),
     Node(String, Option<NodeView>),
-    /// A complete list of one kind (the first list, or a re-list after a watch expired):
-    /// objects not in it are gone.
-    Relisted(Relist),
+    /// A complete list of one kind begins (the first list, or a re-list after a watch
+    /// expired): its objects follow as upserts, applied as they arrive.
+    ListBegin(ListKind),
+    /// That list is complete: the objects held before it that it did not deliver are gone.
+    ListEnd(ListKind),
     /// Every kind has been listed once: the state is complete and may be synced.
     Ready,
-}
-
-/// A complete list of one kind.
-#[derive(Debug, Clone)]
-pub enum Relist {
-    Services(Vec<ServiceView>),
-    Slices(Vec<(Key, Option<SliceView>)>),
-    Pods(Vec<PodView>),
-    Nodes(Vec<NodeView>),
 }
 
 impl Change {
@@ -48,10 +41,8 @@ impl Change {
             Change::Pod(k, None) => c.delete_pod(&k.namespace, &k.name),
             Change::Node(_, Some(v)) => c.upsert_node(v),
             Change::Node(name, None) => c.delete_node(&name),
-            Change::Relisted(Relist::Services(v)) => c.replace_services(v),
-            Change::Relisted(Relist::Slices(v)) => c.replace_slices(v),
-            Change::Relisted(Relist::Pods(v)) => c.replace_pods(v),
-            Change::Relisted(Relist::Nodes(v)) => c.replace_nodes(v),
+            Change::ListBegin(kind) => c.begin_list(kind),
+            Change::ListEnd(kind) => c.end_list(kind),
             Change::Ready => return true,
         }
         false

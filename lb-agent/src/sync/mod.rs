@@ -21,7 +21,7 @@ mod ids;
 mod order;
 mod shadow;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -31,6 +31,7 @@ use lb_common::{Backend4, Frontend4Key};
 use self::ids::{backend_alloc, svc_alloc, BKey, IdAlloc};
 use self::shadow::Shadow;
 use crate::dataplane::{Dataplane, DataplaneError};
+use crate::hash::HashMap;
 use crate::model::{Backend, Desired, Frontend, FrontendId, Proto, Scope};
 use crate::ports::PortRefs;
 
@@ -211,6 +212,9 @@ pub struct Syncer {
     pending: BTreeSet<Frontend4Key>,
     /// Backends whose desired value may have changed.
     pending_backends: BTreeSet<BKey>,
+    /// Identities that became desired since the last flush (for
+    /// [`Syncer::prewrite_new_backends`]).
+    new_backends: Vec<BKey>,
     /// Identities and frontends no longer desired: their ids may be freed.
     released_backends: Vec<BKey>,
     released_frontends: Vec<Frontend4Key>,
@@ -226,16 +230,17 @@ impl Syncer {
     pub fn new(limits: Limits) -> Self {
         Self {
             shadow: Shadow::default(),
-            want: HashMap::new(),
-            want_backends: HashMap::new(),
+            want: HashMap::default(),
+            want_backends: HashMap::default(),
             want_node_addrs: BTreeSet::new(),
-            backend_ids: HashMap::new(),
-            svc_ids: HashMap::new(),
-            svc_owner: HashMap::new(),
+            backend_ids: HashMap::default(),
+            svc_ids: HashMap::default(),
+            svc_owner: HashMap::default(),
             backend_alloc: backend_alloc(&limits),
             svc_alloc: svc_alloc(&limits),
             pending: BTreeSet::new(),
             pending_backends: BTreeSet::new(),
+            new_backends: Vec::new(),
             released_backends: Vec::new(),
             released_frontends: Vec::new(),
             uncounted: BTreeSet::new(),
@@ -287,12 +292,12 @@ impl Syncer {
     }
 
     /// Compare every frontend and backend at the next flush.
+    /// (Every desired backend is used by a desired frontend, so marking the frontends covers
+    /// the backends.)
     fn mark_everything(&mut self) {
         self.pending.extend(self.want.keys().copied());
         let present: Vec<Frontend4Key> = self.shadow.frontends().collect();
         self.pending.extend(present);
-        self.pending_backends
-            .extend(self.want_backends.keys().copied());
     }
 
     /// Entries this syncer holds in each map (its shadow of the maps; no syscall).
@@ -352,6 +357,9 @@ impl Syncer {
                 );
                 for (key, flags) in new.backends.iter() {
                     let c = self.want_backends.entry(*key).or_default();
+                    if c.users == 0 {
+                        self.new_backends.push(*key);
+                    }
                     c.users += 1;
                     c.remote += u32::from(flags & backend_flags::REMOTE != 0);
                     c.terminating += u32::from(flags & backend_flags::TERMINATING != 0);

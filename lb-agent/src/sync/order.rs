@@ -105,6 +105,8 @@ impl Syncer {
     /// and `r`. The shadow must have been adopted.
     pub(super) fn write_in_order(&mut self, dp: &mut impl Dataplane, r: &mut SyncReport) {
         let pending = std::mem::take(&mut self.pending);
+        // Covered below: every new identity is a backend of a pending frontend.
+        self.new_backends.clear();
         let mut unsynced: BTreeSet<Frontend4Key> = BTreeSet::new();
         let mut released = Released::default();
         let mut write_backends: Vec<BKey> = std::mem::take(&mut self.pending_backends)
@@ -151,42 +153,7 @@ impl Syncer {
 
         // 3. New and changed backends.
         let mut missing: BTreeSet<BKey> = BTreeSet::new();
-        // In chunks, so that a first sync of millions of entries never holds them all twice.
-        for chunk in write_backends.chunks(CHUNK) {
-            let mut puts: Vec<(u32, Backend4)> = Vec::with_capacity(chunk.len());
-            for key in chunk {
-                let Some(count) = self.want_backends.get(key) else {
-                    continue;
-                };
-                let value = Backend4 {
-                    flags: count.flags(),
-                    ..bkey_backend(key)
-                };
-                let id = match self.backend_ids.get(key) {
-                    Some(id) => *id,
-                    None => match self.backend_alloc.alloc() {
-                        Some(id) => {
-                            self.backend_ids.insert(*key, id);
-                            id
-                        }
-                        None => {
-                            missing.insert(*key);
-                            r.failures.push(SyncFailure {
-                                entry: format!("backend {}", describe_backend(&value)),
-                                error: SyncError::BackendIdsExhausted {
-                                    limit: self.backend_alloc.limit(),
-                                },
-                            });
-                            continue;
-                        }
-                    },
-                };
-                if self.shadow.backend(id) != Some(value) {
-                    puts.push((id, value));
-                }
-            }
-            self.put_backends(&puts, &mut missing, dp, r);
-        }
+        self.put_wanted_backends(&write_backends, false, &mut missing, dp, r);
         drop(write_backends);
 
         // 4. Changed frontends: shrinking ones first (they free slots), then the others.
@@ -250,6 +217,77 @@ impl Syncer {
 
         self.release_ids(&mut released);
         self.pending.extend(unsynced);
+    }
+
+    /// Put the desired value of each backend in `keys` whose value in the map differs
+    /// (allocating ids for new identities); with `only_new`, only identities that have no id
+    /// yet. In chunks, so that a first sync of millions of entries never holds them all
+    /// twice. Failed ones are `missing`.
+    fn put_wanted_backends(
+        &mut self,
+        keys: &[BKey],
+        only_new: bool,
+        missing: &mut BTreeSet<BKey>,
+        dp: &mut impl Dataplane,
+        r: &mut SyncReport,
+    ) {
+        for chunk in keys.chunks(CHUNK) {
+            let mut puts: Vec<(u32, Backend4)> = Vec::with_capacity(chunk.len());
+            for key in chunk {
+                let Some(count) = self.want_backends.get(key) else {
+                    continue;
+                };
+                let value = Backend4 {
+                    flags: count.flags(),
+                    ..bkey_backend(key)
+                };
+                let id = match self.backend_ids.get(key) {
+                    Some(_) if only_new => continue,
+                    Some(id) => *id,
+                    None => match self.backend_alloc.alloc() {
+                        Some(id) => {
+                            self.backend_ids.insert(*key, id);
+                            id
+                        }
+                        None => {
+                            missing.insert(*key);
+                            r.failures.push(SyncFailure {
+                                entry: format!("backend {}", describe_backend(&value)),
+                                error: SyncError::BackendIdsExhausted {
+                                    limit: self.backend_alloc.limit(),
+                                },
+                            });
+                            continue;
+                        }
+                    },
+                };
+                if self.shadow.backend(id) != Some(value) {
+                    puts.push((id, value));
+                }
+            }
+            self.put_backends(&puts, missing, dp, r);
+        }
+    }
+
+    /// Before the desired state is complete (a first list still arriving): put the backends
+    /// of identities that have no id yet. No slot points at a new id, so the datapath cannot
+    /// see them, and the flush that follows the complete list has that much less to write.
+    /// Anything that fails here is simply written (or reported) by that flush.
+    pub fn prewrite_new_backends(&mut self, dp: &mut impl Dataplane) -> SyncReport {
+        let mut r = SyncReport::default();
+        if !self.adopted {
+            if let Err(error) = self.adopt(dp) {
+                r.failures.push(SyncFailure {
+                    entry: "reading the maps".to_string(),
+                    error,
+                });
+                return r;
+            }
+        }
+        let keys = std::mem::take(&mut self.new_backends);
+        let mut missing = BTreeSet::new();
+        self.put_wanted_backends(&keys, true, &mut missing, dp, &mut r);
+        r
     }
 
     fn put_service(

@@ -2,10 +2,12 @@
 //! the backends with the number of slots that point at each, and the node addresses.
 //! Reading the shadow costs no syscall, and every lookup the ordered writes need is about one
 //! frontend or one backend, so a change costs the same at 10 or 100,000 Services.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use lb_common::{Backend4, Frontend4Key, Service4Value};
+
+use crate::hash::HashMap;
 
 /// What the syncer believes the maps hold: only entries whose write succeeded.
 #[derive(Debug, Clone, Default)]

@@ -656,6 +656,11 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        // As kube-apiserver: Go's net package sets TCP_NODELAY on every TCP connection.
+        // Without it, Nagle's algorithm holds a watch event written while an earlier one is
+        // unacknowledged until the client's delayed ACK (up to 40 ms): a tail that is the
+        // test double's, not the agent's.
+        let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&shared);
         conns.spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&shared), req));
