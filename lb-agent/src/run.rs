@@ -63,6 +63,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ct: args.ct_size,
         svc_stats: args.frontends_size,
     };
+    let cfg = ModelConfig {
+        node_name: args.node_name.clone(),
+        nodeport_range: args.nodeport_range.clone(),
+        extra_node_addrs: args.node_addr.clone(),
+    };
+    let (tx, rx) = mpsc::channel();
+    // A manifests directory is parsed while the datapath loads and is verified: CPU work
+    // with nothing to wait for. The Kubernetes watches start once the control thread runs,
+    // so that it works on each list page as it arrives and acts on a complete list at once.
+    let mut tx = Some(tx);
+    if args.manifests.is_some() {
+        start_source(&args, &cfg, tx.take())?;
+    }
     let mut datapath = Datapath::load(&args.bpffs, &caps)?;
     // The socket policy first: the hooks must know the node's namespace before they run.
     lb_agent::loader::set_socket_policy(datapath.pins(), args.localhost_nodeports)?;
@@ -164,14 +177,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let (hc_tx, hc_rx) = tokio::sync::watch::channel(None);
     tokio::spawn(serve_health_checks(hc_rx, metrics.clone()));
+    start_source(&args, &cfg, tx.take())?;
 
-    let cfg = ModelConfig {
-        node_name: args.node_name.clone(),
-        nodeport_range: args.nodeport_range.clone(),
-        extra_node_addrs: args.node_addr.clone(),
-    };
-    let (tx, rx) = mpsc::channel();
-    start_source(&args, &cfg, tx)?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     // Registered once, up front: a SIGINT that arrives while a sync runs is kept.
@@ -726,7 +733,15 @@ fn accept_local(iface: &str) {
 
 /// Start the object source on a thread of its own, sending its changes to `tx`. Fails
 /// early on a missing manifests directory or an unusable kubeconfig.
-fn start_source(args: &RunArgs, cfg: &ModelConfig, tx: mpsc::Sender<Change>) -> anyhow::Result<()> {
+/// Start the object source sending to `tx` (nothing when `tx` is `None`: already started).
+fn start_source(
+    args: &RunArgs,
+    cfg: &ModelConfig,
+    tx: Option<mpsc::Sender<Change>>,
+) -> anyhow::Result<()> {
+    let Some(tx) = tx else {
+        return Ok(());
+    };
     if let Some(dir) = &args.manifests {
         // Fail early on a missing directory; later read errors are logged and retried.
         let dir = ManifestDir::new(dir, cfg.clone())

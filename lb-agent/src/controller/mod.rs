@@ -371,7 +371,11 @@ impl Controller {
         let list = self.slices.entry(owner.clone()).or_default();
         match list.binary_search_by(|s| s.name.as_str().cmp(name)) {
             Ok(i) => list[i] = view,
-            Err(i) => list.insert(i, view),
+            Err(i) => {
+                // Most Services have one slice: no room for four.
+                list.reserve_exact(1);
+                list.insert(i, view)
+            }
         }
         self.dirty_services.insert(owner);
     }
@@ -632,7 +636,19 @@ impl Controller {
         if self.nodes_dirty {
             changes.nodes = self.reconcile_nodes();
         }
-        let dirty: Vec<Key> = self.dirty_services.drain().collect();
+        // While the EndpointSlices are being listed, a Service none of whose slices has
+        // arrived yet waits for them (or for the end of the list): reconciled now, it would
+        // be reconciled again as soon as they came (on a first list, every Service).
+        let dirty: Vec<Key> = if self.unlisted.slices.is_some() {
+            let (now, later): (Vec<Key>, Vec<Key>) = self
+                .dirty_services
+                .drain()
+                .partition(|k| self.slices.contains_key(k) || !self.services.contains_key(k));
+            self.dirty_services.extend(later);
+            now
+        } else {
+            self.dirty_services.drain().collect()
+        };
         for key in dirty {
             self.reconcile_service(&key);
         }
@@ -677,7 +693,9 @@ impl Controller {
             .map(|l| l.iter().collect())
             .unwrap_or_default();
         let mut cx = Cx::quiet(&self.cfg);
-        let outputs = model::service_frontends(&e.view, &slices, &mut cx);
+        let mut outputs = model::service_frontends(&e.view, &slices, &mut cx);
+        // Cached for the Service's lifetime: no spare capacity.
+        outputs.shrink_to_fit();
         let local = if e.view.health_check().is_some() {
             model::local_endpoints(&slices)
         } else {

@@ -303,6 +303,12 @@ fn served(
             node_port,
         });
     }
+    // Kept for the Service's lifetime (100k of them at scale): no spare capacity.
+    let (mut cluster_ips, mut external_ips, mut lb_ips) = (cluster_ips, external_ips, lb_ips);
+    cluster_ips.shrink_to_fit();
+    external_ips.shrink_to_fit();
+    lb_ips.shrink_to_fit();
+    ports.shrink_to_fit();
     Some(Served {
         cluster_ips,
         external_ips,
@@ -605,6 +611,9 @@ impl SliceView {
                 flags,
             });
         }
+        // Kept for the slice's lifetime: no spare capacity.
+        endpoints.shrink_to_fit();
+        raw.shrink_to_fit();
         Some(Self {
             namespace: namespace(&slice.metadata).to_string(),
             name: name(&slice.metadata).to_string(),

@@ -254,21 +254,24 @@ impl ManifestDir {
                 }
             }
         }
-        let mut defs_by_file: HashMap<&str, HashMap<&ObjRef, &Change>> = HashMap::new();
-        for ((name, _, fp), (defs, problems)) in
-            todo.iter().zip(parsed.iter().map(|(_, d, p)| (d, p)))
+        // Per file: the position of each object's first definition in it.
+        let mut defs_by_file: HashMap<&str, (usize, HashMap<&ObjRef, usize>)> = HashMap::new();
+        for (fi, ((name, _, fp), (defs, problems))) in todo
+            .iter()
+            .zip(parsed.iter().map(|(_, d, p)| (d, p)))
+            .enumerate()
         {
             out.problems.extend(problems.iter().cloned());
             let mut defines = Vec::with_capacity(defs.len());
             let mut mine = HashMap::with_capacity(defs.len());
-            for (i, (r, change)) in defs.iter().enumerate() {
+            for (i, (r, _)) in defs.iter().enumerate() {
                 let set = self.owners.entry(r.clone()).or_default();
                 set.insert((name.clone(), i));
                 defines.push(r.clone());
                 // The first definition in the file is the file's.
-                mine.entry(r).or_insert(change);
+                mine.entry(r).or_insert(i);
             }
-            defs_by_file.insert(name.as_str(), mine);
+            defs_by_file.insert(name.as_str(), (fi, mine));
             self.files.insert(
                 name.clone(),
                 FileState {
@@ -277,6 +280,13 @@ impl ManifestDir {
                 },
             );
         }
+        // What to send, in object order: a deletion, or a parsed definition (file, index),
+        // moved out of `parsed` once the lookups into it are done.
+        enum Emit {
+            Change(Change),
+            Parsed(usize, usize),
+        }
+        let mut emits = Vec::with_capacity(affected.len());
         for (r, before) in &affected {
             let now = self.owners.get(r).and_then(|s| s.first().cloned());
             if let Some(s) = self.owners.get(r).filter(|s| s.len() > 1) {
@@ -294,9 +304,12 @@ impl ManifestDir {
                 }
             }
             match now {
-                None => out.changes.push(deleted(r)),
-                Some((file, _)) => match defs_by_file.get(file.as_str()).and_then(|m| m.get(r)) {
-                    Some(change) => out.changes.push((*change).clone()),
+                None => emits.push(Emit::Change(deleted(r))),
+                Some((file, _)) => match defs_by_file
+                    .get(file.as_str())
+                    .and_then(|(fi, m)| Some((*fi, *m.get(r)?)))
+                {
+                    Some((fi, i)) => emits.push(Emit::Parsed(fi, i)),
                     // Held by a file not read now: read it again if the holder changed.
                     None if before.as_ref().map(|b| &b.0) != Some(&file) => {
                         self.forced.insert(file);
@@ -306,6 +319,22 @@ impl ManifestDir {
             }
         }
         drop(defs_by_file);
+        let mut parsed: Vec<Vec<Option<Change>>> = parsed
+            .into_iter()
+            .map(|(_, defs, _)| defs.into_iter().map(|(_, c)| Some(c)).collect())
+            .collect();
+        out.changes.reserve(emits.len());
+        for e in emits {
+            match e {
+                Emit::Change(c) => out.changes.push(c),
+                Emit::Parsed(fi, i) => {
+                    if let Some(c) = parsed.get_mut(fi).and_then(|d| d.get_mut(i)?.take()) {
+                        out.changes.push(c);
+                    }
+                }
+            }
+        }
+        drop(parsed);
         if !self.forced.is_empty() {
             let more = self.poll()?;
             out.changes.extend(more.changes);
