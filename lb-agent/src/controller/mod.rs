@@ -532,14 +532,13 @@ impl Controller {
 
     fn claim(&mut self, claimant: &Claimant, ids: &[FrontendId]) {
         for (seq, id) in ids.iter().enumerate() {
-            self.frontends
-                .entry(*id)
-                .or_default()
-                .claims
-                .push(ClaimRef {
-                    claimant: claimant.clone(),
-                    seq: seq as u32,
-                });
+            let claims = &mut self.frontends.entry(*id).or_default().claims;
+            // Most frontends have one claimant: no room for four.
+            claims.reserve_exact(1);
+            claims.push(ClaimRef {
+                claimant: claimant.clone(),
+                seq: seq as u32,
+            });
             self.touched.insert(*id);
         }
     }

@@ -563,7 +563,7 @@ impl SliceView {
             return None;
         }
         let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-        let ports = slice
+        let mut ports: Vec<SlicePort> = slice
             .ports
             .iter()
             .flatten()
@@ -612,6 +612,7 @@ impl SliceView {
             });
         }
         // Kept for the slice's lifetime: no spare capacity.
+        ports.shrink_to_fit();
         endpoints.shrink_to_fit();
         raw.shrink_to_fit();
         Some(Self {
