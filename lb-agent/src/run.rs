@@ -829,20 +829,27 @@ fn watch_manifests(mut dir: ManifestDir, tx: mpsc::Sender<Change>) {
     let mut ready = false;
     loop {
         let started = Instant::now();
-        match dir.poll() {
-            Ok(p) => {
-                if p.parsed > 0 {
+        // Changes go out as each part is read (the first read of a directory comes file by
+        // file, applied while the rest is parsed).
+        let (mut parsed, mut changes, mut gone) = (0, 0, false);
+        let polled = dir.poll_each(&mut |p| {
+            parsed += p.parsed;
+            changes += p.changes.len();
+            for c in p.changes {
+                gone |= tx.send(c).is_err();
+            }
+        });
+        if gone {
+            return;
+        }
+        match polled {
+            Ok(()) => {
+                if parsed > 0 {
                     log::info!(
-                        "manifests: read {} file(s), {} object change(s) in {:.1} ms",
-                        p.parsed,
-                        p.changes.len(),
+                        "manifests: read {parsed} file(s), {changes} object change(s) in \
+                         {:.1} ms",
                         started.elapsed().as_secs_f64() * 1e3
                     );
-                }
-                for c in p.changes {
-                    if tx.send(c).is_err() {
-                        return;
-                    }
                 }
                 if !ready {
                     ready = true;

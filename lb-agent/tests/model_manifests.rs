@@ -542,3 +542,107 @@ fn missing_serving_means_serving_and_proxy_name_or_headless_labels_skip() {
     );
     assert!(fe.backends[0].terminating);
 }
+
+// ---------------------------------------------------------------------------------------
+// The agent's incremental reader (`ManifestDir`)
+
+fn service_yaml(name: &str, ip: &str, port: u16) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n\
+         spec:\n  clusterIP: {ip}\n  ports:\n  - name: http\n    port: {port}\n    \
+         protocol: TCP\n"
+    )
+}
+
+/// The ClusterIP frontends `(address, port)` a controller fed `changes` holds.
+fn frontends_of(c: &mut lb_agent::controller::Controller) -> Vec<(String, u16)> {
+    c.reconcile();
+    c.desired()
+        .frontends
+        .keys()
+        .map(|id| (id.addr.to_string(), id.port))
+        .collect()
+}
+
+/// The first read of a directory comes file by file, in name order (applied while the rest
+/// is parsed); an object defined again in a later file keeps the first definition there as
+/// when read at once, and takes the later one when the first file goes.
+#[test]
+fn first_read_streams_file_by_file_and_keeps_the_first_definition() {
+    use lb_agent::controller::Controller;
+    use lb_agent::source::manifests::ManifestDir;
+    let dir = TempDir::new();
+    for i in 0..12 {
+        dir.write(
+            &format!("f{i:02}.yaml"),
+            &service_yaml(&format!("svc{i}"), &format!("10.96.0.{}", 10 + i), 80),
+        );
+    }
+    // f03 defines web first; f07 defines it again on another port.
+    dir.write(
+        "f03.yaml",
+        &(service_yaml("svc3", "10.96.0.13", 80) + &service_yaml("web", "10.96.1.1", 80)),
+    );
+    dir.write(
+        "f07.yaml",
+        &(service_yaml("svc7", "10.96.0.17", 80) + &service_yaml("web", "10.96.1.1", 8080)),
+    );
+    let cfg = ModelConfig::new("node-a");
+    let mut reader = ManifestDir::new(dir.path(), cfg.clone()).expect("dir");
+    let mut parts = Vec::new();
+    reader
+        .poll_each(&mut |p| parts.push(p))
+        .expect("first read");
+    assert_eq!(parts.len(), 12, "one part per file");
+    assert!(parts.iter().all(|p| p.parsed == 1));
+    let mut c = Controller::new(cfg.clone());
+    let mut problems = Vec::new();
+    for p in parts {
+        problems.extend(p.problems);
+        for ch in p.changes {
+            ch.apply(&mut c);
+        }
+    }
+    let fes = frontends_of(&mut c);
+    assert_eq!(fes.len(), 13, "{fes:?}");
+    assert!(fes.contains(&("10.96.1.1".into(), 80)), "{fes:?}");
+    assert!(!fes.contains(&("10.96.1.1".into(), 8080)), "{fes:?}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.object.starts_with("f07.yaml") && p.reason.contains("defined again")),
+        "{problems:?}"
+    );
+
+    // The same as the reader's batch path: a directory holding one file at first, then
+    // the other eleven read by one poll.
+    let batch = TempDir::new();
+    std::fs::copy(dir.path().join("f00.yaml"), batch.path().join("f00.yaml")).expect("copy");
+    let mut other = ManifestDir::new(batch.path(), cfg.clone()).expect("dir");
+    let mut c2 = Controller::new(cfg.clone());
+    let first = other.poll().expect("read");
+    assert_eq!(first.parsed, 1);
+    for ch in first.changes {
+        ch.apply(&mut c2);
+    }
+    for i in 1..12 {
+        let f = format!("f{i:02}.yaml");
+        std::fs::copy(dir.path().join(&f), batch.path().join(&f)).expect("copy");
+    }
+    let rest = other.poll().expect("read");
+    assert_eq!(rest.parsed, 11);
+    for ch in rest.changes {
+        ch.apply(&mut c2);
+    }
+    assert_eq!(frontends_of(&mut c2), fes);
+
+    // The first definer goes: the later one takes over.
+    std::fs::remove_file(dir.path().join("f03.yaml")).expect("remove");
+    for ch in reader.poll().expect("poll").changes {
+        ch.apply(&mut c);
+    }
+    let fes = frontends_of(&mut c);
+    assert!(fes.contains(&("10.96.1.1".into(), 8080)), "{fes:?}");
+    assert!(!fes.contains(&("10.96.0.13".into(), 80)), "{fes:?}");
+    assert_eq!(fes.len(), 12, "{fes:?}");
+}

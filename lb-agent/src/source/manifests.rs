@@ -226,6 +226,21 @@ impl ManifestDir {
     /// Look at the directory and parse the files that are new or changed; returns the
     /// changes of the objects they (no longer) define. Nothing changed: no changes.
     pub fn poll(&mut self) -> Result<Poll, ManifestError> {
+        let mut all = Poll::default();
+        self.poll_each(&mut |p| {
+            all.changes.extend(p.changes);
+            all.problems.extend(p.problems);
+            all.parsed += p.parsed;
+        })?;
+        Ok(all)
+    }
+
+    /// [`ManifestDir::poll`], handing its result to `emit` in parts: on the first read of a
+    /// directory, each file's changes as soon as it and every file before it (by name) are
+    /// parsed, so that they are applied while the rest is parsed. The parts together are
+    /// what `poll` returns: files are taken in name order, and a file's objects that an
+    /// earlier file defines already are only reported as defined twice.
+    pub fn poll_each(&mut self, emit: &mut dyn FnMut(Poll)) -> Result<(), ManifestError> {
         let listed = yaml_files(&self.dir)?;
         let mut todo: Vec<(String, PathBuf, (u64, SystemTime))> = Vec::new();
         let mut present = BTreeSet::new();
@@ -247,13 +262,78 @@ impl ManifestDir {
             .cloned()
             .collect();
         self.forced.clear();
-        let mut out = Poll::default();
         if todo.is_empty() && removed.is_empty() {
-            return Ok(out);
+            return Ok(());
         }
-
+        if self.files.is_empty() && removed.is_empty() && todo.len() > 1 {
+            return self.first_read(&todo, emit);
+        }
         let parsed = self.parse_all(&todo);
-        out.parsed = parsed.len();
+        let out = self.apply_parsed(&todo, &removed, parsed)?;
+        emit(out);
+        Ok(())
+    }
+
+    /// The first read of a directory: files parsed on several threads, each applied (and
+    /// emitted) in name order as soon as it and the files before it are parsed.
+    fn first_read(
+        &mut self,
+        todo: &[(String, PathBuf, (u64, SystemTime))],
+        emit: &mut dyn FnMut(Poll),
+    ) -> Result<(), ManifestError> {
+        let threads = self.threads.min(todo.len()).max(1);
+        let cfg = self.cfg.clone();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, Parsed)>();
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                let done_tx = done_tx.clone();
+                let (next, cfg) = (&next, &cfg);
+                s.spawn(move || loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((name, path, _)) = todo.get(i) else {
+                        return;
+                    };
+                    if done_tx.send((i, parse_file(name, path, cfg))).is_err() {
+                        return;
+                    }
+                });
+            }
+            drop(done_tx);
+            let mut ready: BTreeMap<usize, Parsed> = BTreeMap::new();
+            let mut at = 0;
+            while at < todo.len() {
+                let Ok((i, p)) = done_rx.recv() else {
+                    break; // a parse thread died: the next poll reads the rest again
+                };
+                ready.insert(i, p);
+                while let Some((defs, problems)) = ready.remove(&at) {
+                    let file = todo[at].clone();
+                    let out = self.apply_parsed(
+                        std::slice::from_ref(&file),
+                        &[],
+                        vec![(file.0.clone(), defs, problems)],
+                    )?;
+                    emit(out);
+                    at += 1;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Record the `parsed` contents of the files `todo` (read again or new) and the loss of
+    /// the files `removed`; returns the changes of the objects whose definition changed.
+    fn apply_parsed(
+        &mut self,
+        todo: &[(String, PathBuf, (u64, SystemTime))],
+        removed: &[String],
+        parsed: Vec<(String, Vec<Defined>, Vec<Problem>)>,
+    ) -> Result<Poll, ManifestError> {
+        let mut out = Poll {
+            parsed: parsed.len(),
+            ..Poll::default()
+        };
         // The objects whose definitions change, with their holder before.
         let mut affected: BTreeMap<ObjRef, Option<(Arc<str>, usize)>> = BTreeMap::new();
         let mut touch = |owners: &HashMap<ObjRef, Definers>, r: &ObjRef| {
