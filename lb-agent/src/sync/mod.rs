@@ -100,6 +100,17 @@ pub struct SyncReport {
 }
 
 impl SyncReport {
+    /// The maps could not be read (to adopt them): nothing was written.
+    fn read_failed(error: SyncError) -> Self {
+        Self {
+            failures: vec![SyncFailure {
+                entry: "reading the maps".to_string(),
+                error,
+            }],
+            ..Self::default()
+        }
+    }
+
     /// No failure: the maps hold exactly the desired state.
     pub fn is_ok(&self) -> bool {
         self.failures.is_empty()
@@ -399,10 +410,7 @@ impl Syncer {
         let mut r = SyncReport::default();
         if !self.adopted {
             if let Err(error) = self.adopt(dp) {
-                r.failures.push(SyncFailure {
-                    entry: "reading the maps".to_string(),
-                    error,
-                });
+                r = SyncReport::read_failed(error);
                 r.unsynced = self
                     .pending
                     .iter()
@@ -441,12 +449,7 @@ impl Syncer {
     /// added or removed behind the syncer's back).
     pub fn resync(&mut self, dp: &mut impl Dataplane) -> SyncReport {
         if let Err(error) = self.adopt(dp) {
-            let mut r = SyncReport::default();
-            r.failures.push(SyncFailure {
-                entry: "reading the maps".to_string(),
-                error,
-            });
-            return r;
+            return SyncReport::read_failed(error);
         }
         self.flush(dp)
     }

@@ -274,16 +274,12 @@ impl Syncer {
     /// see them, and the flush that follows the complete list has that much less to write.
     /// Anything that fails here is simply written (or reported) by that flush.
     pub fn prewrite_new_backends(&mut self, dp: &mut impl Dataplane) -> SyncReport {
-        let mut r = SyncReport::default();
         if !self.adopted {
             if let Err(error) = self.adopt(dp) {
-                r.failures.push(SyncFailure {
-                    entry: "reading the maps".to_string(),
-                    error,
-                });
-                return r;
+                return SyncReport::read_failed(error);
             }
         }
+        let mut r = SyncReport::default();
         let keys = std::mem::take(&mut self.new_backends);
         let mut missing = BTreeSet::new();
         self.put_wanted_backends(&keys, true, &mut missing, dp, &mut r);
