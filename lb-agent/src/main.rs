@@ -294,7 +294,3 @@ mod tests {
         assert!(p("soon").is_err());
     }
 }
-
-/// mimalloc: thread-local heaps for the parse threads and the control thread.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -224,7 +224,3 @@ fn control_plane_cost_at_scale() {
     let (rss, hwm) = rss_mib();
     eprintln!("end: RSS {rss:.0} MiB, peak {hwm:.0} MiB");
 }
-
-/// The agent's allocator (`src/main.rs`), so the phases cost here what they cost there.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
