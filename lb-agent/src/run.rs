@@ -8,7 +8,10 @@
 //! - the control thread (`lb-control`): applies the changes to the incremental
 //!   [`Controller`], reconciles what they made dirty, hands the changed frontends to the
 //!   [`Syncer`] and flushes them into the maps (the bpf syscalls), retries failures with
-//!   backoff, and every `--resync-interval` re-reads the maps and repairs any drift;
+//!   backoff, and every `--resync-interval` re-reads the maps and repairs any drift. While
+//!   the first lists arrive it already reconciles them and writes the backends of new
+//!   identities (unreachable until a slot points at them), so that once every kind is
+//!   listed only the slots and masters are left to write;
 //! - the async runtime: signals, `/metrics` (its bpf reads run on the blocking pool),
 //!   `/healthz`, and the healthCheckNodePort servers.
 use std::{
