@@ -734,9 +734,9 @@ fn accept_local(iface: &str) {
     }
 }
 
-/// Start the object source on a thread of its own, sending its changes to `tx`. Fails
-/// early on a missing manifests directory or an unusable kubeconfig.
-/// Start the object source sending to `tx` (nothing when `tx` is `None`: already started).
+/// Start the object source on a thread of its own, sending its changes to `tx` (nothing
+/// when `tx` is `None`: it was started already). Fails early on a missing manifests
+/// directory or an unusable kubeconfig.
 fn start_source(
     args: &RunArgs,
     cfg: &ModelConfig,

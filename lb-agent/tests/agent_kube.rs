@@ -671,8 +671,9 @@ fn agent_follows_the_api_server_through_kubeconfig() {
     assert_eq!(s.frontends.keys().collect::<Vec<_>>(), [HOSTPORT], "{s:#?}");
     assert_eq!(s.node_addrs, ["10.1.0.1"], "{s:#?}");
 
-    // 5. The watches are cut and held away while the cluster changes, then the history is
-    //    compacted: every kind gets 410 Gone, re-lists and converges. Meanwhile the maps keep
+    // 5. The watches are cut and held away while the cluster changes (objects added,
+    //    changed and deleted), then the history is compacted: every kind gets 410 Gone,
+    //    re-lists and converges; what the new lists lack is deleted. Meanwhile the maps keep
     //    what they had.
     h.wait_server("one open watch per kind", |s| {
         s.values().all(|k| k.open == 1)
@@ -688,6 +689,7 @@ fn agent_follows_the_api_server_through_kubeconfig() {
     h.server()
         .apply(&slice("api-1", "api", &[("10.244.1.8", NODE)]));
     h.server().apply(&node(NODE, "10.1.0.11"));
+    assert!(h.server().delete::<Pod>(Some("default"), "hostport"));
     h.server().compact();
     let s = h.status();
     assert!(
@@ -700,13 +702,18 @@ fn agent_follows_the_api_server_through_kubeconfig() {
     let s = h.wait_status("the changes made while the watches were away", |s| {
         s.backends("*:30090/TCP").as_deref() == Some(&["10.244.1.8:8080"][..])
             && s.node_addrs == ["10.1.0.11"]
+            && !s.frontends.contains_key(HOSTPORT)
     });
     assert_eq!(
         s.backends("10.96.0.11:443/TCP").as_deref(),
         Some(&["10.244.1.8:8080"][..]),
         "{s:#?}"
     );
-    assert!(s.frontends.contains_key(HOSTPORT), "{s:#?}");
+    assert_eq!(
+        s.frontends.len(),
+        2,
+        "the hostPort of a Pod deleted while the watches were away is gone: {s:#?}"
+    );
     h.wait_server("410 for every kind, a re-list and a new watch", |s| {
         s.iter()
             .all(|(k, st)| st.gone > before[k].gone && st.lists > before[k].lists && st.open == 1)
@@ -718,10 +725,8 @@ fn agent_follows_the_api_server_through_kubeconfig() {
         "api",
         &[("10.244.1.8", NODE), ("10.244.1.9", NODE)],
     ));
-    assert!(h.server().delete::<Pod>(Some("default"), "hostport"));
     let s = h.wait_status("changes after the re-list", |s| {
         s.backends("*:30090/TCP").is_some_and(|b| b.len() == 2)
-            && !s.frontends.contains_key(HOSTPORT)
     });
     assert_eq!(
         s.backends("*:30090/TCP").unwrap(),
