@@ -836,6 +836,11 @@ fn watch_manifests(mut dir: ManifestDir, tx: mpsc::Sender<Change>) {
         // file, applied while the rest is parsed).
         let (mut parsed, mut changes, mut gone) = (0, 0, false);
         let polled = dir.poll_each(&mut |p| {
+            // A file that cannot be read, a document that is not valid, an object defined
+            // twice: each is named, and the rest of the directory is applied.
+            for problem in &p.problems {
+                log::warn!("manifests: {problem}");
+            }
             parsed += p.parsed;
             changes += p.changes.len();
             for c in p.changes {

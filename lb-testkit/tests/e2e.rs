@@ -300,6 +300,12 @@ fn removed_backend_keeps_established_flows() {
     } else {
         (0, "pod0")
     };
+    // A malformed file beside them is reported by name and keeps nothing else from applying.
+    std::fs::write(
+        env.manifests.path().join("broken.yaml"),
+        "kind: [unclosed\n",
+    )
+    .expect("write broken.yaml");
     write_web(env.manifests.path(), &[keep]);
     // New connections stop reaching the victim within 2 s of the edit (the agent polls the
     // directory every 250 ms): from the switch on, 20 new connections in a row go elsewhere.
@@ -327,6 +333,19 @@ fn removed_backend_keeps_established_flows() {
         "new flows left {victim} only after {switched_at:?}"
     );
     println!("new flows left the removed backend {switched_at:?} after the manifest edit");
+    let agent = env.agent.as_ref().expect("the agent runs");
+    agent
+        .proc
+        .wait_for_log(
+            "manifests: broken.yaml document 1: invalid YAML",
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "the malformed file is not reported: {e}\n{}",
+                agent.proc.log()
+            )
+        });
     // Every established connection still works, including those on the removed backend.
     for (mut c, pod) in conns {
         let reply = c.request("again").expect("established connection survives");
