@@ -76,8 +76,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // with nothing to wait for. The Kubernetes watches start once the control thread runs,
     // so that it works on each list page as it arrives and acts on a complete list at once.
     let mut tx = Some(tx);
-    if args.manifests.is_some() {
-        start_source(&args, &cfg, tx.take())?;
+    if let Some(tx) = tx.take_if(|_| args.manifests.is_some()) {
+        start_source(&args, &cfg, tx)?;
     }
     let mut datapath = Datapath::load(&args.bpffs, &caps)?;
     // The socket policy first: the hooks must know the node's namespace before they run.
@@ -180,7 +180,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let (hc_tx, hc_rx) = tokio::sync::watch::channel(None);
     tokio::spawn(serve_health_checks(hc_rx, metrics.clone()));
-    start_source(&args, &cfg, tx.take())?;
+    if let Some(tx) = tx.take() {
+        start_source(&args, &cfg, tx)?;
+    }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -344,10 +346,7 @@ impl Control {
                 // their endpoints); then only the flush is left.
                 if received > 0 {
                     let changes = self.controller.reconcile();
-                    for id in &changes.frontends {
-                        self.syncer
-                            .set_frontend(*id, self.controller.frontend(id).as_deref());
-                    }
+                    self.hand_over(&changes.frontends);
                     // Backends of new identities are invisible to the datapath until a
                     // slot points at them: they may be written already.
                     let report = self.syncer.prewrite_new_backends(&mut self.dp);
@@ -371,10 +370,7 @@ impl Control {
                 continue;
             }
             self.node_state(&mut last_node_warning, &mut snat_addr);
-            for id in &changes.frontends {
-                self.syncer
-                    .set_frontend(*id, self.controller.frontend(id).as_deref());
-            }
+            self.hand_over(&changes.frontends);
             self.syncer.set_node_addrs(self.controller.node_addrs());
             let full = first || due_resync;
             self.widen_ports(full);
@@ -403,11 +399,6 @@ impl Control {
                     ""
                 }
             );
-            if first || due_resync || !report.is_ok() || took >= SLOW_PASS {
-                log::info!("{line}");
-            } else {
-                log::debug!("{line}");
-            }
             summary.passes += 1;
             summary.changes += received;
             summary.puts += report.puts;
@@ -431,6 +422,13 @@ impl Control {
                 first || due_resync,
             );
             self.publish_metrics(&mut update);
+            // The pass's line last: whoever waits for it finds /healthz and (unless a scrape
+            // held the metrics lock just then) /metrics already reflecting the pass.
+            if first || due_resync || !report.is_ok() || took >= SLOW_PASS {
+                log::info!("{line}");
+            } else {
+                log::debug!("{line}");
+            }
             if first || due_resync {
                 next_resync = self.resync_interval.map(|d| Instant::now() + d);
             }
@@ -444,6 +442,14 @@ impl Control {
                 // Frontends waiting for a counter slot that was freed: right away.
                 retry_at = (self.syncer.pending() > 0).then(Instant::now);
             }
+        }
+    }
+
+    /// Hand the frontends a reconcile reported to the syncer (written at its next flush).
+    fn hand_over(&mut self, frontends: &[FrontendId]) {
+        for id in frontends {
+            self.syncer
+                .set_frontend(*id, self.controller.frontend(id).as_deref());
         }
     }
 
@@ -734,17 +740,9 @@ fn accept_local(iface: &str) {
     }
 }
 
-/// Start the object source on a thread of its own, sending its changes to `tx` (nothing
-/// when `tx` is `None`: it was started already). Fails early on a missing manifests
-/// directory or an unusable kubeconfig.
-fn start_source(
-    args: &RunArgs,
-    cfg: &ModelConfig,
-    tx: Option<mpsc::Sender<Change>>,
-) -> anyhow::Result<()> {
-    let Some(tx) = tx else {
-        return Ok(());
-    };
+/// Start the object source on a thread of its own, sending its changes to `tx`. Fails
+/// early on a missing manifests directory or an unusable kubeconfig.
+fn start_source(args: &RunArgs, cfg: &ModelConfig, tx: mpsc::Sender<Change>) -> anyhow::Result<()> {
     if let Some(dir) = &args.manifests {
         // Fail early on a missing directory; later read errors are logged and retried.
         let dir = ManifestDir::new(dir, cfg.clone())

@@ -22,19 +22,17 @@ use lb_agent::model::{self, Desired, ModelConfig, NodeView, PodView, ServiceView
 use support::random::{Event, EventKind, Rng, World, NODE};
 
 /// One object of a streamed list, applied.
-type Upsert = Box<dyn FnOnce(&mut Controller)>;
-
-/// Apply `upserts` as one streamed list of `kind`, reconciling now and then.
+/// Feed `objects` (upserts) as one streamed list of `kind`, reconciling now and then.
 fn stream_list(
     c: &mut Controller,
     kind: ListKind,
-    upserts: Vec<Upsert>,
+    objects: Vec<Event>,
     rng: &mut Rng,
     reported: &mut Option<Changes>,
 ) {
     c.begin_list(kind);
-    for upsert in upserts {
-        upsert(c);
+    for e in &objects {
+        feed(c, e, rng);
         if rng.chance(20) {
             merge(reported.get_or_insert_with(Changes::default), c.reconcile());
         }
@@ -77,10 +75,7 @@ pub fn feed(c: &mut Controller, e: &Event, rng: &mut Rng) -> Option<Changes> {
             ListKind::Slices,
             w.slices
                 .iter()
-                .map(|((ns, n), s)| {
-                    let (ns, n, v) = (ns.clone(), n.clone(), SliceView::new(s, &cfg));
-                    Box::new(move |c: &mut Controller| c.upsert_slice(&ns, &n, v)) as Upsert
-                })
+                .map(|((ns, n), s)| Event::Slice(ns.clone(), n.clone(), Some(Box::new(s.clone()))))
                 .collect(),
             rng,
             &mut reported,
@@ -89,10 +84,9 @@ pub fn feed(c: &mut Controller, e: &Event, rng: &mut Rng) -> Option<Changes> {
             c,
             ListKind::Services,
             w.services
-                .values()
-                .map(|s| {
-                    let v = ServiceView::new(s, &cfg);
-                    Box::new(move |c: &mut Controller| c.upsert_service(v)) as Upsert
+                .iter()
+                .map(|((ns, n), s)| {
+                    Event::Service(ns.clone(), n.clone(), Some(Box::new(s.clone())))
                 })
                 .collect(),
             rng,

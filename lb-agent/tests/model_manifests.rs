@@ -554,7 +554,7 @@ fn service_yaml(name: &str, ip: &str, port: u16) -> String {
     )
 }
 
-/// The ClusterIP frontends `(address, port)` a controller fed `changes` holds.
+/// The frontends `(address, port)` the controller `c` holds, after a reconcile.
 fn frontends_of(c: &mut lb_agent::controller::Controller) -> Vec<(String, u16)> {
     c.reconcile();
     c.desired()

@@ -94,6 +94,9 @@ type Defined = (ObjRef, Change);
 /// A parsed file: its objects and its problems.
 type Parsed = (Vec<Defined>, Vec<Problem>);
 
+/// A file to read: its name, path and fingerprint (size, modification time).
+type Todo = (String, PathBuf, (u64, SystemTime));
+
 /// Parse one file into its objects' views (in document order) and its problems.
 fn parse_file(name: &str, path: &Path, cfg: &ModelConfig) -> Parsed {
     let mut loader = Loader {
@@ -242,7 +245,7 @@ impl ManifestDir {
     /// earlier file defines already are only reported as defined twice.
     pub fn poll_each(&mut self, emit: &mut dyn FnMut(Poll)) -> Result<(), ManifestError> {
         let listed = yaml_files(&self.dir)?;
-        let mut todo: Vec<(String, PathBuf, (u64, SystemTime))> = Vec::new();
+        let mut todo: Vec<Todo> = Vec::new();
         let mut present = BTreeSet::new();
         for (name, path) in listed {
             let Ok(md) = fs::metadata(&path) else {
@@ -268,7 +271,11 @@ impl ManifestDir {
         if self.files.is_empty() && removed.is_empty() && todo.len() > 1 {
             return self.first_read(&todo, emit);
         }
-        let parsed = self.parse_all(&todo);
+        let mut parsed = Vec::with_capacity(todo.len());
+        parse_in_order(&self.cfg, self.threads, &todo, |_, p| {
+            parsed.push(p);
+            Ok(())
+        })?;
         let out = self.apply_parsed(&todo, &removed, parsed)?;
         emit(out);
         Ok(())
@@ -278,46 +285,12 @@ impl ManifestDir {
     /// emitted) in name order as soon as it and the files before it are parsed.
     fn first_read(
         &mut self,
-        todo: &[(String, PathBuf, (u64, SystemTime))],
+        todo: &[Todo],
         emit: &mut dyn FnMut(Poll),
     ) -> Result<(), ManifestError> {
-        let threads = self.threads.min(todo.len()).max(1);
         let cfg = self.cfg.clone();
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, Parsed)>();
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                let done_tx = done_tx.clone();
-                let (next, cfg) = (&next, &cfg);
-                s.spawn(move || loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some((name, path, _)) = todo.get(i) else {
-                        return;
-                    };
-                    if done_tx.send((i, parse_file(name, path, cfg))).is_err() {
-                        return;
-                    }
-                });
-            }
-            drop(done_tx);
-            let mut ready: BTreeMap<usize, Parsed> = BTreeMap::new();
-            let mut at = 0;
-            while at < todo.len() {
-                let Ok((i, p)) = done_rx.recv() else {
-                    break; // a parse thread died: the next poll reads the rest again
-                };
-                ready.insert(i, p);
-                while let Some((defs, problems)) = ready.remove(&at) {
-                    let file = todo[at].clone();
-                    let out = self.apply_parsed(
-                        std::slice::from_ref(&file),
-                        &[],
-                        vec![(file.0.clone(), defs, problems)],
-                    )?;
-                    emit(out);
-                    at += 1;
-                }
-            }
+        parse_in_order(&cfg, self.threads, todo, |i, p| {
+            emit(self.apply_parsed(std::slice::from_ref(&todo[i]), &[], vec![p])?);
             Ok(())
         })
     }
@@ -326,9 +299,9 @@ impl ManifestDir {
     /// the files `removed`; returns the changes of the objects whose definition changed.
     fn apply_parsed(
         &mut self,
-        todo: &[(String, PathBuf, (u64, SystemTime))],
+        todo: &[Todo],
         removed: &[String],
-        parsed: Vec<(String, Vec<Defined>, Vec<Problem>)>,
+        parsed: Vec<Parsed>,
     ) -> Result<Poll, ManifestError> {
         let mut out = Poll {
             parsed: parsed.len(),
@@ -348,7 +321,7 @@ impl ManifestDir {
                 }
             }
         }
-        for (_, defs, _) in &parsed {
+        for (defs, _) in &parsed {
             for (r, _) in defs {
                 touch(&self.owners, r);
             }
@@ -368,11 +341,7 @@ impl ManifestDir {
         }
         // Per file: the position of each object's first definition in it.
         let mut defs_by_file: HashMap<&str, (usize, HashMap<&ObjRef, usize>)> = HashMap::new();
-        for (fi, ((name, _, fp), (defs, problems))) in todo
-            .iter()
-            .zip(parsed.iter().map(|(_, d, p)| (d, p)))
-            .enumerate()
-        {
+        for (fi, ((name, _, fp), (defs, problems))) in todo.iter().zip(&parsed).enumerate() {
             out.problems.extend(problems.iter().cloned());
             let mut defines = Vec::with_capacity(defs.len());
             let mut mine = HashMap::with_capacity(defs.len());
@@ -434,7 +403,7 @@ impl ManifestDir {
         drop(defs_by_file);
         let mut parsed: Vec<Vec<Option<Change>>> = parsed
             .into_iter()
-            .map(|(_, defs, _)| defs.into_iter().map(|(_, c)| Some(c)).collect())
+            .map(|(defs, _)| defs.into_iter().map(|(_, c)| Some(c)).collect())
             .collect();
         out.changes.reserve(emits.len());
         for e in emits {
@@ -456,39 +425,54 @@ impl ManifestDir {
         }
         Ok(out)
     }
+}
 
-    /// Parse `files`, on several threads when there are several.
-    fn parse_all(
-        &self,
-        files: &[(String, PathBuf, (u64, SystemTime))],
-    ) -> Vec<(String, Vec<Defined>, Vec<Problem>)> {
-        let threads = self.threads.min(files.len()).max(1);
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let slots: Vec<std::sync::Mutex<Option<Parsed>>> =
-            files.iter().map(|_| std::sync::Mutex::new(None)).collect();
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some((name, path, _)) = files.get(i) else {
-                        return;
-                    };
-                    let r = parse_file(name, path, &self.cfg);
-                    if let Ok(mut slot) = slots[i].lock() {
-                        *slot = Some(r);
-                    }
-                });
+/// Parse `files` on up to `threads` threads and hand each result to `f` in name order: file
+/// `i` as soon as it and every file before it are parsed. A file whose parse thread died is
+/// handed over empty.
+fn parse_in_order(
+    cfg: &ModelConfig,
+    threads: usize,
+    files: &[Todo],
+    mut f: impl FnMut(usize, Parsed) -> Result<(), ManifestError>,
+) -> Result<(), ManifestError> {
+    let threads = threads.min(files.len()).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, Parsed)>();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let done_tx = done_tx.clone();
+            let next = &next;
+            s.spawn(move || loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((name, path, _)) = files.get(i) else {
+                    return;
+                };
+                if done_tx.send((i, parse_file(name, path, cfg))).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+        let mut ready: BTreeMap<usize, Parsed> = BTreeMap::new();
+        let mut at = 0;
+        while at < files.len() {
+            match done_rx.recv() {
+                Ok((i, p)) => {
+                    ready.insert(i, p);
+                }
+                // Every parse thread is gone: what is still missing is empty.
+                Err(_) => (at..files.len()).for_each(|i| {
+                    ready.entry(i).or_default();
+                }),
             }
-        });
-        files
-            .iter()
-            .zip(slots)
-            .map(|((name, _, _), slot)| {
-                let (defs, problems) = slot.into_inner().ok().flatten().unwrap_or_default();
-                (name.clone(), defs, problems)
-            })
-            .collect()
-    }
+            while let Some(p) = ready.remove(&at) {
+                f(at, p)?;
+                at += 1;
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Load every manifest under `dir`. Every Node is kept (a `kubectl get nodes -o yaml` dump
