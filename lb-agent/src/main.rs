@@ -235,6 +235,20 @@ fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
     Ok(a..=b)
 }
 
+/// glibc's malloc, set for a daemon that builds large tables once and then changes them a
+/// little at a time: a fixed mmap threshold (its default), so that every large block (the
+/// hash tables as they grow, id vectors, batch buffers) keeps its own mapping and returns it
+/// when freed. By default the threshold slides up to the size of the largest block freed,
+/// after which such blocks are carved from the heap and their holes stay resident: about
+/// 40 MiB of the peak at 100k Services (docs/perf/control-plane.md).
+fn tune_malloc() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; nothing else runs yet.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
@@ -242,6 +256,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run(args) => {
+            tune_malloc();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

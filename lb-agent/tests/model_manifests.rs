@@ -467,7 +467,7 @@ fn session_affinity_client_ip_timeout_on_every_frontend() {
         Default::default();
     for fe in d.frontends.values() {
         by_owner
-            .entry(fe.owner.clone())
+            .entry(fe.owner.to_string())
             .or_default()
             .insert(fe.affinity_timeout_s);
     }

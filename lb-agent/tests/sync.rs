@@ -42,7 +42,7 @@ fn frontend(backends: Vec<Backend>) -> Frontend {
     backends.dedup();
     Frontend {
         flags: flags::CLUSTERIP,
-        owner: "default/web:http".to_string(),
+        owner: "default/web:http".into(),
         backends,
         affinity_timeout_s: 0,
     }

@@ -22,18 +22,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use crate::hash::{HashMap, HashSet};
 use crate::model::{
     self, AgeKey, Cx, Desired, Frontend, FrontendId, HealthCandidate, HealthCheck, ModelConfig,
-    NodeState, NodeView, PodView, Problem, Proto, Scope, ServiceView, SliceView,
+    Name, NodeState, NodeView, PodView, Problem, Proto, Scope, ServiceView, SliceView,
 };
 
 /// `(namespace, name)` of a namespaced object.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Name,
+    pub name: Name,
 }
 
 impl Key {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl Into<Name>, name: impl Into<Name>) -> Self {
         Self {
             namespace: namespace.into(),
             name: name.into(),
@@ -82,7 +82,7 @@ struct PodEntry {
 }
 
 /// Owned [`AgeKey`] of a Service, for the ordered set of health check candidates.
-type ServiceAge = (bool, Option<Time>, String, String);
+type ServiceAge = (bool, Option<Time>, Name, Name);
 
 fn service_age(v: &ServiceView) -> ServiceAge {
     (
@@ -157,7 +157,7 @@ pub struct Controller {
     /// IPv4 EndpointSlices by (namespace, service name), sorted by slice name.
     slices: HashMap<Key, Vec<SliceView>>,
     /// The Service each stored slice (namespace, slice name) names.
-    slice_service: HashMap<Key, String>,
+    slice_service: HashMap<Key, Name>,
     pods: HashMap<Arc<Key>, PodEntry>,
     nodes: BTreeMap<String, NodeView>,
     frontends: HashMap<FrontendId, Claims>,

@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use lb_common::service::flags;
 
 use super::{
-    Backend, Frontend, FrontendId, ModelConfig, Problem, Proto, DEFAULT_AFFINITY_TIMEOUT_S,
+    Backend, Frontend, FrontendId, ModelConfig, Name, Problem, Proto, DEFAULT_AFFINITY_TIMEOUT_S,
     DEFAULT_NAMESPACE, HEADLESS_LABEL, MAX_AFFINITY_TIMEOUT_S, SERVICE_NAME_LABEL,
     SERVICE_PROXY_NAME_LABEL,
 };
@@ -127,8 +127,8 @@ impl<'a> AgeKey<'a> {
 /// What the model reads of a Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceView {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Name,
+    pub name: Name,
     pub created: Option<Time>,
     /// Problems of the Service itself (not of its endpoints): reasons, for `Service ns/name`.
     problems: Vec<String>,
@@ -155,9 +155,9 @@ struct Served {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PortView {
     /// `ns/name:portname` (`ns/name:port` when unnamed).
-    owner: String,
+    owner: Name,
     /// The port's name, matched against the EndpointSlice ports ("" when unnamed).
-    name: String,
+    name: Name,
     port: u16,
     proto: Proto,
     /// A valid nodePort: the port also has a NodePort frontend.
@@ -182,8 +182,8 @@ impl ServiceView {
             Some(u16::try_from(hc).ok().filter(|p| *p != 0).ok_or(hc))
         });
         Self {
-            namespace: ns.to_string(),
-            name: svc_name.to_string(),
+            namespace: ns.into(),
+            name: svc_name.into(),
             created: svc.metadata.creation_timestamp.clone(),
             problems: cx.problems.into_iter().map(|p| p.reason).collect(),
             served: served.map(Box::new),
@@ -296,8 +296,8 @@ fn served(
             }
         }
         ports.push(PortView {
-            owner,
-            name: p.name.clone().unwrap_or_default(),
+            owner: owner.into(),
+            name: p.name.as_deref().unwrap_or_default().into(),
             port,
             proto,
             node_port,
@@ -512,10 +512,10 @@ pub(crate) fn service_frontends(
 /// What the model reads of an IPv4 EndpointSlice that names its Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SliceView {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Name,
+    pub name: Name,
     /// Its `kubernetes.io/service-name`.
-    pub service: String,
+    pub service: Name,
     ports: Vec<SlicePort>,
     /// Endpoints that have an address (their first, as kube-proxy reads them).
     endpoints: Vec<EndpointView>,
@@ -526,7 +526,7 @@ pub struct SliceView {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SlicePort {
-    name: String,
+    name: Name,
     /// `None`: a protocol no Service port has (SCTP, unknown).
     proto: Option<Proto>,
     port: Option<i32>,
@@ -568,7 +568,7 @@ impl SliceView {
             .iter()
             .flatten()
             .map(|p| SlicePort {
-                name: p.name.clone().unwrap_or_default(),
+                name: p.name.as_deref().unwrap_or_default().into(),
                 proto: Proto::from_k8s(p.protocol.as_deref()).ok(),
                 port: p.port,
             })
@@ -616,9 +616,9 @@ impl SliceView {
         endpoints.shrink_to_fit();
         raw.shrink_to_fit();
         Some(Self {
-            namespace: namespace(&slice.metadata).to_string(),
-            name: name(&slice.metadata).to_string(),
-            service: service.clone(),
+            namespace: namespace(&slice.metadata).into(),
+            name: name(&slice.metadata).into(),
+            service: service.as_str().into(),
             ports,
             endpoints,
             raw,
@@ -759,8 +759,8 @@ pub(crate) fn local_endpoints(slices: &[&SliceView]) -> usize {
 /// A Pod's hostPort frontends and problems (they depend on the Pod only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodView {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Name,
+    pub name: Name,
     pub created: Option<Time>,
     pub(crate) frontends: Vec<(FrontendId, Frontend)>,
     pub(crate) problems: Vec<Problem>,
@@ -771,8 +771,8 @@ impl PodView {
         let mut cx = Cx::quiet(cfg);
         let frontends = pod_frontends(pod, &mut cx);
         Self {
-            namespace: namespace(&pod.metadata).to_string(),
-            name: name(&pod.metadata).to_string(),
+            namespace: namespace(&pod.metadata).into(),
+            name: name(&pod.metadata).into(),
             created: pod.metadata.creation_timestamp.clone(),
             frontends,
             problems: cx.problems,
@@ -887,7 +887,7 @@ fn pod_frontends(pod: &Pod, cx: &mut Cx<'_>) -> Vec<(FrontendId, Frontend)> {
             FrontendId::new(addr, hp, proto),
             Frontend {
                 flags: flags::HOSTPORT,
-                owner: owner.clone(),
+                owner: owner.as_str().into(),
                 backends: vec![Backend {
                     addr: pod_ip,
                     port: cp,

@@ -17,6 +17,7 @@
 //!
 //! Failures never stop the sync: they are collected in the [`SyncReport`], the shadow keeps
 //! the entries that really are in the maps, and the next flush retries.
+mod identities;
 mod ids;
 mod order;
 mod shadow;
@@ -28,11 +29,12 @@ use std::net::Ipv4Addr;
 use lb_common::service::{backend_flags, scope};
 use lb_common::{Backend4, Frontend4Key};
 
+use self::identities::Identities;
 use self::ids::{backend_alloc, svc_alloc, BKey, IdAlloc};
 use self::shadow::Shadow;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::hash::HashMap;
-use crate::model::{Backend, Desired, Frontend, FrontendId, Proto, Scope};
+use crate::model::{Backend, Desired, Frontend, FrontendId, Name, Proto, Scope};
 use crate::ports::PortRefs;
 
 /// Sizes of the id spaces.
@@ -155,7 +157,7 @@ struct Want {
     id: FrontendId,
     flags: u16,
     affinity_timeout_s: u32,
-    owner: Box<str>,
+    owner: Name,
     /// Backend identities in slot order (slot 1 first), with the backend flags this
     /// frontend gives each.
     backends: Box<[(BKey, u8)]>,
@@ -167,7 +169,7 @@ impl Want {
             id,
             flags: fe.flags,
             affinity_timeout_s: fe.affinity_timeout_s,
-            owner: fe.owner.as_str().into(),
+            owner: fe.owner.clone(),
             backends: fe
                 .backends
                 .iter()
@@ -189,6 +191,18 @@ struct WantCount {
 }
 
 impl WantCount {
+    fn add(&mut self, flags: u8) {
+        self.users += 1;
+        self.remote += u32::from(flags & backend_flags::REMOTE != 0);
+        self.terminating += u32::from(flags & backend_flags::TERMINATING != 0);
+    }
+
+    fn remove(&mut self, flags: u8) {
+        self.users -= 1;
+        self.remote -= u32::from(flags & backend_flags::REMOTE != 0);
+        self.terminating -= u32::from(flags & backend_flags::TERMINATING != 0);
+    }
+
     /// The backend's flags: those any of its frontends gives it.
     fn flags(&self) -> u8 {
         let mut f = 0;
@@ -209,11 +223,9 @@ pub struct Syncer {
     shadow: Shadow,
     /// The desired frontends, by master key.
     want: HashMap<Frontend4Key, Want>,
-    /// Backends the desired frontends use.
-    want_backends: HashMap<BKey, WantCount>,
+    /// Backend identities: how the desired frontends use each, and its id.
+    identities: Identities,
     want_node_addrs: BTreeSet<Ipv4Addr>,
-    /// Backend id of each identity (present in the maps, or allocated for a pending put).
-    backend_ids: HashMap<BKey, u32>,
     /// svc id of each frontend (master key), and the other way round.
     svc_ids: HashMap<Frontend4Key, u32>,
     svc_owner: HashMap<u32, Frontend4Key>,
@@ -242,9 +254,8 @@ impl Syncer {
         Self {
             shadow: Shadow::default(),
             want: HashMap::default(),
-            want_backends: HashMap::default(),
+            identities: Identities::default(),
             want_node_addrs: BTreeSet::new(),
-            backend_ids: HashMap::default(),
             svc_ids: HashMap::default(),
             svc_owner: HashMap::default(),
             backend_alloc: backend_alloc(&limits),
@@ -273,7 +284,7 @@ impl Syncer {
         self.shadow = Shadow::default();
         self.backend_alloc = backend_alloc(&self.limits);
         self.svc_alloc = svc_alloc(&self.limits);
-        self.backend_ids.clear();
+        self.identities.clear_ids();
         self.svc_ids.clear();
         self.svc_owner.clear();
 
@@ -283,7 +294,7 @@ impl Syncer {
         for (id, b) in &backends {
             self.shadow.put_backend(*id, *b);
             if self.backend_alloc.reserve(*id) {
-                self.backend_ids.entry(BKey::of(b)).or_insert(*id);
+                self.identities.set_id_if_none(BKey::of(b), *id);
             }
         }
         drop(backends);
@@ -347,14 +358,8 @@ impl Syncer {
             );
             for (key, flags) in old.backends.iter() {
                 self.pending_backends.insert(*key);
-                if let Some(c) = self.want_backends.get_mut(key) {
-                    c.users -= 1;
-                    c.remote -= u32::from(flags & backend_flags::REMOTE != 0);
-                    c.terminating -= u32::from(flags & backend_flags::TERMINATING != 0);
-                    if c.users == 0 {
-                        self.want_backends.remove(key);
-                        self.released_backends.push(*key);
-                    }
+                if self.identities.remove_user(key, *flags) {
+                    self.released_backends.push(*key);
                 }
             }
         }
@@ -367,13 +372,9 @@ impl Syncer {
                     true,
                 );
                 for (key, flags) in new.backends.iter() {
-                    let c = self.want_backends.entry(*key).or_default();
-                    if c.users == 0 {
+                    if self.identities.add_user(*key, *flags) {
                         self.new_backends.push(*key);
                     }
-                    c.users += 1;
-                    c.remote += u32::from(flags & backend_flags::REMOTE != 0);
-                    c.terminating += u32::from(flags & backend_flags::TERMINATING != 0);
                 }
                 self.want.insert(fkey, new);
             }

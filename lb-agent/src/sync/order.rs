@@ -34,7 +34,7 @@ use super::ids::BKey;
 use super::shadow::slot_value;
 use super::{SyncError, SyncFailure, SyncReport, Syncer};
 use crate::dataplane::{Dataplane, DataplaneError};
-use crate::model::{FrontendId, Proto};
+use crate::model::{FrontendId, Name, Proto};
 
 /// Puts at or above this many go through `BPF_MAP_UPDATE_BATCH`.
 const BATCH_MIN: usize = 1024;
@@ -87,7 +87,7 @@ fn bkey_backend(key: &BKey) -> Backend4 {
 struct Plan {
     fkey: Frontend4Key,
     id: FrontendId,
-    owner: Box<str>,
+    owner: Name,
     ids: Vec<u32>,
     master: Service4Value,
     c0: u16,
@@ -234,19 +234,19 @@ impl Syncer {
         for chunk in keys.chunks(CHUNK) {
             let mut puts: Vec<(u32, Backend4)> = Vec::with_capacity(chunk.len());
             for key in chunk {
-                let Some(count) = self.want_backends.get(key) else {
+                let Some(count) = self.identities.want(key) else {
                     continue;
                 };
                 let value = Backend4 {
                     flags: count.flags(),
                     ..bkey_backend(key)
                 };
-                let id = match self.backend_ids.get(key) {
+                let id = match self.identities.id(key) {
                     Some(_) if only_new => continue,
-                    Some(id) => *id,
+                    Some(id) => id,
                     None => match self.backend_alloc.alloc() {
                         Some(id) => {
-                            self.backend_ids.insert(*key, id);
+                            self.identities.set_id(*key, id);
                             id
                         }
                         None => {
@@ -397,7 +397,7 @@ impl Syncer {
     /// Whether `id` is the id of a desired backend identity.
     fn is_wanted_id(&self, id: u32, b: &Backend4) -> bool {
         let key = BKey::of(b);
-        self.want_backends.contains_key(&key) && self.backend_ids.get(&key) == Some(&id)
+        self.identities.is_wanted(&key) && self.identities.id(&key) == Some(id)
     }
 
     /// Delete backends that no slot references (and, with `keep_wanted`, that are not
@@ -474,9 +474,9 @@ impl Syncer {
         };
         let mut ids = Vec::with_capacity(w.backends.len());
         for (key, _) in w.backends.iter() {
-            match self.backend_ids.get(key) {
-                Some(id) if !missing.contains(key) && self.shadow.backends.contains(*id) => {
-                    ids.push(*id)
+            match self.identities.id(key) {
+                Some(id) if !missing.contains(key) && self.shadow.backends.contains(id) => {
+                    ids.push(id)
                 }
                 _ => {
                     return Err(SyncFailure {
@@ -749,18 +749,18 @@ impl Syncer {
         let mut free = Vec::new();
         let bkeys = std::mem::take(&mut self.released_backends);
         for key in bkeys.iter().chain(released.backends.iter().map(|(_, k)| k)) {
-            if self.want_backends.contains_key(key) {
+            if self.identities.is_wanted(key) {
                 continue;
             }
-            if let Some(id) = self.backend_ids.get(key).copied() {
+            if let Some(id) = self.identities.id(key) {
                 if !self.shadow.backends.contains(id) {
-                    self.backend_ids.remove(key);
+                    self.identities.forget_id(key);
                     free.push(id);
                 }
             }
         }
         for (id, key) in released.backends.drain(..) {
-            if !self.shadow.backends.contains(id) && self.backend_ids.get(&key) != Some(&id) {
+            if !self.shadow.backends.contains(id) && self.identities.id(&key) != Some(id) {
                 free.push(id);
             }
         }
