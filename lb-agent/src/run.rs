@@ -449,7 +449,7 @@ impl Control {
     fn hand_over(&mut self, frontends: &[FrontendId]) {
         for id in frontends {
             self.syncer
-                .set_frontend(*id, self.controller.frontend(id).as_deref());
+                .set_frontend_shared(*id, self.controller.frontend_shared(id));
         }
     }
 

@@ -332,7 +332,10 @@ impl Maps {
         context: &str,
     ) {
         for id in &changes.frontends {
-            self.inc.set_frontend(*id, c.frontend(id).as_deref());
+            // The agent's path: the controller's output itself, shared.
+            let shared = c.frontend_shared(id);
+            assert_eq!(shared.as_deref(), c.frontend(id).as_deref(), "{context}");
+            self.inc.set_frontend_shared(*id, shared);
         }
         self.inc.set_node_addrs(c.node_addrs());
         // As the agent does while its first lists arrive (here at every step): new

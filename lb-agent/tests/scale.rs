@@ -187,7 +187,7 @@ fn control_plane_cost_at_scale() {
     let mut dp = Null::default();
     let t = Instant::now();
     for id in &changes.frontends {
-        s.set_frontend(*id, c.frontend(id).as_deref());
+        s.set_frontend_shared(*id, c.frontend_shared(id));
     }
     say("syncer: set_frontend", t);
     // What the agent does while the lists still arrive: new identities' backends.
@@ -209,7 +209,7 @@ fn control_plane_cost_at_scale() {
         c.upsert_slice("bench", &format!("svc-{i}-abcde"), v);
         let ch = c.reconcile();
         for id in &ch.frontends {
-            s.set_frontend(*id, c.frontend(id).as_deref());
+            s.set_frontend_shared(*id, c.frontend_shared(id));
         }
         let r = s.flush(&mut dp);
         assert_eq!(r.puts, 3, "one backend, one slot, the master");
@@ -223,4 +223,82 @@ fn control_plane_cost_at_scale() {
     );
     let (rss, hwm) = rss_mib();
     eprintln!("end: RSS {rss:.0} MiB, peak {hwm:.0} MiB");
+}
+
+/// The same N Services and slices as YAML in 100 files, as `lb-bench agent` writes them.
+fn write_manifests(dir: &std::path::Path, n: usize) {
+    let per_file = n.div_ceil(100).max(1);
+    std::fs::create_dir_all(dir).expect("creating the manifests directory");
+    for f in 0..n.div_ceil(per_file) {
+        let mut y = String::new();
+        for i in f * per_file..((f + 1) * per_file).min(n) {
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{i}\n  namespace: bench\nspec:\n  type: ClusterIP\n  clusterIP: {}\n  ports:\n  - name: p80\n    port: 80\n    protocol: TCP\n    targetPort: 8080\n",
+                Ipv4Addr::from(0x0a60_000a + i as u32)
+            ));
+            y.push_str(&format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-abcde\n  namespace: bench\n  labels:\n    kubernetes.io/service-name: svc-{i}\naddressType: IPv4\nports:\n- name: p80\n  port: 8080\n  protocol: TCP\nendpoints:\n"
+            ));
+            for k in 0..10 {
+                y.push_str(&format!(
+                    "- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  nodeName: bench-node\n",
+                    Ipv4Addr::from(0x0a80_0000 + (i * 16 + k) as u32 + 1)
+                ));
+            }
+        }
+        std::fs::write(dir.join(format!("svc-{f:03}.yaml")), y).expect("writing a manifest");
+    }
+}
+
+#[test]
+#[ignore = "a measurement: run with --release --ignored --nocapture"]
+fn manifests_cost_at_scale() {
+    let n: usize = std::env::var("LB_SCALE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let dir = std::env::temp_dir().join(format!("lb-scale-manifests-{}", std::process::id()));
+    write_manifests(&dir, n);
+    let say = |what: &str, t: Instant| {
+        let (rss, hwm) = rss_mib();
+        eprintln!(
+            "{what:<40} {:>8.1} ms   RSS {rss:>6.0} MiB (peak {hwm:.0})",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    };
+    say("files written", Instant::now());
+    let cfg = ModelConfig::new("bench-node");
+    let mut c = Controller::new(cfg.clone());
+    let t = Instant::now();
+    let mut md = lb_agent::source::manifests::ManifestDir::new(&dir, cfg).expect("the directory");
+    let mut changes = 0;
+    md.poll_each(&mut |p| {
+        for ch in p.changes {
+            changes += 1;
+            ch.apply(&mut c);
+        }
+    })
+    .expect("reading the directory");
+    assert_eq!(changes, 2 * n);
+    say("manifests read and applied", t);
+    let _ = std::fs::remove_dir_all(&dir);
+    let t = Instant::now();
+    let ch = c.reconcile();
+    say("controller: reconcile", t);
+    let mut s = Syncer::new(Limits {
+        svc_ids: n as u32 + 16,
+        ..Limits::default()
+    });
+    let mut dp = Null::default();
+    let t = Instant::now();
+    for id in &ch.frontends {
+        s.set_frontend_shared(*id, c.frontend_shared(id));
+    }
+    let r = s.prewrite_new_backends(&mut dp);
+    assert!(r.is_ok());
+    let r = s.flush(&mut dp);
+    assert!(r.is_ok());
+    say("syncer: set_frontend, backends, flush", t);
+    drop(md);
+    say("manifests state dropped", Instant::now());
 }

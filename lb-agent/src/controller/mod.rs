@@ -67,8 +67,9 @@ struct Claims {
 struct ServiceEntry {
     key: Arc<Key>,
     view: ServiceView,
-    /// The frontends it claims (its reconcile output, cached).
-    outputs: Vec<(FrontendId, Frontend)>,
+    /// The frontends it claims (its reconcile output, cached), each shared with the sync
+    /// ([`Controller::frontend_shared`]) rather than copied.
+    outputs: Vec<(FrontendId, Arc<Frontend>)>,
     /// Its problems and its slices', as registered in the problem counts.
     problems: Vec<Problem>,
     /// Its ready endpoints on this node (for its healthCheckNodePort).
@@ -543,7 +544,7 @@ impl Controller {
         }
     }
 
-    fn unclaim(&mut self, claimant: &Claimant, outputs: &[(FrontendId, Frontend)]) {
+    fn unclaim<F>(&mut self, claimant: &Claimant, outputs: &[(FrontendId, F)]) {
         for (seq, (id, _)) in outputs.iter().enumerate() {
             if let Some(c) = self.frontends.get_mut(id) {
                 c.claims
@@ -559,7 +560,7 @@ impl Controller {
             Claimant::Service(k) => {
                 let e = self.services.get(&**k)?;
                 let (_, fe) = e.outputs.get(r.seq as usize)?;
-                Some((fe, e.view.age(), e.view.object()))
+                Some((&**fe, e.view.age(), e.view.object()))
             }
             Claimant::Pod(k) => {
                 let e = self.pods.get(&**k)?;
@@ -692,9 +693,7 @@ impl Controller {
             .map(|l| l.iter().collect())
             .unwrap_or_default();
         let mut cx = Cx::quiet(&self.cfg);
-        let mut outputs = model::service_frontends(&e.view, &slices, &mut cx);
-        // Cached for the Service's lifetime: no spare capacity.
-        outputs.shrink_to_fit();
+        let outputs = model::service_frontends(&e.view, &slices, &mut cx);
         let local = if e.view.health_check().is_some() {
             model::local_endpoints(&slices)
         } else {
@@ -713,9 +712,19 @@ impl Controller {
             self.problems.remove(&e.problems);
             e.problems = problems;
         }
-        if e.outputs == outputs {
+        let unchanged = e.outputs.len() == outputs.len()
+            && e.outputs
+                .iter()
+                .zip(&outputs)
+                .all(|(a, b)| a.0 == b.0 && *a.1 == b.1);
+        if unchanged {
             return;
         }
+        // Cached for the Service's lifetime: no spare capacity (a collect could reuse the
+        // larger allocation of `outputs`).
+        let mut shared = Vec::with_capacity(outputs.len());
+        shared.extend(outputs.into_iter().map(|(id, fe)| (id, Arc::new(fe))));
+        let outputs = shared;
         let claimant = Claimant::Service(e.key.clone());
         let old = std::mem::replace(&mut e.outputs, outputs);
         let same_ids =
@@ -778,6 +787,23 @@ impl Controller {
                 ..fe.clone()
             }))
         }
+    }
+
+    /// [`Controller::frontend`], shared: the holder's cached output itself when it needs no
+    /// other flags (a Service's frontend, almost always), so that the sync keeps no copy.
+    pub fn frontend_shared(&self, id: &FrontendId) -> Option<Arc<Frontend>> {
+        let c = self.frontends.get(id)?;
+        if let Some(ClaimRef {
+            claimant: Claimant::Service(k),
+            seq,
+        }) = c.claims.first()
+        {
+            let (_, fe) = self.services.get(&**k)?.outputs.get(*seq as usize)?;
+            if fe.flags == c.flags {
+                return Some(fe.clone());
+            }
+        }
+        self.frontend(id).map(|fe| Arc::new(fe.into_owned()))
     }
 
     /// Every desired frontend, in no particular order.

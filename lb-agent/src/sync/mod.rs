@@ -25,6 +25,7 @@ mod shadow;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use lb_common::service::{backend_flags, scope};
 use lb_common::{Backend4, Frontend4Key};
@@ -34,7 +35,7 @@ use self::ids::{backend_alloc, svc_alloc, BKey, IdAlloc};
 use self::shadow::Shadow;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::hash::HashMap;
-use crate::model::{Backend, Desired, Frontend, FrontendId, Name, Proto, Scope};
+use crate::model::{Backend, Desired, Frontend, FrontendId, Proto, Scope};
 use crate::ports::PortRefs;
 
 /// Sizes of the id spaces.
@@ -151,34 +152,23 @@ pub fn backend_value(b: &Backend, proto: Proto) -> Backend4 {
     }
 }
 
-/// A desired frontend, as the sync keeps it.
+/// A desired frontend, as the sync keeps it: shared with the controller's cached output
+/// (see [`Syncer::set_frontend_shared`]), not copied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Want {
     id: FrontendId,
-    flags: u16,
-    affinity_timeout_s: u32,
-    owner: Name,
-    /// Backend identities in slot order (slot 1 first), with the backend flags this
-    /// frontend gives each.
-    backends: Box<[(BKey, u8)]>,
+    fe: Arc<Frontend>,
 }
 
 impl Want {
-    fn of(id: FrontendId, fe: &Frontend) -> Self {
-        Self {
-            id,
-            flags: fe.flags,
-            affinity_timeout_s: fe.affinity_timeout_s,
-            owner: fe.owner.clone(),
-            backends: fe
-                .backends
-                .iter()
-                .map(|b| {
-                    let v = backend_value(b, id.proto);
-                    (BKey::of(&v), v.flags)
-                })
-                .collect(),
-        }
+    /// Backend identities in slot order (slot 1 first), with the backend flags this frontend
+    /// gives each.
+    fn backends(&self) -> impl ExactSizeIterator<Item = (BKey, u8)> + '_ {
+        let proto = self.id.proto;
+        self.fe.backends.iter().map(move |b| {
+            let v = backend_value(b, proto);
+            (BKey::of(&v), v.flags)
+        })
     }
 }
 
@@ -344,8 +334,16 @@ impl Syncer {
 
     /// Desire `fe` (or nothing) at `id`; written at the next [`Syncer::flush`].
     pub fn set_frontend(&mut self, id: FrontendId, fe: Option<&Frontend>) {
+        if self.want.get(&frontend_key(&id)).map(|w| &*w.fe) != fe {
+            self.set_frontend_shared(id, fe.map(|fe| Arc::new(fe.clone())));
+        }
+    }
+
+    /// [`Syncer::set_frontend`] with a frontend the caller shares (the controller's cached
+    /// output): the syncer keeps a reference, not a copy.
+    pub fn set_frontend_shared(&mut self, id: FrontendId, fe: Option<Arc<Frontend>>) {
         let fkey = frontend_key(&id);
-        let new = fe.map(|fe| Want::of(id, fe));
+        let new = fe.map(|fe| Want { id, fe });
         if self.want.get(&fkey) == new.as_ref() {
             return;
         }
@@ -353,13 +351,13 @@ impl Syncer {
             self.ports.frontend(
                 old.id.port,
                 old.id.proto.ipproto(),
-                old.backends.iter().map(|(k, _)| u16::from_be(k.port)),
+                old.fe.backends.iter().map(|b| b.port),
                 false,
             );
-            for (key, flags) in old.backends.iter() {
-                self.pending_backends.insert(*key);
-                if self.identities.remove_user(key, *flags) {
-                    self.released_backends.push(*key);
+            for (key, flags) in old.backends() {
+                self.pending_backends.insert(key);
+                if self.identities.remove_user(&key, flags) {
+                    self.released_backends.push(key);
                 }
             }
         }
@@ -368,12 +366,12 @@ impl Syncer {
                 self.ports.frontend(
                     id.port,
                     id.proto.ipproto(),
-                    new.backends.iter().map(|(k, _)| u16::from_be(k.port)),
+                    new.fe.backends.iter().map(|b| b.port),
                     true,
                 );
-                for (key, flags) in new.backends.iter() {
-                    if self.identities.add_user(*key, *flags) {
-                        self.new_backends.push(*key);
+                for (key, flags) in new.backends() {
+                    if self.identities.add_user(key, flags) {
+                        self.new_backends.push(key);
                     }
                 }
                 self.want.insert(fkey, new);

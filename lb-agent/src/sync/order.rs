@@ -114,7 +114,7 @@ impl Syncer {
             .collect();
         for k in &pending {
             if let Some(w) = self.want.get(k) {
-                write_backends.extend(w.backends.iter().map(|(b, _)| *b));
+                write_backends.extend(w.backends().map(|(b, _)| b));
             }
         }
         write_backends.sort_unstable();
@@ -163,7 +163,7 @@ impl Syncer {
             .partition(|k| {
                 self.want
                     .get(k)
-                    .is_some_and(|w| w.backends.len() < usize::from(self.shadow.count(k)))
+                    .is_some_and(|w| w.fe.backends.len() < usize::from(self.shadow.count(k)))
             });
         for fkey in shrinking {
             if !self.sync_frontend(fkey, &missing, dp, r, &mut released) {
@@ -173,7 +173,7 @@ impl Syncer {
         let slots: usize = growing
             .iter()
             .filter_map(|k| self.want.get(k))
-            .map(|w| w.backends.len())
+            .map(|w| w.fe.backends.len())
             .sum();
         if slots >= BATCH_MIN {
             // A chunk's slots, then its masters: every master still follows its own slots.
@@ -472,17 +472,17 @@ impl Syncer {
         let Some(w) = self.want.get(fkey) else {
             return Ok(Vec::new());
         };
-        let mut ids = Vec::with_capacity(w.backends.len());
-        for (key, _) in w.backends.iter() {
-            match self.identities.id(key) {
-                Some(id) if !missing.contains(key) && self.shadow.backends.contains(id) => {
+        let mut ids = Vec::with_capacity(w.fe.backends.len());
+        for (key, _) in w.backends() {
+            match self.identities.id(&key) {
+                Some(id) if !missing.contains(&key) && self.shadow.backends.contains(id) => {
                     ids.push(id)
                 }
                 _ => {
                     return Err(SyncFailure {
-                        entry: format!("frontend {} ({})", w.id, w.owner),
+                        entry: format!("frontend {} ({})", w.id, w.fe.owner),
                         error: SyncError::BackendMissing {
-                            backend: describe_backend(&bkey_backend(key)),
+                            backend: describe_backend(&bkey_backend(&key)),
                         },
                     })
                 }
@@ -552,7 +552,12 @@ impl Syncer {
         let Some(w) = self.want.get(&fkey) else {
             return true;
         };
-        let (fid, owner, flags, affinity) = (w.id, w.owner.clone(), w.flags, w.affinity_timeout_s);
+        let (fid, owner, flags, affinity) = (
+            w.id,
+            w.fe.owner.clone(),
+            w.fe.flags,
+            w.fe.affinity_timeout_s,
+        );
         let what = || format!("frontend {fid} ({owner})");
 
         let mut ids = match self.slot_ids(&fkey, missing) {
@@ -641,8 +646,12 @@ impl Syncer {
             let Some(w) = self.want.get(&fkey) else {
                 continue;
             };
-            let (fid, owner, flags, affinity) =
-                (w.id, w.owner.clone(), w.flags, w.affinity_timeout_s);
+            let (fid, owner, flags, affinity) = (
+                w.id,
+                w.fe.owner.clone(),
+                w.fe.flags,
+                w.fe.affinity_timeout_s,
+            );
             let ids = match self.slot_ids(&fkey, missing) {
                 Ok(ids) if ids.len() <= usize::from(u16::MAX) => ids,
                 Ok(_) => {
