@@ -7,7 +7,7 @@ use lb_agent::{
     dataplane::{BpfDataplane, Dataplane as _},
     http::{self, Response},
     loader::PinLayout,
-    model::FrontendId,
+    model::{Frontend, FrontendId},
 };
 use std::sync::Mutex;
 
@@ -21,8 +21,9 @@ pub struct Metrics {
     pub puts: u64,
     pub deletes: u64,
     pub entries: Vec<(&'static str, usize)>,
-    /// svc id and owner of every synced frontend.
-    pub frontends: BTreeMap<FrontendId, (u32, Arc<str>)>,
+    /// svc id and frontend (shared with the controller, for its owner) of every synced
+    /// frontend.
+    pub frontends: BTreeMap<FrontendId, (u32, Arc<Frontend>)>,
     pub problems: usize,
     /// Whether this node's own Node object was found in the last model.
     pub own_node_found: bool,
@@ -135,7 +136,8 @@ pub fn render(m: &Metrics, dp: &BpfDataplane) -> String {
     );
     let _ = writeln!(o, "# TYPE lb_service_packets_total counter");
     let mut bytes = String::new();
-    for (fe, (sid, owner)) in &m.frontends {
+    for (fe, (sid, desired)) in &m.frontends {
+        let owner = desired.owner.as_str();
         if let Ok(c) = dp.svc_stats(*sid) {
             let labels = format!(
                 "frontend=\"{}\",service=\"{}\"",

@@ -29,7 +29,7 @@ use anyhow::Context as _;
 use lb_agent::controller::Controller;
 use lb_agent::dataplane::BpfDataplane;
 use lb_agent::health::{HealthServers, NodeHealth};
-use lb_agent::model::{FrontendId, HealthCheck};
+use lb_agent::model::{Frontend, FrontendId, HealthCheck};
 use lb_agent::ports::{with_snat, PortFilter};
 use lb_agent::source::{manifests::ManifestDir, Change};
 use lb_agent::{
@@ -268,7 +268,7 @@ struct MetricsUpdate {
     failed: u64,
     puts: u64,
     deletes: u64,
-    frontends: BTreeMap<FrontendId, Option<(u32, Arc<str>)>>,
+    frontends: BTreeMap<FrontendId, Option<(u32, Arc<Frontend>)>>,
     rebuild: bool,
 }
 
@@ -573,9 +573,8 @@ impl Control {
         u.puts += r.puts as u64;
         u.deletes += r.deletes as u64;
         let entry = |id: &FrontendId| {
-            let fe = self.controller.frontend(id)?;
             let sid = self.syncer.svc_id(id)?;
-            Some((sid, Arc::from(fe.owner.as_str())))
+            Some((sid, self.controller.frontend_shared(id)?))
         };
         if everything {
             u.rebuild = true;

@@ -106,7 +106,7 @@ impl Syncer {
     pub(super) fn write_in_order(&mut self, dp: &mut impl Dataplane, r: &mut SyncReport) {
         let pending = std::mem::take(&mut self.pending);
         // Covered below: every new identity is a backend of a pending frontend.
-        self.new_backends.clear();
+        self.new_backends = Vec::new();
         let mut unsynced: BTreeSet<Frontend4Key> = BTreeSet::new();
         let mut released = Released::default();
         let mut write_backends: Vec<BKey> = std::mem::take(&mut self.pending_backends)
