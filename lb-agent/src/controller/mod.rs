@@ -18,6 +18,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use smallvec::SmallVec;
 
 use crate::hash::{HashMap, HashSet};
 use crate::model::{
@@ -58,7 +59,7 @@ enum Claimant {
 /// The claims on one frontend, oldest claimant first: the first holds it.
 #[derive(Debug, Default)]
 struct Claims {
-    claims: Vec<ClaimRef>,
+    claims: SmallVec<[ClaimRef; 1]>,
     /// The holder's flags, with those of its own equal claims added.
     flags: u16,
 }
@@ -69,9 +70,9 @@ struct ServiceEntry {
     view: ServiceView,
     /// The frontends it claims (its reconcile output, cached), each shared with the sync
     /// ([`Controller::frontend_shared`]) rather than copied.
-    outputs: Vec<(FrontendId, Arc<Frontend>)>,
+    outputs: Box<[(FrontendId, Arc<Frontend>)]>,
     /// Its problems and its slices', as registered in the problem counts.
-    problems: Vec<Problem>,
+    problems: Box<[Problem]>,
     /// Its ready endpoints on this node (for its healthCheckNodePort).
     local_endpoints: usize,
 }
@@ -280,8 +281,8 @@ impl Controller {
                     ServiceEntry {
                         key: arc.clone(),
                         view,
-                        outputs: Vec::new(),
-                        problems: Vec::new(),
+                        outputs: Box::default(),
+                        problems: Box::default(),
                         local_endpoints: 0,
                     },
                 );
@@ -534,8 +535,7 @@ impl Controller {
     fn claim(&mut self, claimant: &Claimant, ids: &[FrontendId]) {
         for (seq, id) in ids.iter().enumerate() {
             let claims = &mut self.frontends.entry(*id).or_default().claims;
-            // Most frontends have one claimant: no room for four.
-            claims.reserve_exact(1);
+            // Most frontends have one claimant, kept inline; more spill to the heap.
             claims.push(ClaimRef {
                 claimant: claimant.clone(),
                 seq: seq as u32,
@@ -589,8 +589,7 @@ impl Controller {
                 .collect();
             keyed.sort();
             let order: Vec<usize> = keyed.into_iter().map(|(_, _, i)| i).collect();
-            let mut sorted: Vec<ClaimRef> = order.iter().map(|i| c.claims[*i].clone()).collect();
-            std::mem::swap(&mut sorted, &mut c.claims);
+            c.claims = order.iter().map(|i| c.claims[*i].clone()).collect();
         }
         let mut problems = Vec::new();
         let mut flags = 0;
@@ -708,10 +707,10 @@ impl Controller {
             e.local_endpoints = local;
             self.health_dirty = true;
         }
-        if e.problems != problems {
+        if *e.problems != *problems {
             self.problems.add(&problems);
             self.problems.remove(&e.problems);
-            e.problems = problems;
+            e.problems = problems.into_boxed_slice();
         }
         let unchanged = e.outputs.len() == outputs.len()
             && e.outputs
@@ -725,7 +724,7 @@ impl Controller {
         // larger allocation of `outputs`).
         let mut shared = Vec::with_capacity(outputs.len());
         shared.extend(outputs.into_iter().map(|(id, fe)| (id, Arc::new(fe))));
-        let outputs = shared;
+        let outputs = shared.into_boxed_slice();
         let claimant = Claimant::Service(e.key.clone());
         let old = std::mem::replace(&mut e.outputs, outputs);
         let same_ids =

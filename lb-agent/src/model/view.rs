@@ -131,7 +131,7 @@ pub struct ServiceView {
     pub name: Name,
     pub created: Option<Time>,
     /// Problems of the Service itself (not of its endpoints): reasons, for `Service ns/name`.
-    problems: Vec<String>,
+    problems: Box<[String]>,
     /// What it serves; `None` when it serves nothing (no spec, another proxy's, headless,
     /// ExternalName, an unsupported type).
     served: Option<Box<Served>>,
@@ -516,12 +516,12 @@ pub struct SliceView {
     pub name: Name,
     /// Its `kubernetes.io/service-name`.
     pub service: Name,
-    ports: Vec<SlicePort>,
+    ports: Box<[SlicePort]>,
     /// Endpoints that have an address (their first, as kube-proxy reads them).
-    endpoints: Vec<EndpointView>,
+    endpoints: Box<[EndpointView]>,
     /// The first address as written, for endpoints whose address is not exactly an IPv4
     /// address in canonical form (`EndpointView::RAW`), by endpoint index.
-    raw: Vec<(u32, String)>,
+    raw: Box<[(u32, String)]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -563,7 +563,7 @@ impl SliceView {
             return None;
         }
         let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-        let mut ports: Vec<SlicePort> = slice
+        let ports: Vec<SlicePort> = slice
             .ports
             .iter()
             .flatten()
@@ -611,17 +611,14 @@ impl SliceView {
                 flags,
             });
         }
-        // Kept for the slice's lifetime: no spare capacity.
-        ports.shrink_to_fit();
-        endpoints.shrink_to_fit();
-        raw.shrink_to_fit();
+        // Kept for the slice's lifetime: no spare capacity, and no capacity field.
         Some(Self {
             namespace: namespace(&slice.metadata).into(),
             name: name(&slice.metadata).into(),
             service: service.as_str().into(),
-            ports,
-            endpoints,
-            raw,
+            ports: ports.into_boxed_slice(),
+            endpoints: endpoints.into_boxed_slice(),
+            raw: raw.into_boxed_slice(),
         })
     }
 
