@@ -1,6 +1,10 @@
 //! The control plane's own cost at scale, in process: views, controller, first flush and one
 //! change for N ClusterIP Services x 10 endpoints, into a dataplane that keeps nothing (so
-//! only the agent's work is timed), with the process RSS after each phase.
+//! only the agent's work is timed), with the process RSS after each phase; and the same
+//! objects read from 100 manifest files through the agent's `ManifestDir`.
+//!
+//! The agent fixes glibc's mmap threshold (`lb-agent run`); run with
+//! `MALLOC_MMAP_THRESHOLD_=131072` to measure as it does.
 //!
 //! `cargo test --release -p lb-agent --test scale -- --ignored --nocapture`
 //! (`LB_SCALE_N` sets N, default 100000).
@@ -87,6 +91,36 @@ fn rss_mib() -> (f64, f64) {
     (kb("VmRSS:"), kb("VmHWM:"))
 }
 
+/// N, from `LB_SCALE_N` (default 100,000).
+fn scale_n() -> usize {
+    std::env::var("LB_SCALE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
+
+/// Print a phase: its time since `t` and the process RSS after it.
+fn say(what: &str, t: Instant) {
+    let (rss, hwm) = rss_mib();
+    eprintln!(
+        "{what:<40} {:>8.1} ms   RSS {rss:>6.0} MiB (peak {hwm:.0})",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+}
+
+/// A syncer with room for `n` counted frontends, given the controller's `frontends` as the
+/// agent hands them over (shared, not copied).
+fn syncer_with(n: usize, c: &Controller, frontends: &[lb_agent::model::FrontendId]) -> Syncer {
+    let mut s = Syncer::new(Limits {
+        svc_ids: n as u32 + 16,
+        ..Limits::default()
+    });
+    for id in frontends {
+        s.set_frontend_shared(*id, c.frontend_shared(id));
+    }
+    s
+}
+
 fn service(i: usize) -> Service {
     Service {
         metadata: ObjectMeta {
@@ -148,18 +182,8 @@ fn slice(i: usize, count: usize) -> EndpointSlice {
 #[test]
 #[ignore = "a measurement: run with --release --ignored --nocapture"]
 fn control_plane_cost_at_scale() {
-    let n: usize = std::env::var("LB_SCALE_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+    let n = scale_n();
     let cfg = ModelConfig::new("bench-node");
-    let say = |what: &str, t: Instant| {
-        let (rss, hwm) = rss_mib();
-        eprintln!(
-            "{what:<40} {:>8.1} ms   RSS {rss:>6.0} MiB (peak {hwm:.0})",
-            t.elapsed().as_secs_f64() * 1e3
-        );
-    };
     let t = Instant::now();
     let mut svcs = Vec::with_capacity(n);
     let mut slices = Vec::with_capacity(n);
@@ -180,15 +204,9 @@ fn control_plane_cost_at_scale() {
     let t = Instant::now();
     let changes = c.reconcile();
     say("controller: reconcile", t);
-    let mut s = Syncer::new(Limits {
-        svc_ids: n as u32 + 16,
-        ..Limits::default()
-    });
     let mut dp = Null::default();
     let t = Instant::now();
-    for id in &changes.frontends {
-        s.set_frontend_shared(*id, c.frontend_shared(id));
-    }
+    let mut s = syncer_with(n, &c, &changes.frontends);
     say("syncer: set_frontend", t);
     // What the agent does while the lists still arrive: new identities' backends.
     let t = Instant::now();
@@ -253,19 +271,9 @@ fn write_manifests(dir: &std::path::Path, n: usize) {
 #[test]
 #[ignore = "a measurement: run with --release --ignored --nocapture"]
 fn manifests_cost_at_scale() {
-    let n: usize = std::env::var("LB_SCALE_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+    let n = scale_n();
     let dir = std::env::temp_dir().join(format!("lb-scale-manifests-{}", std::process::id()));
     write_manifests(&dir, n);
-    let say = |what: &str, t: Instant| {
-        let (rss, hwm) = rss_mib();
-        eprintln!(
-            "{what:<40} {:>8.1} ms   RSS {rss:>6.0} MiB (peak {hwm:.0})",
-            t.elapsed().as_secs_f64() * 1e3
-        );
-    };
     say("files written", Instant::now());
     let cfg = ModelConfig::new("bench-node");
     let mut c = Controller::new(cfg.clone());
@@ -288,15 +296,9 @@ fn manifests_cost_at_scale() {
     let t = Instant::now();
     let ch = c.reconcile();
     say("controller: reconcile", t);
-    let mut s = Syncer::new(Limits {
-        svc_ids: n as u32 + 16,
-        ..Limits::default()
-    });
     let mut dp = Null::default();
     let t = Instant::now();
-    for id in &ch.frontends {
-        s.set_frontend_shared(*id, c.frontend_shared(id));
-    }
+    let mut s = syncer_with(n, &c, &ch.frontends);
     let r = s.prewrite_new_backends(&mut dp);
     assert!(r.is_ok());
     let r = s.flush(&mut dp);
