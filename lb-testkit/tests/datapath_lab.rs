@@ -272,7 +272,9 @@ fn path_mtu_discovery_works_through_a_nodeport_behind_a_smaller_mtu_hop() {
 }
 
 /// A spoofed SYN flood of twice the conntrack capacity (`--ct-size 8192`: 8,192 + 2,048
-/// half-open entries; 20,480 SYNs from random 10.250.0.0/16 sources) at a NodePort does
+/// half-open entries; 22,528 SYNs from random 10.250.0.0/16 sources, 2.2 times the
+/// capacity, so that at least twice the capacity reaches the datapath even when the busy
+/// veth drops a few hundred: a CI run once counted 19,969 of 20,480) at a NodePort does
 /// not break established flows: 50 connections opened before it answer every request
 /// during and after it, and a new connection right after it succeeds at once (its time
 /// is printed). Half-open flows live in their own map, so the flood evicts only those.
@@ -346,7 +348,7 @@ fn a_spoofed_syn_flood_of_twice_the_conntrack_capacity_breaks_no_established_flo
         "--target",
         &flood_target,
         "--count",
-        "20480",
+        "22528",
         "--max-seconds",
         "30",
     ]);
@@ -388,7 +390,7 @@ fn a_spoofed_syn_flood_of_twice_the_conntrack_capacity_breaks_no_established_flo
         rounds * 50,
         entries("lb_datapath_packets_total{reason=\"ct_created\"} "),
     );
-    assert!(flood_log.contains("\"sent\":20480"), "{flood_log}");
+    assert!(flood_log.contains("\"sent\":22528"), "{flood_log}");
     assert_eq!(
         during,
         rounds * 50,
@@ -396,9 +398,12 @@ fn a_spoofed_syn_flood_of_twice_the_conntrack_capacity_breaks_no_established_flo
     );
     assert_eq!(after, 50, "every established flow survives");
     assert_eq!(attempts, 1, "a new connection succeeds at once");
+    // Two entries (one per direction) for each flooding SYN the datapath saw: at least
+    // twice the capacity's worth of SYNs.
+    let created = entries("lb_datapath_packets_total{reason=\"ct_created\"} ");
     assert!(
-        entries("lb_datapath_packets_total{reason=\"ct_created\"} ") >= 2 * 20_000,
-        "the flood reached the datapath"
+        created >= 2 * 2 * 10_240,
+        "the flood reached the datapath: {created} entries created"
     );
 }
 
