@@ -7,6 +7,7 @@
 //! [`Controller`].
 pub mod kube;
 pub mod manifests;
+pub(crate) mod yaml;
 
 use crate::controller::{Controller, Key, ListKind};
 use crate::model::{NodeView, PodView, ServiceView, SliceView};
