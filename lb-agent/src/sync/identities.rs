@@ -86,6 +86,22 @@ impl Identities {
             .filter(|w| w.users > 0)
     }
 
+    /// `key`'s row when a desired frontend uses it: the row, how it is used, and its backend
+    /// id (0: none yet), found with one lookup; [`Identities::set_id_at`] gives the row an
+    /// id.
+    pub(super) fn wanted(&self, key: &BKey) -> Option<(usize, WantCount, u32)> {
+        let i = self.find(key)?;
+        let r = &self.rows[i];
+        (r.want.users > 0).then_some((i, r.want, r.id))
+    }
+
+    /// Row `row` (from [`Identities::wanted`], with no change in between) has backend `id`.
+    pub(super) fn set_id_at(&mut self, row: usize, id: u32) {
+        if let Some(r) = self.rows.get_mut(row) {
+            r.id = id;
+        }
+    }
+
     pub(super) fn is_wanted(&self, key: &BKey) -> bool {
         self.want(key).is_some()
     }
@@ -124,7 +140,9 @@ impl Identities {
             .filter(|id| *id != 0)
     }
 
-    /// `key` has backend `id` (never 0).
+    /// `key` has backend `id` (never 0). The sync gives ids through
+    /// [`Identities::set_id_at`].
+    #[cfg(test)]
     pub(super) fn set_id(&mut self, key: BKey, id: u32) {
         let i = self.find_or_insert(key);
         self.rows[i].id = id;

@@ -234,19 +234,17 @@ impl Syncer {
         for chunk in keys.chunks(CHUNK) {
             let mut puts: Vec<(u32, Backend4)> = Vec::with_capacity(chunk.len());
             for key in chunk {
-                let Some(count) = self.identities.want(key) else {
+                let Some((row, count, id)) = self.identities.wanted(key) else {
                     continue;
                 };
                 let value = Backend4 {
                     flags: count.flags(),
                     ..bkey_backend(key)
                 };
-                let id = match self.identities.id(key) {
-                    Some(_) if only_new => continue,
-                    Some(id) => id,
-                    None => match self.backend_alloc.alloc() {
+                let id = match id {
+                    0 => match self.backend_alloc.alloc() {
                         Some(id) => {
-                            self.identities.set_id(*key, id);
+                            self.identities.set_id_at(row, id);
                             id
                         }
                         None => {
@@ -260,6 +258,8 @@ impl Syncer {
                             continue;
                         }
                     },
+                    _ if only_new => continue,
+                    id => id,
                 };
                 if self.shadow.backend(id) != Some(value) {
                     puts.push((id, value));
@@ -397,7 +397,9 @@ impl Syncer {
     /// Whether `id` is the id of a desired backend identity.
     fn is_wanted_id(&self, id: u32, b: &Backend4) -> bool {
         let key = BKey::of(b);
-        self.identities.is_wanted(&key) && self.identities.id(&key) == Some(id)
+        self.identities
+            .wanted(&key)
+            .is_some_and(|(_, _, wanted_id)| wanted_id == id)
     }
 
     /// Delete backends that no slot references (and, with `keep_wanted`, that are not
