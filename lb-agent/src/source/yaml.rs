@@ -876,56 +876,12 @@ impl<'de> Deserializer<'de> for De<'de> {
         v.visit_unit()
     }
 
-    /// Floats, characters, bytes, tuples, unit structs and enums: serde_yaml's rules for
-    /// them are its own; the caller asks serde_yaml.
-    fn deserialize_f32<V: Visitor<'de>>(self, _v: V) -> Result<V::Value, Mismatch> {
-        mismatch("floats are left to serde_yaml")
-    }
-
-    fn deserialize_f64<V: Visitor<'de>>(self, _v: V) -> Result<V::Value, Mismatch> {
-        mismatch("floats are left to serde_yaml")
-    }
-
-    fn deserialize_char<V: Visitor<'de>>(self, _v: V) -> Result<V::Value, Mismatch> {
-        mismatch("characters are left to serde_yaml")
-    }
-
-    fn deserialize_bytes<V: Visitor<'de>>(self, _v: V) -> Result<V::Value, Mismatch> {
-        mismatch("bytes are left to serde_yaml")
-    }
-
-    fn deserialize_byte_buf<V: Visitor<'de>>(self, _v: V) -> Result<V::Value, Mismatch> {
-        mismatch("bytes are left to serde_yaml")
-    }
-
-    fn deserialize_unit_struct<V: Visitor<'de>>(
-        self,
-        _name: &'static str,
-        _v: V,
-    ) -> Result<V::Value, Mismatch> {
-        mismatch("unit structs are left to serde_yaml")
-    }
-
-    fn deserialize_tuple<V: Visitor<'de>>(self, _len: usize, _v: V) -> Result<V::Value, Mismatch> {
-        mismatch("tuples are left to serde_yaml")
-    }
-
-    fn deserialize_tuple_struct<V: Visitor<'de>>(
-        self,
-        _name: &'static str,
-        _len: usize,
-        _v: V,
-    ) -> Result<V::Value, Mismatch> {
-        mismatch("tuples are left to serde_yaml")
-    }
-
-    fn deserialize_enum<V: Visitor<'de>>(
-        self,
-        _name: &'static str,
-        _variants: &'static [&'static str],
-        _v: V,
-    ) -> Result<V::Value, Mismatch> {
-        mismatch("enums are left to serde_yaml")
+    // Floats, characters, bytes, tuples, unit structs and enums, rare in Kubernetes
+    // objects, take the node as it is: a float field gets a decimal integer (as from
+    // serde_yaml), and what serde_yaml would read otherwise (`1.5`, `.inf`) is a number
+    // this reader declines, so the caller asks serde_yaml.
+    serde::forward_to_deserialize_any! {
+        f32 f64 char bytes byte_buf unit_struct tuple tuple_struct enum
     }
 }
 
