@@ -20,7 +20,8 @@ const BATCH: usize = 4096;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// Whether the entry (`key`, `v`) has been idle past its timeout at `now_ns`
-/// (`CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`).
+/// (`CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_coarse_ns`, whose timestamps trail it by
+/// up to a tick).
 pub fn is_expired(key: &Ct4Key, v: &Ct4Value, now_ns: u64, cfg: &LbConfig) -> bool {
     let timeout = u64::from(cfg.ct_timeout_s(key.proto, v.flags)) * NS_PER_SEC;
     now_ns.saturating_sub(v.last_seen_ns) > timeout

@@ -62,7 +62,7 @@ pub struct Snat4Value {
     pub _pad2: [u8; 2],
     pub svc_id: u32,
     pub _pad3: [u8; 4],
-    /// `bpf_ktime_get_ns()` at creation.
+    /// CLOCK_MONOTONIC at creation, at tick resolution (`bpf_ktime_get_coarse_ns`).
     pub created_ns: u64,
 }
 
@@ -80,9 +80,10 @@ pub struct Ct4Value {
     pub backend_id: u32,
     /// The frontend's `svc_id`.
     pub svc_id: u32,
-    /// `bpf_ktime_get_ns()` at creation.
+    /// CLOCK_MONOTONIC at creation, at tick resolution (`bpf_ktime_get_coarse_ns`).
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns()` of the last packet, refreshed at most once a second.
+    /// CLOCK_MONOTONIC of the last packet (`bpf_ktime_get_coarse_ns`, tick resolution),
+    /// refreshed at most once a second.
     pub last_seen_ns: u64,
 }
 

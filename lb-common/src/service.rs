@@ -118,7 +118,7 @@ pub mod affinity_client {
 }
 
 /// Value of `LB4_AFFINITY`: the backend (and the slot it was found in) a client's new flows
-/// go to while `bpf_ktime_get_ns() - last_used_ns` is below the frontend's timeout.
+/// go to while `bpf_ktime_get_coarse_ns() - last_used_ns` is below the frontend's timeout.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Affinity4Value {
@@ -126,7 +126,8 @@ pub struct Affinity4Value {
     /// Host order. The affinity holds only while this slot still points at `backend_id`.
     pub slot: u16,
     pub _pad: [u8; 2],
-    /// `bpf_ktime_get_ns()` of the client's last new flow to this frontend.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) of the client's last
+    /// new flow to this frontend.
     pub last_used_ns: u64,
 }
 

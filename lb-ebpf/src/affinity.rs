@@ -2,10 +2,10 @@
 //! new flow took, while that was less than the frontend's timeout ago and the backend still
 //! holds the same slot of the frontend (so a backend that left the Service, or a reused id,
 //! is never chosen). Otherwise the flow picks by hash and the choice is remembered.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{service::affinity_client, Affinity4Key, Affinity4Value, Backend4, Reason};
 
 use crate::{
+    clock,
     lb::{self, Frontend},
     maps::{AFFINITY, BACKENDS, SERVICES},
 };
@@ -54,13 +54,12 @@ pub fn select_backend_v4(
         proto: fe.key.proto,
         client_kind: client.kind,
     };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock::now_ns();
     let timeout_ns = u64::from(fe.svc.affinity_timeout_s) * NS_PER_SEC;
     if let Some(entry) = AFFINITY.get_ptr_mut(key) {
         // SAFETY: LRU values are plain data; a concurrent update at worst yields a stale copy.
         let a = unsafe { *entry };
-        let fresh = now.wrapping_sub(a.last_used_ns) < timeout_ns;
+        let fresh = clock::since(now, a.last_used_ns) < timeout_ns;
         if fresh && a.slot >= 1 && a.slot <= fe.svc.count {
             // SAFETY: plain data written whole by the agent.
             let slot = unsafe { SERVICES.get(fe.key.with_slot(a.slot)) };

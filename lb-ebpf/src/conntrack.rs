@@ -1,13 +1,13 @@
 //! Per-flow connection tracking: the forward entry pins a flow to its backend (XDP), the
 //! reply entry tells the TC program what to restore. Each direction keeps the other alive
 //! (see `lb_common::conntrack`), and idle flows expire by protocol and TCP state.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     conntrack::{ct_flags, CT_FORWARD, CT_REPLY},
     Backend4, Ct4Key, Ct4Value, Reason, IPPROTO_TCP,
 };
 
 use crate::{
+    clock,
     lb::{backend_exists, Frontend},
     maps::{CONFIG, CT, CT_SYN},
     parse::{Flow4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -50,11 +50,10 @@ pub fn lookup_v4(flow: &Flow4) -> Option<Ct4Value> {
     };
     // SAFETY: LRU entries are plain data; a concurrent eviction at worst yields a stale copy.
     let mut value = unsafe { *entry };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock::now_ns();
     let syn_only = flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let may_repick = flow.proto != IPPROTO_TCP || syn_only;
-    let expired = now.wrapping_sub(value.last_seen_ns) > timeout_ns(flow.proto, value.flags);
+    let expired = clock::since(now, value.last_seen_ns) > timeout_ns(flow.proto, value.flags);
     if expired
         || may_repick && (value.flags & ct_flags::CLOSING != 0 || !backend_exists(value.backend_id))
     {
@@ -77,7 +76,7 @@ pub fn lookup_v4(flow: &Flow4) -> Option<Ct4Value> {
             flags |= ct_flags::ESTABLISHED;
         }
     }
-    if flags != value.flags || now.wrapping_sub(value.last_seen_ns) > NS_PER_SEC {
+    if flags != value.flags || clock::since(now, value.last_seen_ns) > NS_PER_SEC {
         value.flags = flags;
         value.last_seen_ns = now;
         // SAFETY: as above; single aligned field writes.
@@ -100,9 +99,8 @@ pub fn lookup_v4(flow: &Flow4) -> Option<Ct4Value> {
 fn lookup_half_open_v4(flow: &Flow4, key: Ct4Key) -> Option<Ct4Value> {
     // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
     let value = unsafe { CT_SYN.get(key) }.copied()?;
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let expired = now.wrapping_sub(value.last_seen_ns) > timeout_ns(flow.proto, value.flags);
+    let now = clock::now_ns();
+    let expired = clock::since(now, value.last_seen_ns) > timeout_ns(flow.proto, value.flags);
     // A retransmitted SYN picks again when its backend is gone; the handshake's ACK keeps it,
     // as an established flow does.
     let repick = flow.tcp_flags & TCP_SYN != 0 && !backend_exists(value.backend_id);
@@ -242,9 +240,8 @@ pub fn lookup_reply_v4(flow: &Flow4) -> Option<Ct4Value> {
     };
     // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
     let value = unsafe { *entry };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.wrapping_sub(value.last_seen_ns) > NS_PER_SEC {
+    let now = clock::now_ns();
+    if clock::since(now, value.last_seen_ns) > NS_PER_SEC {
         // SAFETY: as above; an aligned single-field write.
         unsafe { (*entry).last_seen_ns = now };
         // The client's tuple: client -> frontend; the backend is this packet's source.
@@ -284,7 +281,7 @@ pub fn create_v4(
     backend: &Backend4,
     flags: u16,
 ) -> Result<Ct4Value, Reason> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock::now_ns();
     let fwd_key = forward_key_v4(flow);
     // A flow first seen mid-connection (its entries were evicted or expired) is established.
     let flags = if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {

@@ -16,6 +16,7 @@
 #![no_main]
 
 mod affinity;
+mod clock;
 mod conntrack;
 mod frag;
 mod hook;

@@ -17,7 +17,7 @@
 //! goes to the stack (`XDP_PASS`), counted apart.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{
@@ -28,6 +28,7 @@ use lb_common::{
 };
 
 use crate::{
+    clock,
     conntrack::forward_key_v4,
     frag,
     hook::Ingress,
@@ -68,8 +69,7 @@ pub fn create_v4(flow: &Flow4, backend: &Backend4, svc_id: u32) -> Result<Snat4V
     } else {
         flow.daddr
     };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock::now_ns();
     let reply = Snat4Value {
         addr: flow.saddr,
         port: flow.sport,
