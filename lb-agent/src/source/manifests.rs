@@ -1072,6 +1072,22 @@ mod tests {
         }
     }
 
+    #[test]
+    fn deeply_nested_documents_are_declined_not_a_stack_overflow() {
+        let flow = format!("{SERVICE}  x: {}{}\n", "[".repeat(1_000), "]".repeat(1_000));
+        let compact = format!("{SERVICE}  x:\n  {}y\n", "- ".repeat(1_000));
+        let mut block = format!("{SERVICE}  x:\n");
+        for i in 0..300 {
+            block += &format!("{}  k:\n", " ".repeat(i));
+        }
+        for doc in [flow, compact, block] {
+            assert!(
+                !compare(&doc),
+                "a document nested this deep is left to serde_yaml"
+            );
+        }
+    }
+
     /// A small deterministic generator (xorshift64*).
     struct Rng(u64);
 

@@ -225,7 +225,13 @@ struct Parser<'a> {
     pos: usize,
     /// The current content line; `None` past the end.
     cur: Option<Line<'a>>,
+    /// Block collections open.
+    depth: usize,
 }
+
+/// How deep collections may nest (serde_yaml stops at 128): Kubernetes objects nest about
+/// ten levels; a deeper document is left to serde_yaml, which reports it.
+const MAX_DEPTH: usize = 100;
 
 fn parse(doc: &str) -> Option<Node<'_>> {
     let ascii_text = doc.bytes().all(|b| matches!(b, b' '..=b'~' | b'\n'));
@@ -236,6 +242,7 @@ fn parse(doc: &str) -> Option<Node<'_>> {
         doc,
         pos: 0,
         cur: None,
+        depth: 0,
     };
     p.advance()?;
     let first = p.cur.as_ref()?.indent;
@@ -339,7 +346,13 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// A block sequence at column `col`, no deeper than [`MAX_DEPTH`] (a deeper document is
+    /// declined, not a stack overflow).
     fn seq(&mut self, col: usize) -> Option<Node<'a>> {
+        self.nest(|p| p.seq_at(col))
+    }
+
+    fn seq_at(&mut self, col: usize) -> Option<Node<'a>> {
         let mut items = Vec::new();
         loop {
             let rest = self.rest(col)?;
@@ -372,7 +385,23 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// A block mapping at column `col`, no deeper than [`MAX_DEPTH`].
     fn map(&mut self, col: usize) -> Option<Node<'a>> {
+        self.nest(|p| p.map_at(col))
+    }
+
+    /// `f` one level deeper; `None` past [`MAX_DEPTH`].
+    fn nest(&mut self, f: impl FnOnce(&mut Self) -> Option<Node<'a>>) -> Option<Node<'a>> {
+        if self.depth >= MAX_DEPTH {
+            return None;
+        }
+        self.depth += 1;
+        let node = f(self);
+        self.depth -= 1;
+        node
+    }
+
+    fn map_at(&mut self, col: usize) -> Option<Node<'a>> {
         let mut entries: Vec<(Scalar<'a>, Node<'a>)> = Vec::new();
         loop {
             let rest = self.rest(col)?;
@@ -456,7 +485,7 @@ fn map_key(rest: &str) -> Option<(Scalar<'_>, &str)> {
 /// A value written after its key or entry marker, alone up to the end of the line.
 fn inline(text: &str) -> Option<Node<'_>> {
     let (node, after) = match text.as_bytes().first()? {
-        b'[' | b'{' => flow(text)?,
+        b'[' | b'{' => flow(text, 0)?,
         b'"' | b'\'' => {
             let (s, after) = quoted(text)?;
             (Node::Scalar(s), after)
@@ -478,7 +507,10 @@ fn inline(text: &str) -> Option<Node<'_>> {
 
 /// A flow sequence or mapping at the start of `text` (on this line); returns it and the
 /// text after it.
-fn flow(text: &str) -> Option<(Node<'_>, &str)> {
+fn flow(text: &str, depth: usize) -> Option<(Node<'_>, &str)> {
+    if depth > MAX_DEPTH {
+        return None;
+    }
     let close = if text.starts_with('[') { ']' } else { '}' };
     let mut rest = text.get(1..)?.trim_start_matches(' ');
     let mut items = Vec::new();
@@ -493,14 +525,14 @@ fn flow(text: &str) -> Option<(Node<'_>, &str)> {
     }
     loop {
         if close == ']' {
-            let (item, r) = flow_item(rest)?;
+            let (item, r) = flow_item(rest, depth)?;
             if r.starts_with(':') {
                 return None; // a single-pair mapping inside a sequence
             }
             items.push(item);
             rest = r;
         } else {
-            let (key, r) = match flow_item(rest)? {
+            let (key, r) = match flow_item(rest, depth)? {
                 (Node::Scalar(k), r) => (k, r),
                 _ => return None,
             };
@@ -512,7 +544,7 @@ fn flow(text: &str) -> Option<(Node<'_>, &str)> {
             let (value, r) = if r.starts_with([',', '}']) {
                 (Node::Scalar(Scalar::empty()), r)
             } else {
-                flow_item(r)?
+                flow_item(r, depth)?
             };
             if entries
                 .iter()
@@ -543,9 +575,9 @@ fn flow(text: &str) -> Option<(Node<'_>, &str)> {
 }
 
 /// One item of a flow collection: a nested collection, a quoted or a plain scalar.
-fn flow_item(text: &str) -> Option<(Node<'_>, &str)> {
+fn flow_item(text: &str, depth: usize) -> Option<(Node<'_>, &str)> {
     match text.as_bytes().first()? {
-        b'[' | b'{' => flow(text),
+        b'[' | b'{' => flow(text, depth + 1),
         b'"' | b'\'' => {
             let (s, r) = quoted(text)?;
             Some((Node::Scalar(s), r.trim_start_matches(' ')))
