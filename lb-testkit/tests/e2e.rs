@@ -599,10 +599,24 @@ fn metrics_and_status_report_what_the_datapath_did() {
             .expect("HTTP via NodePort");
         assert!(b.starts_with("pod"));
     }
-    let metrics = lab
-        .node
-        .enter(|| http_get(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464), "/metrics", T))
-        .expect("GET /metrics");
+    // The maps answer as soon as the first pass has written them; the pass publishes its
+    // metrics a moment later (at the latest one control tick, 200 ms, later): scrape until
+    // the pass is counted, for at most 10 s.
+    let scrape = || {
+        lab.node
+            .enter(|| http_get(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464), "/metrics", T))
+            .expect("GET /metrics")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut metrics = scrape();
+    while !metrics
+        .lines()
+        .any(|l| l.starts_with("lb_sync_duration_seconds_count ") && !l.ends_with(" 0"))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        metrics = scrape();
+    }
     let value = |prefix: &str| -> f64 {
         metrics
             .lines()
