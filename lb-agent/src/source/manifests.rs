@@ -109,7 +109,8 @@ fn parse_file(name: &str, path: &Path, cfg: &ModelConfig) -> Parsed {
         keep_duplicate_nodes: true,
         ..Loader::default()
     };
-    let (mut services, mut slices, mut others) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut services, mut slices) = (Vec::new(), Vec::new());
+    let (mut pods, mut nodes) = (Vec::new(), Vec::new());
     let mut take = |o: &mut Objects| {
         for s in o.services.drain(..) {
             let v = ServiceView::new(&s, cfg);
@@ -129,12 +130,11 @@ fn parse_file(name: &str, path: &Path, cfg: &ModelConfig) -> Parsed {
         for p in o.pods.drain(..) {
             let v = PodView::new(&p, cfg);
             let k = Key::new(v.namespace.clone(), v.name.clone());
-            others.push((0, ObjRef::Pod(k.clone()), Change::Pod(k, Some(v))));
+            pods.push((ObjRef::Pod(k.clone()), Change::Pod(k, Some(v))));
         }
         for n in o.nodes.drain(..) {
             let v = NodeView::new(&n);
-            others.push((
-                1,
+            nodes.push((
                 ObjRef::Node(v.name.clone()),
                 Change::Node(v.name.clone(), Some(v)),
             ));
@@ -145,10 +145,10 @@ fn parse_file(name: &str, path: &Path, cfg: &ModelConfig) -> Parsed {
         Err(e) => loader.problem(name, format!("cannot read: {e}")),
     }
     // Pods before Nodes, each in document order.
-    others.sort_by_key(|(kind, _, _)| *kind);
     let mut out = services;
     out.append(&mut slices);
-    out.extend(others.into_iter().map(|(_, r, c)| (r, c)));
+    out.append(&mut pods);
+    out.append(&mut nodes);
     (out, loader.problems)
 }
 
