@@ -114,11 +114,47 @@ struct ElemAttr {
     flags: u64,
 }
 
+/// The prefix of `struct bpf_map_info` up to `map_flags`.
+#[repr(C)]
+#[derive(Default)]
+struct MapInfoPrefix {
+    map_type: u32,
+    id: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// Check that `map`'s keys and values are exactly `K` and `V` in size: the kernel copies
+/// its own sizes into the buffers it is given, so a mismatch would write past them.
+fn ensure_layout<K, V>(map: BorrowedFd<'_>) -> io::Result<()> {
+    let mut info = MapInfoPrefix::default();
+    let mut attr = InfoAttr {
+        bpf_fd: map.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<MapInfoPrefix>() as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let want = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
+    if (info.key_size as usize, info.value_size as usize) != want {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "map {} has {}-byte keys and {}-byte values, not {} and {} (another layout?)",
+                info.id, info.key_size, info.value_size, want.0, want.1
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The value of `key` in the map `map`, `None` when it has none.
 pub fn map_lookup<K: bytemuck::Pod, V: bytemuck::Pod>(
     map: BorrowedFd<'_>,
     key: &K,
 ) -> io::Result<Option<V>> {
+    ensure_layout::<K, V>(map)?;
     let mut value = V::zeroed();
     let mut attr = ElemAttr {
         map_fd: map.as_raw_fd() as u32,
@@ -156,6 +192,7 @@ pub fn map_lookup_batch<K: bytemuck::Pod, V: bytemuck::Pod>(
     map: BorrowedFd<'_>,
     chunk: usize,
 ) -> io::Result<Vec<(K, V)>> {
+    ensure_layout::<K, V>(map)?;
     let mut chunk = chunk.max(1);
     let mut out = Vec::new();
     let mut keys = vec![K::zeroed(); chunk];
@@ -269,6 +306,12 @@ pub fn update_batch<K: bytemuck::Pod, V: bytemuck::Pod>(
     map: BorrowedFd<'_>,
     entries: &[(K, V)],
 ) -> (usize, io::Result<()>) {
+    if entries.is_empty() {
+        return (0, Ok(()));
+    }
+    if let Err(e) = ensure_layout::<K, V>(map) {
+        return (0, Err(e));
+    }
     let mut done = 0;
     for chunk in entries.chunks(BATCH_CHUNK) {
         let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();

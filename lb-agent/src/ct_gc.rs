@@ -1,16 +1,16 @@
 //! Conntrack garbage collection. The datapath expires an idle flow when its next packet
 //! comes; flows that never send again are collected here: every `--ct-gc-interval` the
-//! agent reads the whole `LB4_CT` and `LB4_CT_SYN` maps with `BPF_MAP_LOOKUP_BATCH`, and
-//! deletes with
-//! `BPF_MAP_DELETE_BATCH` every entry idle for longer than its timeout (by protocol and TCP
-//! state, `LbConfig::ct_timeout_s`). It runs on a thread of its own, never on the async
+//! agent reads the whole `LB4_CT` map and the half-open table `LB4_CT_SYN` with
+//! `BPF_MAP_LOOKUP_BATCH`, deletes with `BPF_MAP_DELETE_BATCH` every entry idle for longer
+//! than its timeout (by protocol and TCP state, `LbConfig::ct_timeout_s`), and empties the
+//! half-open slots whose flow expired. It runs on a thread of its own, never on the async
 //! workers.
 use std::os::fd::AsFd as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lb_common::{maps, Ct4Key, Ct4Value, LbConfig};
+use lb_common::{maps, Ct4Key, Ct4Value, HalfOpen4, LbConfig};
 
 use crate::bpfsys;
 use crate::pins::{io_err, open_pinned_map, LoadError, PinLayout};
@@ -34,6 +34,29 @@ pub fn expired_keys(entries: &[(Ct4Key, Ct4Value)], now_ns: u64, cfg: &LbConfig)
         .filter(|(k, v)| is_expired(k, v, now_ns, cfg))
         .map(|(k, _)| *k)
         .collect()
+}
+
+/// The slots of the half-open table (`LB4_CT_SYN`, an array) that hold a flow, with their
+/// indexes.
+pub fn half_open_slots(map: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Vec<(u32, HalfOpen4)>> {
+    let mut slots: Vec<(u32, HalfOpen4)> = bpfsys::map_lookup_batch(map, BATCH)?;
+    slots.retain(|(_, s)| s.sealed());
+    Ok(slots)
+}
+
+/// The conntrack entries half-open slots stand for: each its forward entry, and its reply
+/// entry unless the flow is SNATed (as `LB4_CT` holds them once established).
+pub fn half_open_entries(slots: &[(u32, HalfOpen4)]) -> Vec<(Ct4Key, Ct4Value)> {
+    slots
+        .iter()
+        .flat_map(|(_, s)| std::iter::once(s.forward()).chain(s.reply()))
+        .collect()
+}
+
+/// Whether the half-open flow in `slot` has been idle past its timeout at `now_ns`.
+fn half_open_expired(slot: &HalfOpen4, now_ns: u64, cfg: &LbConfig) -> bool {
+    let (k, v) = slot.forward();
+    is_expired(&k, &v, now_ns, cfg)
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds.
@@ -61,20 +84,29 @@ pub struct Scan {
     /// Entries in both maps when they were read.
     pub entries: usize,
     pub expired: Vec<(&'static str, Vec<Ct4Key>)>,
+    /// Half-open slots whose flow expired, as read.
+    pub expired_half_open: Vec<(u32, HalfOpen4)>,
 }
 
-/// A GC walk's first half: read every entry of both conntrack maps (`LB4_CT`,
-/// `LB4_CT_SYN`) in batches and pick the expired ones.
+/// A GC walk's first half: read every entry of both conntrack maps (`LB4_CT` and the
+/// half-open table `LB4_CT_SYN`) in batches and pick the expired ones.
 pub fn scan(pins: &PinLayout, cfg: &LbConfig) -> Result<Scan, LoadError> {
     let mut out = Scan::default();
-    for name in [maps::LB4_CT, maps::LB4_CT_SYN] {
-        let map = open_pinned_map(pins, name)?;
-        let entries: Vec<(Ct4Key, Ct4Value)> = bpfsys::map_lookup_batch(map.fd().as_fd(), BATCH)
-            .map_err(io_err(format!("reading {name} (batch)")))?;
-        out.entries += entries.len();
-        out.expired
-            .push((name, expired_keys(&entries, monotonic_ns(), cfg)));
-    }
+    let name = maps::LB4_CT;
+    let map = open_pinned_map(pins, name)?;
+    let entries: Vec<(Ct4Key, Ct4Value)> = bpfsys::map_lookup_batch(map.fd().as_fd(), BATCH)
+        .map_err(io_err(format!("reading {name} (batch)")))?;
+    out.entries += entries.len();
+    out.expired
+        .push((name, expired_keys(&entries, monotonic_ns(), cfg)));
+    let name = maps::LB4_CT_SYN;
+    let map = open_pinned_map(pins, name)?;
+    let mut slots =
+        half_open_slots(map.fd().as_fd()).map_err(io_err(format!("reading {name} (batch)")))?;
+    out.entries += half_open_entries(&slots).len();
+    let now = monotonic_ns();
+    slots.retain(|(_, s)| half_open_expired(s, now, cfg));
+    out.expired_half_open = slots;
     Ok(out)
 }
 
@@ -104,7 +136,36 @@ pub fn delete_expired(pins: &PinLayout, cfg: &LbConfig, scan: &Scan) -> Result<u
         deleted += bpfsys::map_delete_batch(fd, &still, BATCH)
             .map_err(io_err(format!("deleting from {name} (batch)")))?;
     }
+    if !scan.expired_half_open.is_empty() {
+        deleted += empty_half_open(pins, &scan.expired_half_open)?;
+    }
     Ok(deleted)
+}
+
+/// Empty the half-open `slots` that still hold the flow they held when read (a SYN may have
+/// stored a newer flow there meanwhile; it stays). Returns how many conntrack entries the
+/// emptied slots stood for. A SYN storing into a slot between this re-read and the write
+/// loses its slot: its ACK then starts an established flow on the backend the flow hash
+/// picks, the same one unless the backends changed within that instant.
+pub fn empty_half_open(pins: &PinLayout, slots: &[(u32, HalfOpen4)]) -> Result<usize, LoadError> {
+    let name = maps::LB4_CT_SYN;
+    let data = open_pinned_map(pins, name)?;
+    let fd = data.fd().as_fd();
+    let mut emptied = Vec::new();
+    for (i, slot) in slots {
+        let now = bpfsys::map_lookup::<u32, HalfOpen4>(fd, i)
+            .map_err(io_err(format!("reading {name} slot {i}")))?;
+        if now.as_ref() == Some(slot) {
+            emptied.push((*i, *slot));
+        }
+    }
+    let zeroed: Vec<(u32, HalfOpen4)> = emptied
+        .iter()
+        .map(|(i, _)| (*i, HalfOpen4::default()))
+        .collect();
+    let (n, r) = bpfsys::update_batch(fd, &zeroed);
+    r.map_err(io_err(format!("emptying {name} slots (batch)")))?;
+    Ok(half_open_entries(&emptied[..n]).len())
 }
 
 /// Collect once: [`scan`], then [`delete_expired`].

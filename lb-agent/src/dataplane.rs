@@ -219,8 +219,8 @@ pub struct BpfDataplane {
     backends: aya::maps::HashMap<aya::maps::MapData, u32, Backend4>,
     node_addrs: aya::maps::HashMap<aya::maps::MapData, u32, u32>,
     ct: aya::maps::HashMap<aya::maps::MapData, lb_common::Ct4Key, lb_common::Ct4Value>,
-    /// Half-open TCP flows (`LB4_CT_SYN`).
-    ct_syn: aya::maps::HashMap<aya::maps::MapData, lb_common::Ct4Key, lb_common::Ct4Value>,
+    /// Half-open TCP flows (`LB4_CT_SYN`, an array of slots).
+    ct_syn: aya::maps::MapData,
     stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
     svc_stats: aya::maps::PerCpuArray<aya::maps::MapData, Counter>,
     /// The timed programs' run-time histogram (absent in pins of older agents).
@@ -304,7 +304,7 @@ impl BpfDataplane {
             }
         };
         let ct = lru(m::LB4_CT)?;
-        let ct_syn = lru(m::LB4_CT_SYN)?;
+        let ct_syn = open_pinned_map(pins, m::LB4_CT_SYN)?;
         let stats = typed(m::LB_STATS, open(m::LB_STATS)?.try_into())?;
         let svc_stats = typed(m::LB_SVC_STATS, open(m::LB_SVC_STATS)?.try_into())?;
         let latency = open(m::LB_LATENCY)
@@ -388,14 +388,18 @@ impl BpfDataplane {
             .collect()
     }
 
-    /// The entries of `LB4_CT_SYN`.
+    /// The entries the half-open flows of `LB4_CT_SYN` stand for: each its forward entry,
+    /// and its reply entry unless SNATed (as `LB4_CT` holds them once established).
     pub fn conntrack_half_open(&self) -> Result<Vec<(lb_common::Ct4Key, lb_common::Ct4Value)>> {
-        self.ct_syn
-            .iter()
-            .map(|r| {
-                r.map_err(|e| map_err(lb_common::maps::LB4_CT_SYN, 0, "iterate", String::new(), e))
-            })
-            .collect()
+        Ok(crate::ct_gc::half_open_entries(&self.half_open_slots()?))
+    }
+
+    /// The slots of `LB4_CT_SYN` that hold a flow, with their indexes.
+    pub fn half_open_slots(&self) -> Result<Vec<(u32, lb_common::HalfOpen4)>> {
+        use std::os::fd::AsFd as _;
+        crate::ct_gc::half_open_slots(self.ct_syn.fd().as_fd()).map_err(|e| {
+            DataplaneError::from_io(lb_common::maps::LB4_CT_SYN, 0, "read", String::new(), e)
+        })
     }
 
     /// Remove every conntrack entry, both maps (tests).
@@ -403,9 +407,16 @@ impl BpfDataplane {
         for (k, _) in self.conntrack_established()? {
             let _ = self.ct.remove(&k);
         }
-        for (k, _) in self.conntrack_half_open()? {
-            let _ = self.ct_syn.remove(&k);
-        }
+        let slots = self.half_open_slots()?;
+        crate::ct_gc::empty_half_open(&self.pins, &slots).map_err(|e| {
+            DataplaneError::from_io(
+                lb_common::maps::LB4_CT_SYN,
+                0,
+                "write",
+                String::new(),
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
         Ok(())
     }
 }

@@ -31,24 +31,32 @@ pub use crate::pins::{open_pinned_map, Capacities, LoadError, PinLayout, DEFAULT
 /// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP=1`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
-/// Entries of the half-open conntrack (`LB4_CT_SYN`) for a conntrack of `ct` entries: a
-/// quarter, at least 1024.
+/// Slots of the half-open table (`LB4_CT_SYN`) for a conntrack of `ct` entries: a quarter,
+/// rounded down to a power of two (a flow's slot is its hash masked), at least 1024.
 pub fn ct_syn_size(ct: u32) -> u32 {
-    (ct / 4).max(1024)
+    let quarter = (ct / 4).clamp(1024, maps::LB4_CT_SYN_MAX);
+    1 << quarter.ilog2()
 }
 
-/// Create the conntrack maps (`LB4_CT`, `LB4_CT_SYN`) under `dir` with one LRU list per CPU
-/// (`BPF_F_NO_COMMON_LRU`) before [`Datapath::load`], which then re-uses them. Maps already
-/// pinned there are left as they are. For comparing the two LRU flavours (`lb-bench`).
+/// The datapath's slot mask (`LbConfig::half_open_mask`) for a half-open table of `slots`:
+/// the largest power of two that fits, minus one (0 for an empty table).
+pub fn half_open_mask(slots: u32) -> u32 {
+    match slots {
+        0 => 0,
+        n => (1u32 << n.ilog2()) - 1,
+    }
+}
+
+/// Create the conntrack map `LB4_CT` under `dir` with one LRU list per CPU
+/// (`BPF_F_NO_COMMON_LRU`) before [`Datapath::load`], which then re-uses it. A map already
+/// pinned there is left as it is. For comparing the two LRU flavours (`lb-bench`). The
+/// half-open table is an array, no LRU, and is not affected.
 pub fn precreate_per_cpu_conntrack(dir: &Path, caps: &Capacities) -> Result<(), LoadError> {
     let pins = PinLayout::new(dir);
     for d in [pins.dir.clone(), pins.maps()] {
         ensure_bpffs(&d)?;
     }
-    for (name, entries) in [
-        (maps::LB4_CT, caps.ct),
-        (maps::LB4_CT_SYN, ct_syn_size(caps.ct)),
-    ] {
+    for (name, entries) in [(maps::LB4_CT, caps.ct)] {
         let path = pins.map(name);
         if path.exists() {
             continue;
@@ -287,8 +295,13 @@ impl Datapath {
     }
 
     /// Seed the flow hash once; a pinned config keeps its seed across restarts so flows
-    /// hash the same way.
+    /// hash the same way. Record the half-open table's size, which the datapath masks its
+    /// slot hash with: that of the pinned map, which a restarted agent re-uses.
     fn init_config(&mut self) -> Result<(), LoadError> {
+        let half_open_slots = open_pinned_map(&self.pins, maps::LB4_CT_SYN)?
+            .info()
+            .map_err(|source| map_err(maps::LB4_CT_SYN, source))?
+            .max_entries();
         let map = self
             .ebpf
             .map_mut(maps::LB_CONFIG)
@@ -298,17 +311,18 @@ impl Datapath {
         let cur = cfg
             .get(&0, 0)
             .map_err(|source| map_err(maps::LB_CONFIG, source))?;
-        if cur.hash_seed == 0 {
-            let seed = random_u32().max(1);
-            cfg.set(
-                0,
-                LbConfig {
-                    hash_seed: seed,
-                    ..cur
-                },
-                0,
-            )
-            .map_err(|source| map_err(maps::LB_CONFIG, source))?;
+        let want = LbConfig {
+            hash_seed: if cur.hash_seed == 0 {
+                random_u32().max(1)
+            } else {
+                cur.hash_seed
+            },
+            half_open_mask: half_open_mask(half_open_slots),
+            ..cur
+        };
+        if want != cur {
+            cfg.set(0, want, 0)
+                .map_err(|source| map_err(maps::LB_CONFIG, source))?;
         }
         Ok(())
     }

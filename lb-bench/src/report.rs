@@ -328,8 +328,8 @@ fn per_packet(part: &PartResult, out: &mut String) {
     ct_lru(&lru, out);
 }
 
-/// The conntrack LRU flavours under SYN load: one row per flavour, one column per case
-/// (in the order measured), then the share held and the 2-CPU rate.
+/// The conntrack LRU flavours under new-connection load: one row per flavour, one column
+/// per case (in the order measured), then the share held and the 2-CPU rate.
 fn ct_lru(rows: &[Row], out: &mut String) {
     let mut cases: Vec<&str> = Vec::new();
     let mut flavours: Vec<&str> = Vec::new();
@@ -344,16 +344,17 @@ fn ct_lru(rows: &[Row], out: &mut String) {
     if flavours.is_empty() {
         return;
     }
-    out.push_str("### Conntrack map flavour under SYN load\n\n");
+    out.push_str("### Conntrack map flavour under new-connection load\n\n");
     out.push_str(
-        "Fresh SYNs (one per `BPF_PROG_RUN` call, per-call overhead included) into the \
-         half-open table, ns per SYN: the shared LRU against one LRU list per CPU. `held` is \
-         the share of the half-open capacity still holding entries after one CPU filled it \
-         past capacity; `SYNs/s` is both CPUs together, per second of wall time.\n\n",
+        "Fresh handshakes, a SYN (one half-open slot) and its ACK (two `LB4_CT` inserts), one \
+         packet per `BPF_PROG_RUN` call, per-call overhead included; ns per handshake: the \
+         shared LRU against one LRU list per CPU. `held` is the share of the `LB4_CT` \
+         capacity still holding entries after one CPU filled it past capacity; \
+         `handshakes/s` is both CPUs together, per second of wall time.\n\n",
     );
     let mut header = vec!["flavour"];
     header.extend(cases.iter().copied());
-    header.extend(["held", "SYNs/s (2 CPUs)"]);
+    header.extend(["held", "handshakes/s (2 CPUs)"]);
     let mut t = Table::new(&header);
     for flavour in flavours {
         let mine: Vec<&Row> = rows.iter().filter(|r| r.path == flavour).collect();
@@ -362,10 +363,10 @@ fn ct_lru(rows: &[Row], out: &mut String) {
             cells.push(
                 mine.iter()
                     .find(|r| r.case == *case)
-                    .map_or_else(|| "—".to_owned(), |r| metric_cell(r, "ns_per_packet")),
+                    .map_or_else(|| "—".to_owned(), |r| metric_cell(r, "ns_per_handshake")),
             );
         }
-        for metric in ["held_share", "syn_per_s"] {
+        for metric in ["held_share", "handshakes_per_s"] {
             cells.push(
                 mine.iter()
                     .find_map(|r| r.get(metric))
@@ -1093,19 +1094,19 @@ mod tests {
         let row = |case: &str, path: &str, ns: f64| {
             Row::new("per-packet", case, path, 1)
                 .param("section", CT_LRU_SECTION)
-                .metric("ns_per_packet", "ns", stat(&[ns]))
+                .metric("ns_per_handshake", "ns", stat(&[ns]))
         };
         let mut results = sample();
         for (path, held) in [("shared", 1.0), ("per-CPU", 0.5)] {
             results.parts[0].rows.extend([
                 row("filling", path, 1500.0),
                 row("full", path, 1900.0).metric("held_share", "ratio", stat(&[held])),
-                row("2 CPUs", path, 2100.0).metric("syn_per_s", "1/s", stat(&[440_000.0])),
+                row("2 CPUs", path, 2100.0).metric("handshakes_per_s", "1/s", stat(&[440_000.0])),
             ]);
         }
         let md = markdown(&results, &[], &[]);
         assert!(
-            md.contains("| flavour | filling | full | 2 CPUs | held | SYNs/s (2 CPUs) |"),
+            md.contains("| flavour | filling | full | 2 CPUs | held | handshakes/s (2 CPUs) |"),
             "{md}"
         );
         assert!(

@@ -13,6 +13,10 @@
 //!
 //! The entry holds the backend's address itself, not only its id, so an established flow
 //! keeps working after its backend leaves the backends map.
+//!
+//! A TCP flow whose client has not yet answered the SYN-ACK lives apart, in one slot of the
+//! half-open table ([`HalfOpen4`]) that stands for both its entries, until the client's
+//! first ACK moves it into the LRU map.
 use bytemuck::{Pod, Zeroable};
 
 /// [`Ct4Key::dir`] values.
@@ -85,6 +89,139 @@ pub struct Ct4Value {
     /// CLOCK_MONOTONIC of the last packet (`bpf_ktime_get_coarse_ns`, tick resolution),
     /// refreshed at most once a second.
     pub last_seen_ns: u64,
+}
+
+/// One slot of `LB4_CT_SYN`, the half-open table: a TCP flow whose SYN was forwarded and
+/// whose client has not yet sent its ACK. The table is an array indexed by a hash of the
+/// client's address, port and protocol ([`half_open_slot_v4`]), the part of the tuple both
+/// directions carry: the SYN and the client's ACK as source, the backend's SYN-ACK as
+/// destination. So one slot serves both directions, and starting a flow costs one store: no
+/// allocation, no LRU list, no lock. A newer half-open flow whose client hashes to the same
+/// slot replaces the older one, so a SYN flood only ever displaces other half-open flows
+/// (never established ones, which live in `LB4_CT`); a displaced flow's ACK still reaches the
+/// backend the flow hash picks, which is the same one unless the backends changed meanwhile.
+///
+/// Writers on two CPUs may interleave their stores into one slot, so a slot is trusted only
+/// when its `check` matches its contents ([`HalfOpen4::sealed`]). Addresses and ports in
+/// network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct HalfOpen4 {
+    pub client_addr: u32,
+    pub client_port: u16,
+    /// The flow's protocol; 0: an empty slot.
+    pub proto: u8,
+    pub _pad: u8,
+    /// The frontend the client sent its SYN to.
+    pub fe_addr: u32,
+    pub fe_port: u16,
+    /// [`ct_flags`] bits.
+    pub flags: u16,
+    /// The backend the flow is pinned to.
+    pub be_addr: u32,
+    pub be_port: u16,
+    pub _pad2: [u8; 2],
+    pub backend_id: u32,
+    pub svc_id: u32,
+    /// CLOCK_MONOTONIC of the SYN (`bpf_ktime_get_coarse_ns`).
+    pub created_ns: u64,
+    /// [`HalfOpen4::checksum`] of the fields above, stored last.
+    pub check: u32,
+    /// To a whole cache line.
+    pub _pad3: [u8; 20],
+}
+
+/// A 32-bit integer mix (murmur3's finalizer): every input bit moves every output bit.
+#[inline(always)]
+pub fn mix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The half-open slot hash of a client (before `& half_open_mask`), under the node's seed.
+#[inline(always)]
+pub fn half_open_slot_v4(client_addr: u32, client_port: u16, proto: u8, seed: u32) -> u32 {
+    mix32(client_addr ^ mix32((u32::from(client_port) << 8 | u32::from(proto)) ^ seed))
+}
+
+impl HalfOpen4 {
+    /// A hash of every field but `check` and the padding. Never 0, so a zeroed slot is
+    /// never sealed.
+    #[inline(always)]
+    pub fn checksum(&self) -> u32 {
+        let words = [
+            self.client_addr,
+            u32::from(self.client_port) | u32::from(self.proto) << 16,
+            self.fe_addr,
+            u32::from(self.fe_port) | u32::from(self.flags) << 16,
+            self.be_addr,
+            u32::from(self.be_port),
+            self.backend_id,
+            self.svc_id,
+            self.created_ns as u32,
+            (self.created_ns >> 32) as u32,
+        ];
+        let mut h: u32 = 0x811c_9dc5;
+        for w in words {
+            h = (h ^ w).wrapping_mul(0x0100_0193);
+        }
+        h | 1
+    }
+
+    /// Whether the slot holds one whole flow (not empty, not torn by two writers).
+    #[inline(always)]
+    pub fn sealed(&self) -> bool {
+        self.proto != 0 && self.check == self.checksum()
+    }
+
+    /// The forward entry this slot stands for (client -> frontend; backend to DNAT to).
+    pub fn forward(&self) -> (Ct4Key, Ct4Value) {
+        let key = Ct4Key {
+            saddr: self.client_addr,
+            daddr: self.fe_addr,
+            sport: self.client_port,
+            dport: self.fe_port,
+            proto: self.proto,
+            dir: CT_FORWARD,
+            _pad: [0; 2],
+        };
+        (key, self.value(self.be_addr, self.be_port))
+    }
+
+    /// The reply entry this slot stands for (backend -> client; frontend to restore), or
+    /// `None` for a SNATed flow, whose replies are found through `LB4_SNAT`.
+    pub fn reply(&self) -> Option<(Ct4Key, Ct4Value)> {
+        if self.flags & ct_flags::SNAT != 0 {
+            return None;
+        }
+        let key = Ct4Key {
+            saddr: self.be_addr,
+            daddr: self.client_addr,
+            sport: self.be_port,
+            dport: self.client_port,
+            proto: self.proto,
+            dir: CT_REPLY,
+            _pad: [0; 2],
+        };
+        Some((key, self.value(self.fe_addr, self.fe_port)))
+    }
+
+    /// The conntrack value of either direction, `nat` being what it translates to.
+    #[inline(always)]
+    pub fn value(&self, nat_addr: u32, nat_port: u16) -> Ct4Value {
+        Ct4Value {
+            nat_addr,
+            nat_port,
+            flags: self.flags,
+            backend_id: self.backend_id,
+            svc_id: self.svc_id,
+            created_ns: self.created_ns,
+            last_seen_ns: self.created_ns,
+        }
+    }
 }
 
 /// Key of `LB4_FRAG` (LRU): the IPv4 fragments of one datagram, as they arrive (`dir`

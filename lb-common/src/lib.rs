@@ -15,7 +15,7 @@ pub mod service;
 pub mod sock;
 pub mod stats;
 
-pub use conntrack::{Ct4Key, Ct4Value, Frag4Key, Frag4Value, Snat4Value};
+pub use conntrack::{Ct4Key, Ct4Value, Frag4Key, Frag4Value, HalfOpen4, Snat4Value};
 pub use service::{Affinity4Key, Affinity4Value, Backend4, Frontend4Key, LbConfig, Service4Value};
 pub use sock::{SockRev4Key, SockRev4Value};
 pub use stats::{Counter, RateLimit, Reason};
@@ -39,6 +39,7 @@ const _: () = {
     assert!(core::mem::size_of::<Affinity4Key>() == 12);
     assert!(core::mem::size_of::<Affinity4Value>() == 16);
     assert!(core::mem::size_of::<Snat4Value>() == 32);
+    assert!(core::mem::size_of::<HalfOpen4>() == 64);
     assert!(core::mem::size_of::<SockRev4Key>() == 16);
     assert!(core::mem::size_of::<SockRev4Value>() == 8);
 };
@@ -58,6 +59,7 @@ mod user {
     unsafe impl aya::Pod for Affinity4Key {}
     unsafe impl aya::Pod for Affinity4Value {}
     unsafe impl aya::Pod for Snat4Value {}
+    unsafe impl aya::Pod for HalfOpen4 {}
     unsafe impl aya::Pod for SockRev4Key {}
     unsafe impl aya::Pod for Frag4Key {}
     unsafe impl aya::Pod for Frag4Value {}

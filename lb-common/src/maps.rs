@@ -15,11 +15,14 @@ pub const LB4_BACKENDS_MAX: u32 = 65_536;
 pub const LB4_CT: &str = "LB4_CT_V1";
 pub const LB4_CT_MAX: u32 = 262_144;
 
-/// Conntrack of TCP flows not yet established (a SYN seen, no ACK from the client yet), LRU,
-/// same layout as [`LB4_CT`]. Kept apart so that a SYN flood evicts only other half-open
+/// Conntrack of TCP flows not yet established (a SYN seen, no ACK from the client yet): an
+/// array of [`crate::HalfOpen4`] slots, one per client hash, each standing for both
+/// directions of its flow. Kept apart so that a SYN flood displaces only other half-open
 /// flows, never established ones: a flow moves to `LB4_CT` with the client's first ACK.
-pub const LB4_CT_SYN: &str = "LB4_CT_SYN_V1";
-/// Default entries of [`LB4_CT_SYN`]: a quarter of the conntrack's, unless set apart.
+/// (V1 was an LRU hash of forward and reply entries: two LRU inserts per SYN.)
+pub const LB4_CT_SYN: &str = "LB4_CT_SYN_V2";
+/// Default slots of [`LB4_CT_SYN`]; the agent sizes it to a quarter of the conntrack's,
+/// rounded down to a power of two.
 pub const LB4_CT_SYN_MAX: u32 = 65_536;
 
 /// SNAT of flows to remote backends, LRU: [`crate::Ct4Key`] -> [`crate::Snat4Value`].
@@ -106,7 +109,7 @@ pub const ALL_MAPS: [&str; 16] = [
 
 /// Map names of earlier layouts: a restarted agent removes their pins once its programs
 /// have replaced the old ones, and `detach` accepts them as this tool's own.
-pub const LEGACY_MAPS: [&str; 1] = ["LB_CONFIG_V1"];
+pub const LEGACY_MAPS: [&str; 2] = ["LB_CONFIG_V1", "LB4_CT_SYN_V1"];
 
 /// Program names, as the kernel objects name them (`#[xdp]`/`#[classifier]` fn names).
 pub const PROG_XDP_INGRESS: &str = "lb_xdp_ingress";

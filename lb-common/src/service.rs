@@ -225,7 +225,11 @@ pub struct LbConfig {
     /// ICMP port-unreachable replies for frontends without backends, per second and CPU
     /// (`--reject-rate`); 0 = never reply, drop.
     pub reject_per_s: u32,
-    pub _pad: u32,
+    /// Slots of the half-open table `LB4_CT_SYN` minus one (a power of two minus one), set
+    /// by the agent from the pinned map's size: a flow's slot is
+    /// [`crate::conntrack::half_open_slot_v4`] `& half_open_mask`. 0 (an agent that never set it)
+    /// puts every half-open flow in slot 0: correct, one at a time.
+    pub half_open_mask: u32,
 }
 
 /// Default conntrack idle timeouts (seconds), as Cilium's and the kernel's: TCP before it is

@@ -1,10 +1,13 @@
 //! Property tests of the pure datapath arithmetic that the kernel programs run (incremental
-//! checksums, the flow hash, slot choice) against from-scratch oracles, 10,000 cases each.
+//! checksums, the flow hash, slot choice, the half-open slots' seal) against from-scratch
+//! oracles, 10,000 cases each.
 //!
 //! Packets are byte buffers in network order, and the functions under test see raw
 //! native-order words loaded from them, exactly as the XDP program does.
+use lb_common::conntrack::{ct_flags, half_open_slot_v4, CT_FORWARD, CT_REPLY};
 use lb_common::csum::{replace2, replace4, udp_fixup};
 use lb_common::select::{flow_hash_v4, slot_for};
+use lb_common::HalfOpen4;
 use proptest::prelude::*;
 
 const CASES: u32 = 10_000;
@@ -185,6 +188,39 @@ proptest! {
         prop_assert_eq!(got.to_ne_bytes(), want.to_be_bytes());
     }
 
+    /// A sealed half-open slot is refused once any byte of its contents changes (a second
+    /// writer's store landing in it), and a zeroed slot is never sealed.
+    #[test]
+    fn a_half_open_slot_is_sealed_only_as_written(
+        words in any::<[u32; 10]>(),
+        byte in 0usize..40,
+        flip in 1u8..=255,
+    ) {
+        let mut s = HalfOpen4 {
+            client_addr: words[0],
+            client_port: words[1] as u16,
+            proto: (words[1] >> 16) as u8 | 1,
+            fe_addr: words[2],
+            fe_port: words[3] as u16,
+            flags: (words[3] >> 16) as u16,
+            be_addr: words[4],
+            be_port: words[5] as u16,
+            backend_id: words[6],
+            svc_id: words[7],
+            created_ns: u64::from(words[8]) << 32 | u64::from(words[9]),
+            ..HalfOpen4::default()
+        };
+        prop_assert!(!s.sealed());
+        s.check = s.checksum();
+        prop_assert!(s.sealed());
+        // Bytes 0..40 are the contents (padding bytes 7 and 22..24 excepted: not hashed).
+        prop_assume!(![7, 22, 23].contains(&byte));
+        let mut torn = s;
+        bytemuck::bytes_of_mut(&mut torn)[byte] ^= flip;
+        prop_assert!(!torn.sealed(), "byte {} changed", byte);
+        prop_assert!(!HalfOpen4::default().sealed());
+    }
+
     /// A 16-bit field (a port) changes.
     #[test]
     fn replace2_matches_scratch((mut buf, off) in header_with_field(2), new in any::<[u8; 2]>()) {
@@ -319,4 +355,57 @@ fn every_slot_is_taken() {
             "count {count}: a slot was never taken"
         );
     }
+}
+
+/// A half-open slot stands for the two entries `LB4_CT` holds once the flow is established
+/// (one for a SNATed flow), and clients spread over the slots.
+#[test]
+fn a_half_open_slot_stands_for_both_directions() {
+    let s = HalfOpen4 {
+        client_addr: 1,
+        client_port: 2,
+        proto: 6,
+        fe_addr: 3,
+        fe_port: 4,
+        be_addr: 5,
+        be_port: 6,
+        backend_id: 7,
+        svc_id: 8,
+        created_ns: 9,
+        ..HalfOpen4::default()
+    };
+    let (fk, fv) = s.forward();
+    assert_eq!(
+        (fk.saddr, fk.sport, fk.daddr, fk.dport, fk.dir),
+        (1, 2, 3, 4, CT_FORWARD)
+    );
+    assert_eq!(
+        (fv.nat_addr, fv.nat_port, fv.backend_id, fv.svc_id),
+        (5, 6, 7, 8)
+    );
+    let (rk, rv) = s.reply().expect("reply");
+    assert_eq!(
+        (rk.saddr, rk.sport, rk.daddr, rk.dport, rk.dir),
+        (5, 6, 1, 2, CT_REPLY)
+    );
+    assert_eq!((rv.nat_addr, rv.nat_port), (3, 4));
+    let snat = HalfOpen4 {
+        flags: ct_flags::SNAT,
+        ..s
+    };
+    assert!(snat.reply().is_none());
+
+    // 65,536 clients of one address over 4,096 slots: every slot used, none more than 3x
+    // the mean.
+    let mask = 4095;
+    let mut per_slot = vec![0u32; 4096];
+    for port in 0..=u16::MAX {
+        let h = half_open_slot_v4(0x0a00_c80a, port.to_be(), 6, 0x1234_5678);
+        per_slot[(h & mask) as usize] += 1;
+    }
+    assert!(
+        per_slot.iter().all(|n| (1..=48).contains(n)),
+        "{:?}",
+        per_slot.iter().max()
+    );
 }

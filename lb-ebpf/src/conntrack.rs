@@ -1,9 +1,11 @@
 //! Per-flow connection tracking: the forward entry pins a flow to its backend (XDP), the
 //! reply entry tells the TC program what to restore. Each direction keeps the other alive
-//! (see `lb_common::conntrack`), and idle flows expire by protocol and TCP state.
+//! (see `lb_common::conntrack`), and idle flows expire by protocol and TCP state. A TCP
+//! flow starts in one half-open slot (`LB4_CT_SYN`, both directions) and gets its two
+//! `LB4_CT` entries with the client's first ACK.
 use lb_common::{
     conntrack::{ct_flags, CT_FORWARD, CT_REPLY},
-    Backend4, Ct4Key, Ct4Value, Reason, IPPROTO_TCP,
+    Backend4, Ct4Key, Ct4Value, HalfOpen4, Reason, IPPROTO_TCP,
 };
 
 use crate::{
@@ -94,22 +96,24 @@ pub fn lookup_v4(flow: &Flow4) -> Option<Ct4Value> {
 
 /// A TCP flow not in `LB4_CT` may be half-open in `LB4_CT_SYN`: a retransmitted SYN finds it
 /// there; the client's first packet without SYN (the handshake's ACK, or a RST) moves it to
-/// `LB4_CT`. A SYN flood thus only ever evicts other half-open flows.
+/// `LB4_CT`. A SYN flood thus only ever displaces other half-open flows.
 #[inline(always)]
 fn lookup_half_open_v4(flow: &Flow4, key: Ct4Key) -> Option<Ct4Value> {
-    // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
-    let value = unsafe { CT_SYN.get(key) }.copied()?;
+    let slot_ptr = half_open_slot_v4(flow.saddr, flow.sport, flow.proto)?;
+    // SAFETY: array memory, plain data; a concurrent writer yields a torn copy, which
+    // `sealed` refuses.
+    let slot = unsafe { *slot_ptr };
+    if !is_half_open_forward_v4(&slot, flow) {
+        return None;
+    }
+    let value = slot.value(slot.be_addr, slot.be_port);
     let now = clock::now_ns();
     let expired = clock::since(now, value.last_seen_ns) > timeout_ns(flow.proto, value.flags);
     // A retransmitted SYN picks again when its backend is gone; the handshake's ACK keeps it,
     // as an established flow does.
     let repick = flow.tcp_flags & TCP_SYN != 0 && !backend_exists(value.backend_id);
-    let rev_key = reply_key_of_v4(flow, &value);
     if expired || repick {
-        let mut n = u64::from(CT_SYN.remove(key).is_ok());
-        if value.flags & ct_flags::SNAT == 0 {
-            n += u64::from(CT_SYN.remove(rev_key).is_ok());
-        }
+        let n = clear_half_open_v4(slot_ptr, &slot);
         let r = if expired {
             Reason::CtExpired
         } else {
@@ -132,23 +136,52 @@ fn lookup_half_open_v4(flow: &Flow4, key: Ct4Key) -> Option<Ct4Value> {
         last_seen_ns: now,
         ..value
     };
-    // Best effort: if the move fails the half-open entries keep serving the flow.
+    // Best effort: if the move fails the half-open slot keeps serving the flow.
     if CT.insert(key, fwd, BPF_ANY).is_ok() {
-        let snat = value.flags & ct_flags::SNAT != 0;
-        if snat
+        if value.flags & ct_flags::SNAT != 0
             || CT
-                .insert(rev_key, reply_value_of_v4(flow, &fwd), BPF_ANY)
+                .insert(
+                    reply_key_of_v4(flow, &fwd),
+                    reply_value_of_v4(flow, &fwd),
+                    BPF_ANY,
+                )
                 .is_ok()
         {
-            let _ = CT_SYN.remove(key);
-            if !snat {
-                let _ = CT_SYN.remove(rev_key);
-            }
+            clear_half_open_v4(slot_ptr, &slot);
         } else {
             let _ = CT.remove(key);
         }
     }
     Some(fwd)
+}
+
+/// The half-open slot of the client `addr:port` (`LB4_CT_SYN`), under the node's seed.
+#[inline(always)]
+fn half_open_slot_v4(client_addr: u32, client_port: u16, proto: u8) -> Option<*mut HalfOpen4> {
+    let (seed, mask) = CONFIG
+        .get(0)
+        .map_or((0, 0), |c| (c.hash_seed, c.half_open_mask));
+    let hash = lb_common::conntrack::half_open_slot_v4(client_addr, client_port, proto, seed);
+    CT_SYN.get_ptr_mut(hash & mask)
+}
+
+/// Empty the half-open slot at `ptr` if it still holds `slot` (not a newer flow a SYN on
+/// another CPU stored meanwhile). Returns how many conntrack entries it stood for.
+#[inline(always)]
+fn clear_half_open_v4(ptr: *mut HalfOpen4, slot: &HalfOpen4) -> u64 {
+    // SAFETY: array memory, plain data; aligned single-field accesses.
+    unsafe {
+        if (*ptr).check != slot.check {
+            return 0;
+        }
+        (*ptr).check = 0;
+        (*ptr).proto = 0;
+    }
+    if slot.flags & ct_flags::SNAT == 0 {
+        2
+    } else {
+        1
+    }
 }
 
 /// The idle timeout of a flow of `proto` in state `flags`, from `LB_CONFIG`.
@@ -234,9 +267,7 @@ pub fn reply_key_v4(flow: &Flow4) -> Ct4Key {
 pub fn lookup_reply_v4(flow: &Flow4) -> Option<Ct4Value> {
     let key = reply_key_v4(flow);
     let Some(entry) = CT.get_ptr_mut(key) else {
-        // A half-open flow's SYN-ACK.
-        // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
-        return unsafe { CT_SYN.get(key) }.copied();
+        return lookup_half_open_reply_v4(flow);
     };
     // SAFETY: plain data; a concurrent LRU eviction at worst yields a stale copy.
     let value = unsafe { *entry };
@@ -262,12 +293,47 @@ pub fn lookup_reply_v4(flow: &Flow4) -> Option<Ct4Value> {
     Some(value)
 }
 
+/// A half-open flow's SYN-ACK (backend -> client): the slot of its client, if it holds this
+/// backend's flow.
+#[inline(always)]
+fn lookup_half_open_reply_v4(flow: &Flow4) -> Option<Ct4Value> {
+    if flow.proto != IPPROTO_TCP {
+        return None;
+    }
+    let slot_ptr = half_open_slot_v4(flow.daddr, flow.dport, flow.proto)?;
+    // SAFETY: as in `lookup_half_open_v4`.
+    let slot = unsafe { *slot_ptr };
+    let ours = slot.sealed()
+        && slot.client_addr == flow.daddr
+        && slot.client_port == flow.dport
+        && slot.be_addr == flow.saddr
+        && slot.be_port == flow.sport
+        && slot.flags & ct_flags::SNAT == 0;
+    ours.then(|| slot.value(slot.fe_addr, slot.fe_port))
+}
+
 /// Remove the forward entry of `flow` (a new flow that could not be completed).
 #[inline(always)]
 pub fn remove_v4(flow: &Flow4) {
-    let key = forward_key_v4(flow);
-    let _ = CT.remove(key);
-    let _ = CT_SYN.remove(key);
+    let _ = CT.remove(forward_key_v4(flow));
+    if let Some(ptr) = half_open_slot_v4(flow.saddr, flow.sport, flow.proto) {
+        // SAFETY: as in `lookup_half_open_v4`.
+        let slot = unsafe { *ptr };
+        if is_half_open_forward_v4(&slot, flow) {
+            clear_half_open_v4(ptr, &slot);
+        }
+    }
+}
+
+/// Whether `slot` holds the half-open flow `flow` (as the client sent it).
+#[inline(always)]
+fn is_half_open_forward_v4(slot: &HalfOpen4, flow: &Flow4) -> bool {
+    slot.sealed()
+        && slot.client_addr == flow.saddr
+        && slot.client_port == flow.sport
+        && slot.proto == flow.proto
+        && slot.fe_addr == flow.daddr
+        && slot.fe_port == flow.dport
 }
 
 /// Create the forward and reply entries of a new flow. On failure nothing is left behind.
@@ -298,25 +364,42 @@ pub fn create_v4(
         created_ns: now,
         last_seen_ns: now,
     };
-    // A SYN starts a half-open flow, kept apart from the established ones.
-    let map = if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        &CT_SYN
+    // A SYN starts a half-open flow, kept apart from the established ones: one slot.
+    if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        let ptr =
+            half_open_slot_v4(flow.saddr, flow.sport, flow.proto).ok_or(Reason::XdpDropCtInsert)?;
+        let mut slot = HalfOpen4 {
+            client_addr: flow.saddr,
+            client_port: flow.sport,
+            proto: flow.proto,
+            fe_addr: flow.daddr,
+            fe_port: flow.dport,
+            flags,
+            be_addr: backend.addr,
+            be_port: backend.port,
+            backend_id,
+            svc_id: fe.svc.svc_id,
+            created_ns: now,
+            ..HalfOpen4::default()
+        };
+        slot.check = slot.checksum();
+        // SAFETY: array memory, plain data; see `HalfOpen4` for concurrent writers.
+        unsafe { *ptr = slot };
     } else {
-        &CT
-    };
-    map.insert(fwd_key, fwd, BPF_ANY)
-        .map_err(|_| Reason::XdpDropCtInsert)?;
-    if flags & ct_flags::SNAT == 0
-        && map
-            .insert(
-                reply_key_of_v4(flow, &fwd),
-                reply_value_of_v4(flow, &fwd),
-                BPF_ANY,
-            )
-            .is_err()
-    {
-        let _ = map.remove(fwd_key);
-        return Err(Reason::XdpDropCtInsert);
+        CT.insert(fwd_key, fwd, BPF_ANY)
+            .map_err(|_| Reason::XdpDropCtInsert)?;
+        if flags & ct_flags::SNAT == 0
+            && CT
+                .insert(
+                    reply_key_of_v4(flow, &fwd),
+                    reply_value_of_v4(flow, &fwd),
+                    BPF_ANY,
+                )
+                .is_err()
+        {
+            let _ = CT.remove(fwd_key);
+            return Err(Reason::XdpDropCtInsert);
+        }
     }
     stats::count_n(
         Reason::CtCreated,

@@ -5,8 +5,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::*, Affinity4Key, Affinity4Value, Backend4, Counter, Ct4Key, Ct4Value, Frag4Key,
-    Frag4Value, Frontend4Key, LbConfig, RateLimit, Service4Value, Snat4Value, SockRev4Key,
-    SockRev4Value,
+    Frag4Value, Frontend4Key, HalfOpen4, LbConfig, RateLimit, Service4Value, Snat4Value,
+    SockRev4Key, SockRev4Value,
 };
 
 #[map(name = "LB4_SERVICES_V1")]
@@ -18,8 +18,8 @@ pub static BACKENDS: HashMap<u32, Backend4> = HashMap::pinned(LB4_BACKENDS_MAX, 
 #[map(name = "LB4_CT_V1")]
 pub static CT: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(LB4_CT_MAX, 0);
 
-#[map(name = "LB4_CT_SYN_V1")]
-pub static CT_SYN: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(LB4_CT_SYN_MAX, 0);
+#[map(name = "LB4_CT_SYN_V2")]
+pub static CT_SYN: Array<HalfOpen4> = Array::pinned(LB4_CT_SYN_MAX, 0);
 
 #[map(name = "LB4_SNAT_V1")]
 pub static SNAT: LruHashMap<Ct4Key, Snat4Value> = LruHashMap::pinned(LB4_SNAT_MAX, 0);

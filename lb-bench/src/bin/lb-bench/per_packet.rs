@@ -650,6 +650,7 @@ fn floor(h: &mut Harness, prog: Prog, verdict: u32, frame: &[u8], plan: &Plan) -
 pub const CASE_SYN: &str = "NodePort TCP SYN (conntrack miss + insert)";
 pub const CASE_EST: &str = "NodePort TCP established (conntrack hit)";
 pub const CASE_EST_1CALL: &str = "NodePort TCP established, 1 frame per call";
+pub const CASE_FIRST_ACK: &str = "NodePort TCP first ACK (half-open -> conntrack)";
 pub const CASE_HOSTPORT: &str = "hostPort TCP established";
 pub const CASE_UDP: &str = "NodePort UDP (tracked flow)";
 pub const CASE_REPLY: &str = "reply, reverse NAT (TC egress)";
@@ -680,10 +681,12 @@ fn expected_verdict(prog: Prog) -> u32 {
     }
 }
 
-/// The SYN row through `prog` (one fresh SYN per `BPF_PROG_RUN` call) and its per-call
-/// baseline (one tracked ACK per call). The SYN row's `adjusted_ns` = SYN - baseline +
-/// `hit_rep` (the established flow's repeated median): the SYN's cost without the per-call
-/// overhead. `name` gives a case's row name for this program.
+/// The SYN row through `prog` (one fresh SYN per `BPF_PROG_RUN` call), the row of those
+/// flows' first ACKs (each moving its flow from the half-open table to `LB4_CT`: the
+/// conntrack inserts a SYN no longer makes), and their per-call baseline (one tracked ACK
+/// per call). The SYN and first-ACK rows' `adjusted_ns` = row - baseline + `hit_rep` (the
+/// established flow's repeated median): the cost without the per-call overhead. `name`
+/// gives a case's row name for this program.
 fn syn_rows(
     h: &mut Harness,
     prog: Prog,
@@ -692,11 +695,17 @@ fn syn_rows(
     hit_rep: Option<f64>,
     base: &dyn Fn(&str, Prog) -> Row,
     name: fn(&str) -> String,
-) -> [Row; 2] {
-    let miss = per_frame(h, prog, Reason::XdpFwdNewFlow, plan, |_| {
-        Pkt::tcp(clients.next(), node(NODE_PORT), TCP_SYN).build()
+) -> [Row; 3] {
+    // Clients with a half-open slot each, so that every first ACK finds its flow there (a
+    // client sharing a slot displaces the earlier flow, whose ACK would start a new one).
+    let fresh = distinct_half_open_slots(h, clients, plan.frames * plan.runs);
+    let miss = per_frame(h, prog, Reason::XdpFwdNewFlow, plan, |i| {
+        Pkt::tcp(fresh[i], node(NODE_PORT), TCP_SYN).build()
     });
-    // Established flows, measured the same way as the miss (one frame per call).
+    let first_ack = per_frame(h, prog, Reason::XdpFwdTracked, plan, |i| {
+        Pkt::tcp(fresh[i], node(NODE_PORT), TCP_ACK).build()
+    });
+    // Established flows, measured the same way (one frame per call).
     let tuples: Vec<SocketAddrV4> = (0..plan.frames * plan.runs)
         .map(|_| clients.next())
         .collect();
@@ -704,29 +713,73 @@ fn syn_rows(
     let hit1 = per_frame(h, prog, Reason::XdpFwdTracked, plan, |i| {
         Pkt::tcp(tuples[i], node(NODE_PORT), TCP_ACK).build()
     });
-    let (miss_med, hit1_med) = (median_of(&miss), median_of(&hit1));
-    let mut syn = finish(
-        base(&name(CASE_SYN), prog).param("frames_per_run", plan.frames),
-        miss,
-        "one fresh SYN per BPF_PROG_RUN call (repeat=1), mean of the kernel's per-call times; \
-         adjusted_ns = this - (established, 1 frame/call) + (established, repeated)",
-    );
-    if let (Some(m), Some(h1), Some(hr)) = (miss_med, hit1_med, hit_rep) {
-        if syn.error.is_none() {
-            syn = syn.metric("adjusted_ns", "ns", Stat::single(m - h1 + hr));
+    let hit1_med = median_of(&hit1);
+    let adjusted = |row: Row, m: Option<f64>| match (m, hit1_med, hit_rep) {
+        (Some(m), Some(h1), Some(hr)) if row.error.is_none() => {
+            row.metric("adjusted_ns", "ns", Stat::single(m - h1 + hr))
         }
-    }
+        _ => row,
+    };
+    let miss_med = median_of(&miss);
+    let syn = adjusted(
+        finish(
+            base(&name(CASE_SYN), prog).param("frames_per_run", plan.frames),
+            miss,
+            "one fresh SYN per BPF_PROG_RUN call (repeat=1), mean of the kernel's per-call \
+             times; adjusted_ns = this - (established, 1 frame/call) + (established, repeated)",
+        ),
+        miss_med,
+    );
+    let ack_med = median_of(&first_ack);
+    let ack = adjusted(
+        finish(
+            base(&name(CASE_FIRST_ACK), prog).param("frames_per_run", plan.frames),
+            first_ack,
+            "the first ACK of each SYN's flow, one per call: it moves the flow from its \
+             half-open slot into LB4_CT (two inserts); adjusted_ns as for the SYN row",
+        ),
+        ack_med,
+    );
     let baseline = finish(
         base(&name(CASE_EST_1CALL), prog).param("frames_per_run", plan.frames),
         hit1,
         "one tracked ACK per BPF_PROG_RUN call (repeat=1): the per-call baseline for the SYN row",
     );
-    [syn, baseline]
+    [syn, ack, baseline]
 }
 
-/// Make every client's flow to the NodePort established: its SYN (a half-open entry in
-/// `LB4_CT_SYN`), then its first ACK (which moves it to `LB4_CT`). With SYNs alone, more
-/// tuples than the half-open table holds would evict each other.
+/// `n` fresh clients whose half-open slots (under the datapath's seed and mask) differ.
+fn distinct_half_open_slots(h: &Harness, clients: &mut Clients, n: usize) -> Vec<SocketAddrV4> {
+    let cfg = lb_agent::loader::read_config(h.datapath.pins()).unwrap_or_default();
+    let mut used = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(n);
+    // Bounded: at most a slot's worth of misses per client wanted.
+    for _ in 0..n.saturating_mul(16) {
+        if out.len() == n {
+            break;
+        }
+        let c = clients.next();
+        let slot = lb_common::conntrack::half_open_slot_v4(
+            u32::from(*c.ip()).to_be(),
+            c.port().to_be(),
+            IPPROTO_TCP,
+            cfg.hash_seed,
+        ) & cfg.half_open_mask;
+        if used.insert(slot) {
+            out.push(c);
+        }
+    }
+    // Too few slots for `n` distinct ones: the rest share (the first-ACK row then fails
+    // its counter check, and says so).
+    while out.len() < n {
+        out.push(clients.next());
+    }
+    out
+}
+
+/// Make every client's flow to the NodePort established: its SYN (a half-open slot in
+/// `LB4_CT_SYN`), then its first ACK (which moves it to `LB4_CT`). With SYNs alone, clients
+/// sharing a half-open slot would displace each other.
 fn establish(h: &mut Harness, prog: Prog, clients: &[SocketAddrV4]) {
     for c in clients {
         h.run(prog, &Pkt::tcp(*c, node(NODE_PORT), TCP_SYN).build());
