@@ -226,17 +226,18 @@ fn round_of(f: Flavour, plan: &Plan) -> anyhow::Result<Round> {
     let b = b.map_err(|_| anyhow::anyhow!("handshake thread on CPU 1 panicked"))??;
     let total = (n_fill + rest + 3 * plan.frames) as u64;
     let d = stat_deltas(&before, &h.stats());
-    for (reason, what) in [
-        (Reason::XdpFwdNewFlow, "SYNs"),
-        (Reason::XdpFwdTracked, "ACKs"),
-    ] {
-        let n = d.get(&reason).map_or(0, |c| c.0);
-        anyhow::ensure!(
-            n == total,
-            "{} counted {n} of {total} {what}",
-            reason.name()
-        );
-    }
+    // Every SYN is a new flow and every ACK a tracked one, except an ACK whose half-open
+    // slot a SYN of the other thread took between its SYN and it (two CPUs at once): that
+    // ACK starts its flow anew. Rare; more than 1% would be a fault.
+    let count = |r: Reason| d.get(&r).map_or(0, |c| c.0);
+    let (new_flows, tracked) = (count(Reason::XdpFwdNewFlow), count(Reason::XdpFwdTracked));
+    let displaced = new_flows.saturating_sub(total);
+    anyhow::ensure!(
+        new_flows + tracked == 2 * total && new_flows >= total && displaced * 100 <= total,
+        "{} counted {new_flows} and {} {tracked}, for {total} SYNs and {total} ACKs",
+        Reason::XdpFwdNewFlow.name(),
+        Reason::XdpFwdTracked.name()
+    );
     let others: Vec<String> = d
         .iter()
         .filter(|(r, c)| !matches!(r, Reason::XdpFwdNewFlow | Reason::XdpFwdTracked) && c.0 > 0)
